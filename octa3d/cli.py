@@ -1,0 +1,143 @@
+"""Command line: ``python main.py --mode MODE [flags]`` (also the ``octa3d`` console script).
+
+The argparse groups are generated from the dataclasses in :mod:`octa3d.config`, so every flag is a config field,
+documented by ``--help`` and settable from ``--config file.yaml``. Precedence: default < YAML < flag.
+Each mode is one stage module exposing ``run(cfg, argv)``; the run-folder name of a stage is its module name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import sys
+from typing import Any, get_args, get_origin
+
+from octa3d import __version__
+from octa3d.config import (Config, apply_overrides, load_yaml, section_fields, validate)
+from octa3d.errors import Octa3dError, StageNotBuiltError
+from octa3d.utils.log import setup_logging
+
+log = logging.getLogger("octa3d.cli")
+
+#: mode -> module implementing ``run(cfg, argv)``. Module names match run-folder names.
+STAGES: dict[str, str] = {
+    "synth": "octa3d.data.synthetic",
+    "prepare": "octa3d.data.splits",
+    "ae_pretrain": "octa3d.ae_pretrain",
+    "train": "octa3d.train",
+    "test": "octa3d.test",
+    "explain": "octa3d.explain",
+    "compress": "octa3d.compress",
+    "demo": "octa3d.demo",
+}
+
+_GROUP_TITLES = {
+    "run": "experiment",
+    "data": "data and labels",
+    "preprocess": "preprocessing",
+    "model": "model",
+    "synth": "synthetic data (--mode synth)",
+}
+
+
+def _flag_kwargs(f: Any, tp: Any) -> dict[str, Any]:
+    args = get_args(tp)
+    inner = [a for a in args if a is not type(None)][0] if type(None) in args else tp
+    default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+    shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {shown})", "default": argparse.SUPPRESS}
+    if inner is bool:
+        kw["action"] = argparse.BooleanOptionalAction
+    else:
+        kw["metavar"] = f.name.upper() if get_origin(inner) is not list else "A,B,..."
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+            kw.pop("metavar")
+    return kw
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (groups generated from the config dataclasses)."""
+    parser = argparse.ArgumentParser(
+        prog="octa3d",
+        description="octa3d: retinal disease classification from 3D OCTA/OCT volumes and 2D retinal images. "
+                    "Stages: synth -> prepare -> ae_pretrain -> train -> test/explain -> compress.",
+        epilog="Example: python main.py --dim 3d --model resnet50 --mode ae_pretrain --data-root ./data",
+    )
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of flag defaults (keys = flag names, flat or under section names); "
+                             "flags given on the command line override it.")
+    parser.add_argument("--list-models", action="store_true",
+                        help="Print the registered models (name, dims, parameters, CAM layer) and exit.")
+    parser.add_argument("--version", action="version", version=f"octa3d {__version__}")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for sec, f, tp in section_fields():
+        if sec not in groups:
+            groups[sec] = parser.add_argument_group(_GROUP_TITLES.get(sec, sec))
+        groups[sec].add_argument("--" + f.name.replace("_", "-"), dest=f.name, **_flag_kwargs(f, tp))
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse ``argv`` into a validated :class:`Config` (default < YAML < flags).
+
+    Raises:
+        ConfigError: unknown YAML key, wrong type, or out-of-range value (the flag is named).
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    cfg = Config()
+    if ns.config:
+        apply_overrides(cfg, load_yaml(ns.config), f"--config {ns.config}")
+    explicit = {k: v for k, v in vars(ns).items() if k not in ("config", "list_models")}
+    apply_overrides(cfg, explicit, "command line")
+    validate(cfg)
+    return cfg, ns
+
+
+def run_stage(cfg: Config, argv: list[str] | None = None) -> Any:
+    """Import the stage module of ``cfg.run.mode`` and call its ``run(cfg, argv)``.
+
+    Raises:
+        StageNotBuiltError: the mode's module does not exist yet.
+    """
+    mode = cfg.run.mode
+    module_name = STAGES[mode]
+    if importlib.util.find_spec(module_name) is None:
+        raise StageNotBuiltError(f"--mode {mode} is not built yet in octa3d {__version__} "
+                                 f"(its stage module {module_name} does not exist)")
+    module = importlib.import_module(module_name)
+    return module.run(cfg, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, ns = parse_config(argv)
+    except Octa3dError as exc:
+        print(f"octa3d: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.run.log_level)
+    if ns.list_models:
+        from octa3d.model.registry import format_model_table
+
+        print(format_model_table())
+        return 0
+    try:
+        run_stage(cfg, argv)
+    except Octa3dError as exc:
+        log.debug("stopped", exc_info=True)
+        print(f"octa3d: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("octa3d: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Typed configuration: dataclasses whose fields *are* the CLI flags.
+
+Each field carries its help text in ``metadata``; :mod:`octa3d.cli` builds the argparse groups from them, so a
+flag, its YAML key and its dataclass field can never drift apart. Precedence: field default < ``--config`` YAML
+< explicit command-line flag. YAML keys are the flag names (``input-size`` or ``input_size``), either flat or
+nested under a section name (``data:``, ``train:`` …); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from octa3d.errors import ConfigError
+
+MODES = ("synth", "prepare", "ae_pretrain", "train", "test", "explain", "compress", "demo")
+
+
+
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, factory: bool = False) -> Any:
+    """Declare a config field that is also a command-line flag.
+
+    Args:
+        default: default value (a list/tuple default is copied per instance).
+        help: the ``--help`` text.
+        choices: allowed values, checked by argparse and by :func:`validate`.
+        factory: use ``default`` as a factory value (for mutable defaults).
+    """
+    meta = {"help": help, "choices": choices}
+    if factory or isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d) if isinstance(d, list) else d, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Where the experiment lives and how it runs."""
+
+    mode: str = opt("prepare", "Pipeline stage to run.", choices=MODES)
+    exp: str | None = opt(None, "Experiment name: runs/<exp>/ (default: <dim>-<model>-<task>).")
+    runs_dir: str = opt("runs", "Folder holding experiment folders.")
+    seed: int = opt(42, "Seed for splits, Python, NumPy, torch and DataLoader workers.")
+    device: str = opt("auto", "Torch device: auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process).")
+    overwrite: bool = opt(False, "Replace an existing stage folder instead of refusing.")
+    log_level: str = opt("INFO", "Console log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class DataConfig:
+    """Where the scans are, how subjects are labelled and split."""
+
+    data_root: str = opt("./data", "Dataset folder (OCTA-500 layout, manifest CSV, or 2D class folders) "
+                                   "or a manifest .csv file.")
+    source: str = opt("auto", "Dataset layout; auto detects it from --data-root.",
+                      choices=("auto", "octa500", "manifest", "folders"))
+    labels: str | None = opt(None, "Label file (.xlsx/.csv with ID and Disease columns). "
+                                   "Default for OCTA-500: '<data-root>/Text labels.xlsx'.")
+    modality: str = opt("OCTA", "OCTA-500 volume(s) to read; OCT+OCTA stacks both as two channels.",
+                        choices=("OCTA", "OCT", "OCT+OCTA"))
+    fov: str = opt("all", "OCTA-500 field of view subset.", choices=("6mm", "3mm", "all"))
+    projection: str = opt("compute", "2D en-face source: 'compute' (projection of the volume over the retinal "
+                                     "slab) or an OCTA-500 'Projection Maps' folder name, e.g. 'OCTA(FULL)'.")
+    group_regex: str = opt(r"^[A-Za-z]+-(\d+)-", "Regex whose first group is the patient ID in 2D file names "
+                                                 "(default matches Kermany 'CNV-13823-1.jpeg').")
+    skip_unlabeled: bool = opt(False, "Skip images without labels and labels without images (listed) instead "
+                                      "of stopping.")
+    task: str = opt("binary", "binary: --negative vs everything else; multi: one class per disease.",
+                    choices=("binary", "multi"))
+    classes: list[str] | None = opt(None, "Comma-separated classes to keep for --task multi (default: all present).")
+    negative: str = opt("NORMAL", "Negative class name for --task binary.")
+    positive: list[str] | None = opt(None, "Comma-separated diseases that count as positive for --task binary "
+                                           "(default: all but --negative).")
+    test_fraction: float = opt(0.3, "Hold-out test fraction of subjects (subject-level, stratified).")
+    val_fraction: float = opt(0.2, "Validation fraction of the non-test subjects (ignored when --folds > 1).")
+    folds: int = opt(1, "Cross-validation folds inside the non-test subjects (1 = single train/val split).")
+
+
+@dataclass
+class PreprocessConfig:
+    """How a scan becomes a network input (the deterministic part is cached on disk)."""
+
+    input_size: list[int] | None = opt(None, "Network input size, one number (isotropic) or D,H,W / H,W. "
+                                             "Default 128 (3d) or 224 (2d).")
+    depth_axis: int = opt(1, "Array axis along the A-scan (depth) of a volume as read (OCTA-500 B-scan stacks: "
+                             "1 = BMP rows).")
+    slab_depth: float = opt(0.5, "Depth of the retinal slab cropped around the retina: <=1 is a fraction of the "
+                                 "scan depth, >1 a number of voxels.")
+    clip_percentiles: list[float] = opt([0.5, 99.5], "Intensity percentiles clipped before scaling to 0..1.")
+    patch_size: int = opt(0, "2D: side of square patches cut from each image (0 = whole image).")
+    patch_stride: int = opt(0, "2D: stride between patches (0 = --patch-size, no overlap).")
+    augment: bool = opt(True, "Random flips, small affine and intensity changes on training samples.")
+    cache_dir: str | None = opt(None, "Persistent cache of preprocessed samples (default: <runs-dir>/.cache).")
+
+
+@dataclass
+class ModelConfig:
+    """Which network."""
+
+    dim: str = opt("3d", "2d (en-face/B-scan/fundus images) or 3d (volumes).", choices=("2d", "3d"))
+    model: str = opt("resnet18", "Registered model name (see --list-models).")
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic OCTA-500-layout generator (--mode synth)."""
+
+    n_subjects: int = opt(60, "Number of synthetic eyes.")
+    shape: list[int] = opt([32, 64, 32], "Volume shape as B-scans,depth,width (OCTA-500 full size: 400,640,400).")
+    layout: str = opt("octa500", "What to write: OCTA-500 BMP stacks, NIfTI + manifest.csv, or both.",
+                      choices=("octa500", "nifti", "both"))
+
+
+@dataclass
+class Config:
+    """The whole configuration of one octa3d invocation."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def exp_name(self) -> str:
+        """Experiment name, stable across modes so ae_pretrain/train/test share one folder."""
+        return self.run.exp or f"{self.model.dim}-{self.model.model}-{self.data.task}"
+
+    @property
+    def run_dir(self) -> Path:
+        """``<runs-dir>/<exp>``."""
+        return Path(self.run.runs_dir) / self.exp_name
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3."""
+        return 2 if self.model.dim == "2d" else 3
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels implied by --modality (OCT+OCTA = 2)."""
+        return 2 if self.data.modality == "OCT+OCTA" else 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Spatial input size expanded to ``spatial_dims`` numbers."""
+        size = self.preprocess.input_size or [128 if self.spatial_dims == 3 else 224]
+        if len(size) == 1:
+            return tuple(size) * self.spatial_dims
+        if len(size) != self.spatial_dims:
+            raise ConfigError(f"--input-size {','.join(map(str, size))} has {len(size)} numbers; "
+                              f"--dim {self.model.dim} needs 1 or {self.spatial_dims}")
+        return tuple(size)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Persistent preprocessing cache folder."""
+        return Path(self.preprocess.cache_dir or Path(self.run.runs_dir) / ".cache")
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in fields(Config))
+
+
+def section_fields() -> list[tuple[str, dataclasses.Field, Any]]:
+    """All (section, field, resolved type) triples, in declaration order."""
+    out = []
+    for sec in fields(Config):
+        cls = sec.default_factory  # type: ignore[misc]
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            out.append((sec.name, f, hints[f.name]))
+    return out
+
+
+def _key(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    return {f.name: (sec, f, tp) for sec, f, tp in section_fields()}
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type.
+
+    Lists accept a comma-separated string or a YAML list; ``None``/``null`` is allowed for optional fields.
+    """
+    flag = "--" + name.replace("_", "-")
+    args = get_args(tp)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag} may not be empty")
+    inner = [a for a in args if a is not type(None)][0] if optional else tp
+    origin = get_origin(inner)
+    try:
+        if origin is list:
+            (elem,) = get_args(inner)
+            items = value
+            if isinstance(value, str):
+                items = [v for v in re.split(r"[,\s]+", value.strip()) if v]
+            elif not isinstance(value, (list, tuple)):
+                items = [value]
+            return [elem(v) if elem is not str else str(v).strip() for v in items]
+        if inner is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if inner is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return inner(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{flag}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from exc
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> None:
+    """Set fields from a flat ``{name: value}`` mapping (names with '-' or '_').
+
+    Raises:
+        ConfigError: on an unknown key (named, with ``origin``) or a value of the wrong type.
+    """
+    index = _field_index()
+    for raw_key, value in values.items():
+        key = _key(raw_key)
+        if key not in index:
+            close = [k.replace("_", "-") for k in index if k.startswith(key[:4])][:3]
+            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{origin}: unknown key '{raw_key}'{hint}")
+        sec, f, tp = index[key]
+        setattr(getattr(cfg, sec), f.name, coerce(value, tp, f.name))
+
+
+def flatten_yaml(doc: Any, origin: str) -> dict[str, Any]:
+    """Accept a flat mapping or one nested by section names; return a flat mapping."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{origin}: expected a mapping of flag names to values, got {type(doc).__name__}")
+    flat: dict[str, Any] = {}
+    for k, v in doc.items():
+        if _key(str(k)) in SECTIONS and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[str(k)] = v
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a flat mapping (keys validated later by :func:`apply_overrides`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: file not found")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {p}: not valid YAML ({exc})") from exc
+    return flatten_yaml(doc, f"--config {p}")
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field rules; raise :class:`ConfigError` naming the flag."""
+    for sec, f, _ in section_fields():
+        choices = f.metadata.get("choices")
+        val = getattr(getattr(cfg, sec), f.name)
+        if choices and val not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {val!r}: choose one of {', '.join(choices)}")
+    d, p = cfg.data, cfg.preprocess
+    if not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction {d.test_fraction}: must be between 0 and 1")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction {d.val_fraction}: must be in [0, 1)")
+    if d.folds < 1:
+        raise ConfigError(f"--folds {d.folds}: must be >= 1 (1 = single train/val split)")
+    if len(p.clip_percentiles) != 2 or not 0 <= p.clip_percentiles[0] < p.clip_percentiles[1] <= 100:
+        raise ConfigError(f"--clip-percentiles {p.clip_percentiles}: need two increasing numbers in 0..100")
+    if p.slab_depth <= 0:
+        raise ConfigError(f"--slab-depth {p.slab_depth}: must be > 0")
+    if any(s < 8 for s in cfg.input_shape):
+        raise ConfigError(f"--input-size {cfg.input_shape}: every side must be >= 8")
+    if p.patch_size < 0 or p.patch_stride < 0:
+        raise ConfigError("--patch-size/--patch-stride must be >= 0")
+    if p.depth_axis not in (0, 1, 2):
+        raise ConfigError(f"--depth-axis {p.depth_axis}: must be 0, 1 or 2")
+    if cfg.synth.n_subjects < 1:
+        raise ConfigError("--n-subjects must be >= 1")
+    if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):
+        raise ConfigError(f"--shape {cfg.synth.shape}: need three sizes >= 8 (B-scans,depth,width)")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Config as a YAML-ready mapping nested by section."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """Config as YAML text (re-loadable with ``--config``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(doc: dict[str, Any]) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. a run folder's config.yaml)."""
+    cfg = Config()
+    apply_overrides(cfg, flatten_yaml(doc, "config"), "config")
+    return cfg

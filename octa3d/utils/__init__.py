@@ -1,0 +1,1 @@
+"""Run folders, atomic I/O, seeding, logging and environment capture."""
