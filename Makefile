@@ -4,12 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# Docker passes --system-site-packages to reuse the base image's CUDA torch.
+VENV_FLAGS ?=
 STAMP := $(VENV)/.octa3d-installed
 
 .PHONY: install demo test test-all bench clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -m pip install --upgrade pip
 	# torch first: every other requirement admits this version, so pip keeps it.
 	$(PY) -m pip install $(TORCH_SPEC)

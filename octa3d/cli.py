@@ -39,6 +39,7 @@ _GROUP_TITLES = {
     "data": "data and labels",
     "preprocess": "preprocessing",
     "model": "model",
+    "train": "training (--mode ae_pretrain / train)",
     "synth": "synthetic data (--mode synth)",
 }
 

@@ -108,6 +108,32 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimisation for --mode ae_pretrain and --mode train."""
+
+    epochs: int = opt(30, "Training epochs (early stopping may end sooner).")
+    batch_size: int = opt(4, "Samples per optimisation step (per process under torchrun).")
+    lr: float = opt(3e-4, "Peak learning rate (AdamW), reached after --warmup-epochs, then cosine decay.")
+    weight_decay: float = opt(1e-4, "AdamW weight decay.")
+    warmup_epochs: int = opt(1, "Linear learning-rate warm-up epochs before the cosine schedule.")
+    patience: int = opt(10, "Early stopping: epochs without improvement of the monitored metric (0 = off).")
+    monitor: str = opt("balanced_accuracy", "Validation metric that picks best.pt and drives early stopping "
+                                            "(--mode train; ae_pretrain always monitors val_loss).",
+                       choices=("balanced_accuracy", "auc", "f1_macro", "accuracy", "val_loss"))
+    init: str = opt("auto", "Classifier start: 'ae' = encoder from this experiment's ae_pretrain/best.pt, "
+                            "'random', or 'auto' (ae when that checkpoint exists).", choices=("auto", "ae", "random"))
+    init_from: str | None = opt(None, "Local weight file (.pt/.pth, e.g. MedicalNet) loaded into the model "
+                                      "before training; tensors with matching names and shapes are copied.")
+    freeze_encoder_stages: int = opt(0, "Keep the first N encoder stages frozen during --mode train.")
+    ae_loss: str = opt("mse", "Autoencoder reconstruction loss.", choices=("mse", "l1"))
+    ae_extra_data: str | None = opt(None, "Extra unlabeled scans for ae_pretrain (a folder or manifest in any "
+                                          "supported layout); refused if it holds a test subject.")
+    amp: bool = opt(True, "Mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); "
+                          "ignored on CPU.")
+    deterministic: bool = opt(False, "Deterministic kernels (bit-exact reruns on CPU; slower on GPU).")
+
+
+@dataclass
 class SynthConfig:
     """Synthetic OCTA-500-layout generator (--mode synth)."""
 
@@ -125,6 +151,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     # ------------------------------------------------------------------ derived values
@@ -294,6 +321,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--patch-size/--patch-stride must be >= 0")
     if p.depth_axis not in (0, 1, 2):
         raise ConfigError(f"--depth-axis {p.depth_axis}: must be 0, 1 or 2")
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
+        raise ConfigError("--epochs, --batch-size must be >= 1 and --lr > 0")
+    if t.warmup_epochs < 0 or t.patience < 0 or t.freeze_encoder_stages < 0:
+        raise ConfigError("--warmup-epochs, --patience, --freeze-encoder-stages must be >= 0")
     if cfg.synth.n_subjects < 1:
         raise ConfigError("--n-subjects must be >= 1")
     if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):
