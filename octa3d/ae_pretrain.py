@@ -55,8 +55,7 @@ def extra_subjects(cfg: Config, splits: Any) -> list[Any]:
     extra_cfg.data_root = cfg.train.ae_extra_data
     extra_cfg.labels = None
     extra_cfg.source = "auto"
-    extra_cfg.skip_unlabeled = True  # extra data need not be labelled
-    subs = discover(extra_cfg, cfg.model.dim)
+    subs = discover(extra_cfg, cfg.model.dim, require_labels=False)  # extra data need not be labelled
     if not subs:
         raise DataError(f"--ae-extra-data {cfg.train.ae_extra_data}: no scans found")
     guard(STAGE, [s.id for s in subs], splits, groups={s.id: s.group for s in subs})

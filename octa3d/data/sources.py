@@ -1,0 +1,422 @@
+"""Find the subjects of a dataset (no pixel data is read, only folder listings and one image header).
+
+Three layouts (``--source``; ``auto`` detects them with :func:`detect_source`):
+
+* ``octa500``: ``<root>/OCTA_6mm|OCTA_3mm/{OCTA,OCT}/<ID>/<n>.bmp`` + ``Text labels.xlsx`` (+ optional
+  ``Projection Maps/<type>/<ID>.bmp`` and ``Lesion Masks/<ID>.nii.gz``);
+* ``manifest``: a CSV ``subject,label,path[,group][,mask][,split]`` (a file, or ``<root>/manifest.csv``);
+* ``folders``: 2D class folders ``<root>/[train|val|test/]<CLASS>/*.png|jpg|jpeg|bmp|tif|tiff``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from octa3d.data.labels import normalise_header, normalise_id, normalise_label, read_label_table
+from octa3d.data.readers import SLICE_EXTS, SUPPORTED_EXTS, _info, _short, file_suffix
+from octa3d.data.subject import Subject
+from octa3d.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from octa3d.config import DataConfig
+
+log = logging.getLogger("octa3d.data")
+
+SOURCES = ("octa500", "manifest", "folders")
+FOVS = ("6mm", "3mm")
+#: Physical size covered by an OCTA-500 scan (lateral = both B-scan directions, depth = A-scan), in mm.
+FOV_LATERAL_MM = {"6mm": 6.0, "3mm": 3.0}
+DEPTH_MM = 2.0  # 640 rows cover 2 mm in both FOVs; a resampled stack still covers 2 mm
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+              "test": "test", "testing": "test"}
+LABEL_TABLE_NAMES = ("text labels.xlsx", "text labels.csv", "labels.xlsx", "labels.csv")
+PROJECTIONS_DIR = "Projection Maps"
+MASKS_DIR = "Lesion Masks"
+
+_LAYOUTS = ("an OCTA-500 folder (OCTA_6mm/OCTA/<ID>/1.bmp …, optionally OCTA_3mm/), a manifest CSV with "
+            "columns subject,label,path (a .csv file or a folder holding manifest.csv), or 2D class folders "
+            "(<root>/[train|test/]<CLASS>/*.png|jpg|bmp|tif)")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value (``"9" < "10"``, ``"a2" < "a10"``)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text) if t)
+
+
+def _no_data(root: Path | str) -> DataError:
+    return DataError(f"no data at {root}: point --data-root at an OCTA-500 folder (OCTA_6mm/...), a manifest CSV "
+                     "(subject,label,path) or 2D class folders, or create a synthetic set with: python main.py "
+                     f"--mode synth --data-root {root}")
+
+
+def _visible(path: Path) -> list[Path]:
+    return [c for c in path.iterdir() if not c.name.startswith(".")]
+
+
+def _iter_images(folder: Path) -> Iterator[Path]:
+    return (f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")
+            and f.suffix.lower() in IMAGE_EXTS)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(_iter_images(folder), key=lambda f: natural_key(f.as_posix()))
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    return {SPLIT_DIRS[d.name.lower()]: d for d in _visible(root) if d.is_dir() and d.name.lower() in SPLIT_DIRS}
+
+
+def detect_source(root: str | Path) -> str:
+    """Which layout ``root`` holds.
+
+    Args:
+        root: ``--data-root``: a folder or a manifest ``.csv`` file.
+
+    Returns:
+        ``"manifest"`` (a .csv file, or a folder with ``manifest.csv``), ``"octa500"`` (a folder with
+        ``OCTA_6mm``/``OCTA_3mm``) or ``"folders"`` (class subfolders of images, optionally under
+        train/val/test).
+
+    Raises:
+        DataError: ``root`` is missing or empty (says how to create a synthetic set), or matches no layout.
+    """
+    p = Path(root)
+    if not p.exists() or (p.is_dir() and not _visible(p)):
+        raise _no_data(root)
+    if p.is_file():
+        if p.suffix.lower() == ".csv":
+            return "manifest"
+        raise DataError(f"--data-root {root} is a file but not a manifest .csv; expected {_LAYOUTS}")
+    names = {c.name for c in _visible(p)}
+    if "manifest.csv" in {n.lower() for n in names}:
+        return "manifest"
+    if {"OCTA_6mm", "OCTA_3mm"} & names:
+        return "octa500"
+    splits = _split_dirs(p)
+    for base in (list(splits.values()) or [p]):
+        # Stop at the first image: Kermany-size folders hold ~100k files.
+        if any(d.is_dir() and next(_iter_images(d), None) is not None for d in _visible(base)):
+            return "folders"
+    hint = ""
+    if p.name in ("OCTA_6mm", "OCTA_3mm") or {"OCTA", "OCT"} & names:
+        hint = f" (this looks like one OCTA-500 field of view: point --data-root at its parent {p.parent})"
+    raise DataError(f"--data-root {root}: unrecognised layout{hint}; expected {_LAYOUTS}")
+
+
+def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> list[Subject]:
+    """List the subjects of the dataset at ``cfg.data_root``.
+
+    Args:
+        cfg: a :class:`~octa3d.config.DataConfig` (data_root, source, labels, modality, fov, projection,
+            group_regex, skip_unlabeled).
+        dim: ``"2d"`` or ``"3d"``; with ``"2d"`` and ``cfg.projection != "compute"`` OCTA-500 subjects need the
+            named projection map instead of volumes.
+        require_labels: False for scans used without labels (``--ae-extra-data``, ``--mode explain``): a missing
+            label table is fine and unlabeled subjects are kept with ``label=None``.
+
+    Returns:
+        Subjects sorted by ID (digit runs compared as numbers).
+
+    Raises:
+        DataError: missing/unrecognised data, missing files, unlabeled subjects (unless ``skip_unlabeled``),
+            duplicate IDs.
+    """
+    source = cfg.source if cfg.source != "auto" else detect_source(cfg.data_root)
+    root = Path(cfg.data_root)
+    if not root.exists() or (root.is_dir() and not _visible(root)):
+        raise _no_data(cfg.data_root)
+    if source == "octa500":
+        subjects = _discover_octa500(cfg, dim, require_labels)
+    elif source == "manifest":
+        subjects = _discover_manifest(cfg, require_labels)
+    elif source == "folders":
+        subjects = _discover_folders(cfg)
+    else:
+        raise ConfigError(f"--source {source!r}: choose one of auto, {', '.join(SOURCES)}")
+    seen: dict[str, int] = {}
+    for s in subjects:
+        seen[s.id] = seen.get(s.id, 0) + 1
+    dups = sorted((k for k, n in seen.items() if n > 1), key=natural_key)
+    if dups:
+        raise DataError(f"{cfg.data_root}: duplicate subject IDs: {_short(dups)}; every subject needs a unique ID")
+    if not subjects:
+        raise DataError(f"{cfg.data_root}: no subjects found ({source} layout); expected {_LAYOUTS}")
+    subjects.sort(key=lambda s: natural_key(s.id))
+    log.info("found %d subjects in %s (%s layout)", len(subjects), cfg.data_root, source)
+    return subjects
+
+
+# ------------------------------------------------------------------------------------------- unlabeled
+def _handle_unlabeled(cfg: DataConfig, no_label: list[str], no_image: list[str], where: str) -> None:
+    """Stop (listing both kinds) or, with --skip-unlabeled, warn; the caller drops the subjects."""
+    if not no_label and not no_image:
+        return
+    no_label, no_image = sorted(no_label, key=natural_key), sorted(no_image, key=natural_key)
+    parts = []
+    if no_label:
+        parts.append(f"{len(no_label)} image(s) without a label: {_short(no_label)}")
+    if no_image:
+        parts.append(f"{len(no_image)} label(s) without an image: {_short(no_image)}")
+    msg = f"{where}: " + "; ".join(parts)
+    if not cfg.skip_unlabeled:
+        raise DataError(f"{msg}; fix the labels/files or pass --skip-unlabeled to skip them")
+    log.warning("%s; skipped (--skip-unlabeled)", msg)
+
+
+# ------------------------------------------------------------------------------------------- OCTA-500
+def _id_dirs(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {d.name: d for d in _visible(folder) if d.is_dir()}
+
+
+def _find_label_tables(root: Path, fov_dirs: Iterable[Path]) -> list[Path]:
+    """``Text labels.xlsx`` (or .csv / labels.*) in the root, else one table per FOV folder (merged later)."""
+
+    def named(folder: Path) -> list[Path]:
+        hits = [f for f in _visible(folder) if f.is_file() and f.name.lower() in LABEL_TABLE_NAMES]
+        return sorted(hits, key=lambda f: LABEL_TABLE_NAMES.index(f.name.lower()))
+
+    if named(root):
+        return named(root)[:1]
+    tables = []
+    for folder in fov_dirs:
+        # Fall back to any spreadsheet with "label" in its name inside the FOV folder.
+        hits = named(folder) or sorted(f for f in _visible(folder) if f.is_file() and "label" in f.name.lower()
+                                       and f.suffix.lower() in (".xlsx", ".csv"))
+        if hits:
+            tables.append(hits[0])
+    return tables
+
+
+def _octa500_labels(cfg: DataConfig, root: Path, fov_dirs: list[Path]) -> tuple[dict[str, str], str]:
+    if cfg.labels:
+        return read_label_table(cfg.labels), str(cfg.labels)
+    tables = _find_label_tables(root, fov_dirs)
+    if not tables:
+        raise DataError(f"no label table in {root} or {', '.join(d.name for d in fov_dirs)}: expected "
+                        f"'{root / 'Text labels.xlsx'}' (ID and Disease columns); pass --labels FILE")
+    merged: dict[str, str] = {}
+    for t in tables:
+        for sid, lab in read_label_table(t).items():
+            if merged.get(sid, lab) != lab:
+                raise DataError(f"label tables {', '.join(map(str, tables))}: ID {sid} is {merged[sid]} in one "
+                                f"and {lab} in another; keep one label per ID")
+            merged[sid] = lab
+    return merged, ", ".join(map(str, tables))
+
+
+def _octa500_spacing(scan_dir: Path, fov: str) -> tuple[float, float, float] | None:
+    """SimpleITK-order (x=columns, y=rows, z=B-scans) spacing in mm from the stack's actual size."""
+    try:
+        slices = [f for f in _visible(scan_dir) if f.is_file() and file_suffix(f) in SLICE_EXTS]
+        if not slices:
+            return None
+        width, rows = _info(slices[0]).GetSize()[:2]
+    except (DataError, OSError, ValueError):
+        return None  # the reader names the broken file when the volume is loaded
+    lateral = FOV_LATERAL_MM[fov]
+    return (lateral / width, DEPTH_MM / rows, lateral / len(slices))
+
+
+def _match_projection(folder: Path, wanted: str) -> Path | None:
+    if not folder.is_dir():
+        return None
+    types = {d.name: d for d in _visible(folder) if d.is_dir()}
+    if wanted in types:
+        return types[wanted]
+    lower = {k.lower(): v for k, v in types.items()}
+    return lower.get(wanted.lower())
+
+
+def _discover_octa500(cfg: DataConfig, dim: str, require_labels: bool = True) -> list[Subject]:
+    root = Path(cfg.data_root)
+    fovs = list(FOVS) if cfg.fov == "all" else [cfg.fov]
+    fov_dirs = {f: root / f"OCTA_{f}" for f in fovs if (root / f"OCTA_{f}").is_dir()}
+    if not fov_dirs:
+        present = ", ".join(sorted(d.name for d in _visible(root) if d.is_dir())) if root.is_dir() else "nothing"
+        raise DataError(f"{root}: no {' or '.join('OCTA_' + f for f in fovs)} folder (found: {present}); check "
+                        "--data-root and --fov")
+    use_projection = dim == "2d" and cfg.projection != "compute"
+    needed = [] if use_projection else (["OCT", "OCTA"] if cfg.modality == "OCT+OCTA" else [cfg.modality])
+    try:
+        labels, label_src = _octa500_labels(cfg, root, list(fov_dirs.values()))
+    except DataError:
+        if require_labels:
+            raise
+        labels, label_src = {}, "no label table"
+
+    subjects: list[Subject] = []
+    incomplete: list[str] = []
+    no_projection: list[str] = []
+    proj_types: set[str] = set()
+    for fov, fdir in fov_dirs.items():
+        scans = {m: _id_dirs(fdir / m) for m in ("OCTA", "OCT")}
+        proj_root = fdir / PROJECTIONS_DIR
+        proj_types |= {d.name for d in _visible(proj_root) if d.is_dir()} if proj_root.is_dir() else set()
+        maps: dict[str, dict[str, Path]] = {}  # type -> id -> file
+        if proj_root.is_dir():
+            for tdir in (d for d in _visible(proj_root) if d.is_dir()):
+                maps[tdir.name] = {f.stem: f for f in _visible(tdir)
+                                   if f.is_file() and f.suffix.lower() in IMAGE_EXTS}
+        ids = set().union(*(s.keys() for s in scans.values()))
+        chosen = _match_projection(proj_root, cfg.projection) if use_projection else None
+        if use_projection and chosen is not None:
+            ids |= set(maps[chosen.name])
+        for sid in ids:
+            paths = {m: str(scans[m][sid]) for m in ("OCTA", "OCT") if sid in scans[m]}
+            lacking = [m for m in needed if m not in paths]
+            if lacking:
+                incomplete.append(f"{sid} (no {'/'.join(lacking)})")
+                continue
+            projections = {t: str(files[sid]) for t, files in sorted(maps.items()) if sid in files}
+            if use_projection and (chosen is None or chosen.name not in projections):
+                no_projection.append(sid)
+                continue
+            spacing = None
+            scan_key = next((m for m in needed if m in paths), None) or next(iter(sorted(paths)), None)
+            if scan_key is not None and not use_projection:
+                spacing = _octa500_spacing(Path(paths[scan_key]), fov)
+            mask = next((fdir / MASKS_DIR / f"{sid}{ext}" for ext in (".nii.gz", ".nii", ".nrrd", ".mha")
+                         if (fdir / MASKS_DIR / f"{sid}{ext}").is_file()), None)
+            subjects.append(Subject(id=sid, label=labels.get(sid), paths=paths, projections=projections,
+                                    spacing=spacing, mask=str(mask) if mask else None, meta={"fov": fov}))
+
+    if incomplete:
+        msg = (f"{root}: {len(incomplete)} subject(s) lack a scan needed by --modality {cfg.modality}: "
+               f"{_short(sorted(incomplete, key=natural_key))}")
+        if not cfg.skip_unlabeled:
+            raise DataError(f"{msg}; add the missing folders, choose another --modality, or pass --skip-unlabeled "
+                            "to skip them")
+        log.warning("%s; skipped (--skip-unlabeled)", msg)
+    if no_projection:
+        msg = (f"{root}: {len(no_projection)} subject(s) have no '{cfg.projection}' projection map: "
+               f"{_short(sorted(no_projection, key=natural_key))} (map types available: "
+               f"{', '.join(sorted(proj_types)) or 'none'})")
+        if not cfg.skip_unlabeled:
+            raise DataError(f"{msg}; choose --projection from the available types, use --projection compute, or "
+                            "pass --skip-unlabeled to skip them")
+        log.warning("%s; skipped (--skip-unlabeled)", msg)
+
+    # Labels without images are judged against every FOV folder in the root, so that --fov 6mm does not
+    # report the 3mm subjects of a shared label table as missing.
+    all_ids: set[str] = set()
+    for f in FOVS:
+        for m in ("OCTA", "OCT"):
+            all_ids |= set(_id_dirs(root / f"OCTA_{f}" / m))
+        proj_root = root / f"OCTA_{f}" / PROJECTIONS_DIR
+        if proj_root.is_dir():
+            for tdir in (d for d in _visible(proj_root) if d.is_dir()):
+                all_ids |= {x.stem for x in _visible(tdir) if x.is_file()}
+    no_label = [s.id for s in subjects if s.label is None]
+    no_image = [sid for sid in labels if sid not in all_ids]
+    if not require_labels:
+        return subjects
+    _handle_unlabeled(cfg, no_label, no_image, f"{root} with labels from {label_src}")
+    return [s for s in subjects if s.label is not None]
+
+
+# ------------------------------------------------------------------------------------------- manifest
+_MANIFEST_COLUMNS = {"subject": ("subject", "id", "subjectid"), "label": ("label", "disease", "class"),
+                     "path": ("path", "image", "file", "filepath", "imagepath"), "group": ("group", "patient",
+                     "patientid"), "mask": ("mask", "maskpath"), "split": ("split",)}
+
+
+def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Subject]:
+    root = Path(cfg.data_root)
+    csv = root if root.is_file() else next((f for f in _visible(root) if f.name.lower() == "manifest.csv"),
+                                           root / "manifest.csv")
+    if not csv.is_file():
+        raise DataError(f"{root}: no manifest.csv; write one with columns subject,label,path[,group][,mask]")
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except Exception as exc:  # noqa: BLE001 - pandas raises several types for a broken CSV
+        raise DataError(f"cannot read manifest {csv}: {exc}") from exc
+    norm = {normalise_header(c): c for c in df.columns}
+    cols = {key: next((norm[n] for n in names if n in norm), None) for key, names in _MANIFEST_COLUMNS.items()}
+    required = ["subject", "path"] + ([] if cfg.labels or not require_labels else ["label"])
+    absent = [k for k in required if cols[k] is None]
+    if absent:
+        raise DataError(f"manifest {csv}: no {', '.join(absent)} column (columns: {', '.join(map(str, df.columns))}"
+                        "); the header must be subject,label,path[,group][,mask]")
+    table = read_label_table(cfg.labels) if cfg.labels else None
+
+    def cell(row: pd.Series, key: str) -> str:
+        return str(row[cols[key]]).strip() if cols[key] is not None else ""
+
+    def resolve(text: str) -> Path:
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else csv.parent / p
+
+    subjects, missing, no_label, no_image = [], [], [], []
+    for i, row in df.iterrows():
+        sid = normalise_id(cell(row, "subject"))
+        if not sid:
+            raise DataError(f"manifest {csv}: row {int(i) + 2} has an empty subject ID")
+        label = table.get(sid) if table is not None else (normalise_label(cell(row, "label")) or None)
+        path_text = cell(row, "path")
+        if not path_text:
+            no_image.append(sid)
+            continue
+        path = resolve(path_text)
+        if not path.exists():
+            missing.append(str(path))
+        elif path.is_file() and file_suffix(path) not in SUPPORTED_EXTS:
+            raise DataError(f"manifest {csv}: subject {sid}: unsupported file type {path.name}; use a NIfTI/NRRD/"
+                            "MHA/.npy/TIFF/PNG/JPG/BMP file or a folder of slices/DICOM")
+        mask_text = cell(row, "mask")
+        mask = resolve(mask_text) if mask_text else None
+        if mask is not None and not mask.exists():
+            missing.append(str(mask))
+        split = cell(row, "split").lower() or None
+        if split is not None and split not in SPLIT_DIRS:
+            raise DataError(f"manifest {csv}: subject {sid}: split '{split}' is not train, val or test")
+        if label is None:
+            no_label.append(sid)
+        subjects.append(Subject(id=sid, label=label, paths={"image": str(path)}, group=cell(row, "group"),
+                                split=SPLIT_DIRS[split] if split else None, mask=str(mask) if mask else None))
+    if missing:
+        raise DataError(f"manifest {csv}: {len(missing)} path(s) do not exist: {_short(missing, 10)}; paths are "
+                        f"relative to {csv.parent}")
+    if table is not None:
+        no_image += [sid for sid in table if sid not in {s.id for s in subjects}]
+    if not require_labels:
+        return subjects
+    _handle_unlabeled(cfg, no_label, no_image, f"manifest {csv}")
+    return [s for s in subjects if s.label is not None]
+
+
+# ------------------------------------------------------------------------------------------- folders
+def _discover_folders(cfg: DataConfig) -> list[Subject]:
+    root = Path(cfg.data_root)
+    try:
+        group_re = re.compile(cfg.group_regex)
+    except re.error as exc:
+        raise ConfigError(f"--group-regex {cfg.group_regex!r}: invalid regular expression ({exc})") from exc
+    splits = _split_dirs(root)
+    if splits:
+        others = sorted(d.name for d in _visible(root) if d.is_dir() and d.name.lower() not in SPLIT_DIRS)
+        log.info("%s has %s folders: honouring the dataset's own split", root, "/".join(sorted(splits)))
+        if others:
+            log.warning("%s: ignoring folders outside %s: %s", root, "/".join(sorted(splits)), _short(others))
+    bases = [(name, d) for name, d in sorted(splits.items())] or [(None, root)]
+    subjects = []
+    for split, base in bases:
+        for cdir in sorted((d for d in _visible(base) if d.is_dir()), key=lambda d: d.name):
+            images = _images_in(cdir)
+            if not images:
+                log.warning("class folder %s holds no images (.png/.jpg/.jpeg/.bmp/.tif/.tiff)", cdir)
+            for img in images:
+                rel = img.relative_to(root).with_suffix("").as_posix()
+                m = group_re.search(img.name)
+                group = (m.group(1) if m.groups() else m.group(0)) if m else img.stem
+                subjects.append(Subject(id=rel, label=normalise_label(cdir.name), paths={"image": str(img)},
+                                        group=group or img.stem, split=split))
+    return subjects

@@ -1,0 +1,257 @@
+"""Subject discovery: layout detection, OCTA-500, manifest CSV and 2D class folders (tiny generated trees)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from octa3d.config import DataConfig
+from octa3d.data.readers import load_subject
+from octa3d.data.sources import detect_source, discover, natural_key
+from octa3d.errors import DataError
+
+N_BSCANS, ROWS, COLS = 4, 16, 12
+
+
+@pytest.fixture
+def records():
+    """Log records of ``octa3d.data`` (captured on the logger itself: setup_logging turns propagation off)."""
+    out: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = out.append  # type: ignore[method-assign]
+    logger = logging.getLogger("octa3d.data")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield out
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def messages(records, level: int) -> str:
+    return "\n".join(r.getMessage() for r in records if r.levelno == level)
+
+
+def write_png(path: Path, value: int = 0, shape=(ROWS, COLS)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = (value + np.arange(shape[0] * shape[1]).reshape(shape) % 5).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    return path
+
+
+def make_octa500(root: Path, fov: str, ids, modalities=("OCTA", "OCT"), labels: dict | None = None) -> Path:
+    """``root/OCTA_<fov>/<mod>/<id>/<n>.bmp`` stacks of N_BSCANS B-scans of ROWS x COLS."""
+    for sid in ids:
+        for mod in modalities:
+            for n in range(1, N_BSCANS + 1):
+                write_png(root / f"OCTA_{fov}" / mod / str(sid) / f"{n}.bmp", n)
+    if labels is not None:
+        pd.DataFrame({"ID": list(labels), "Disease": list(labels.values())}).to_excel(
+            root / "Text labels.xlsx", index=False)
+    return root
+
+
+def cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(data_root=str(root), **kw)
+
+
+# ------------------------------------------------------------------------------------------- detection
+def test_detect_source_layouts(tmp_path):
+    assert detect_source(make_octa500(tmp_path / "o", "6mm", [1], ("OCTA",))) == "octa500"
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.csv").write_text("subject,label,path\n")
+    assert detect_source(tmp_path / "m") == "manifest"
+    assert detect_source(tmp_path / "m" / "manifest.csv") == "manifest"
+    write_png(tmp_path / "f" / "NORMAL" / "a.png")
+    assert detect_source(tmp_path / "f") == "folders"
+    write_png(tmp_path / "s" / "train" / "CNV" / "a.jpeg")
+    assert detect_source(tmp_path / "s") == "folders"
+
+
+def test_detect_source_missing_empty_unrecognised(tmp_path):
+    for root in (tmp_path / "data", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        with pytest.raises(DataError) as err:
+            detect_source(root)
+        assert str(err.value) == (
+            f"no data at {root}: point --data-root at an OCTA-500 folder (OCTA_6mm/...), a manifest CSV "
+            "(subject,label,path) or 2D class folders, or create a synthetic set with: python main.py --mode synth "
+            f"--data-root {root}")
+    (tmp_path / "odd" / "sub").mkdir(parents=True)
+    (tmp_path / "odd" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="unrecognised layout.*OCTA-500.*manifest.*class folders"):
+        detect_source(tmp_path / "odd")
+    with pytest.raises(DataError, match="no data at"):
+        discover(cfg(tmp_path / "data", source="octa500"))
+
+
+# ------------------------------------------------------------------------------------------- OCTA-500
+def test_octa500_subjects_spacing_and_order(tmp_path):
+    root = make_octa500(tmp_path, "6mm", [10, 2, 1], labels={1: "NORMAL", 2: "dr", 10: "AMD"})
+    make_octa500(tmp_path, "3mm", [300], ("OCTA",))
+    (tmp_path / "OCTA_3mm" / "labels.csv").write_text("ID,Disease\n300,CNV\n")  # not used: root table wins
+    pd.DataFrame({"ID": [1, 2, 10, 300], "Disease": ["NORMAL", "dr", "AMD", "CNV"]}).to_excel(
+        root / "Text labels.xlsx", index=False)
+    subjects = discover(cfg(root))
+    assert [s.id for s in subjects] == ["1", "2", "10", "300"]  # numeric order, both FOVs
+    s1, s300 = subjects[0], subjects[-1]
+    assert s1.label == "NORMAL" and subjects[1].label == "DR" and s1.group == "1"
+    assert s1.paths == {"OCTA": str(root / "OCTA_6mm" / "OCTA" / "1"), "OCT": str(root / "OCTA_6mm" / "OCT" / "1")}
+    assert s1.meta == {"fov": "6mm"} and s300.meta == {"fov": "3mm"}
+    # SimpleITK order: x = columns, y = rows (2 mm depth), z = B-scans
+    assert s1.spacing == pytest.approx((6 / COLS, 2 / ROWS, 6 / N_BSCANS))
+    assert s300.spacing == pytest.approx((3 / COLS, 2 / ROWS, 3 / N_BSCANS))
+    arr, geo = load_subject(s1, "OCTA")
+    assert arr.shape == (1, N_BSCANS, ROWS, COLS) and geo.spacing == pytest.approx(s1.spacing)
+    # --fov 6mm: the 3mm subject of the shared table is not reported as a label without an image
+    assert [s.id for s in discover(cfg(root, fov="6mm"))] == ["1", "2", "10"]
+
+
+def test_octa500_label_table_inside_fov_folder_and_explicit(tmp_path):
+    root = make_octa500(tmp_path / "d", "6mm", [1, 2], ("OCTA",))
+    (root / "OCTA_6mm" / "Text labels.csv").write_text("ID,Disease\n1,NORMAL\n2,CNV\n")
+    assert [s.label for s in discover(cfg(root))] == ["NORMAL", "CNV"]
+    (tmp_path / "mine.csv").write_text("Subject,Label\n1,DR\n2,DR\n")
+    assert [s.label for s in discover(cfg(root, labels=str(tmp_path / "mine.csv")))] == ["DR", "DR"]
+    (root / "OCTA_6mm" / "Text labels.csv").unlink()
+    with pytest.raises(DataError, match="no label table.*--labels"):
+        discover(cfg(root))
+
+
+def test_octa500_unlabeled_listed_or_skipped(tmp_path, records):
+    root = make_octa500(tmp_path, "6mm", [1, 2, 3], ("OCTA",), labels={1: "NORMAL", 2: "DR", 7: "AMD"})
+    with pytest.raises(DataError, match=r"1 image\(s\) without a label: 3; 1 label\(s\) without an image: 7; .*"
+                                        r"--skip-unlabeled"):
+        discover(cfg(root))
+    subjects = discover(cfg(root, skip_unlabeled=True))
+    assert [s.id for s in subjects] == ["1", "2"]
+    assert "without a label: 3" in messages(records, logging.WARNING)
+
+
+def test_octa500_missing_modality(tmp_path, records):
+    root = make_octa500(tmp_path, "6mm", [1, 2], labels={1: "NORMAL", 2: "DR"})
+    make_octa500(tmp_path, "6mm", [3], ("OCTA",))
+    pd.DataFrame({"ID": [1, 2, 3], "Disease": ["NORMAL", "DR", "DR"]}).to_excel(root / "Text labels.xlsx",
+                                                                                index=False)
+    assert len(discover(cfg(root, modality="OCTA"))) == 3
+    with pytest.raises(DataError, match=r"1 subject\(s\) lack a scan needed by --modality OCT\+OCTA: 3 \(no OCT\)"):
+        discover(cfg(root, modality="OCT+OCTA"))
+    assert [s.id for s in discover(cfg(root, modality="OCT+OCTA", skip_unlabeled=True))] == ["1", "2"]
+    assert "3 (no OCT)" in messages(records, logging.WARNING)
+
+
+def test_octa500_projection_maps_and_masks(tmp_path):
+    root = make_octa500(tmp_path, "6mm", [1, 2], ("OCTA",), labels={1: "NORMAL", 2: "DR"})
+    for sid in (1, 2):
+        write_png(root / "OCTA_6mm" / "Projection Maps" / "OCTA(FULL)" / f"{sid}.bmp", shape=(COLS, COLS))
+    write_png(root / "OCTA_6mm" / "Projection Maps" / "OCT(ILM_OPL)" / "1.bmp", shape=(COLS, COLS))
+    mask = root / "OCTA_6mm" / "Lesion Masks" / "2.nii.gz"
+    mask.parent.mkdir()
+    mask.write_bytes(b"")
+    s1, s2 = discover(cfg(root))
+    assert set(s1.projections) == {"OCTA(FULL)", "OCT(ILM_OPL)"} and list(s2.projections) == ["OCTA(FULL)"]
+    assert s1.mask is None and s2.mask == str(mask)
+    assert len(discover(cfg(root, projection="OCTA(FULL)"), dim="2d")) == 2
+    with pytest.raises(DataError, match=r"have no 'OCT\(ILM_OPL\)' projection map: 2 \(map types available: "
+                                        r"OCT\(ILM_OPL\), OCTA\(FULL\)\)"):
+        discover(cfg(root, projection="OCT(ILM_OPL)"), dim="2d")
+
+
+def test_octa500_projection_maps_only(tmp_path):
+    # Many users download only the 2D projection maps: no volumes are needed for --dim 2d.
+    root = tmp_path
+    for sid in (5, 6):
+        write_png(root / "OCTA_3mm" / "Projection Maps" / "OCTA(FULL)" / f"{sid}.bmp", shape=(COLS, COLS))
+    (root / "OCTA_3mm" / "Text labels.csv").write_text("ID,Disease\n5,NORMAL\n6,DR\n")
+    subjects = discover(cfg(root, projection="OCTA(FULL)"), dim="2d")
+    assert [(s.id, s.paths, s.spacing) for s in subjects] == [("5", {}, None), ("6", {}, None)]
+
+
+# ------------------------------------------------------------------------------------------- manifest
+def test_manifest(tmp_path):
+    (tmp_path / "vols").mkdir()
+    np.save(tmp_path / "vols" / "a.npy", np.zeros((2, 3, 4), np.float32))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 3, 4), np.uint8)), str(tmp_path / "vols" / "b.nii.gz"))
+    write_png(tmp_path / "vols" / "c" / "1.bmp")
+    (tmp_path / "manifest.csv").write_text(
+        "Subject, LABEL ,Path,Group,Mask\n"
+        "b10,dr,vols/b.nii.gz,p1,\n"
+        "b9,normal,vols/a.npy,p1,vols/b.nii.gz\n"
+        f"c,AMD,{tmp_path / 'vols' / 'c'},,\n")
+    subjects = discover(cfg(tmp_path))
+    assert [s.id for s in subjects] == ["b9", "b10", "c"]
+    b9 = subjects[0]
+    assert b9.label == "NORMAL" and b9.paths == {"image": str(tmp_path / "vols" / "a.npy")}
+    assert b9.group == "p1" and b9.mask == str(tmp_path / "vols" / "b.nii.gz") and subjects[2].group == "c"
+    assert [s.id for s in discover(cfg(tmp_path / "manifest.csv"))] == ["b9", "b10", "c"]
+
+
+def test_manifest_errors(tmp_path, records):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    csv = tmp_path / "manifest.csv"
+    rows = "".join(f"m{i},DR,missing{i}.nii.gz\n" for i in range(12))
+    csv.write_text("subject,label,path\n" + rows)
+    with pytest.raises(DataError, match=r"manifest .*manifest\.csv: 12 path\(s\) do not exist: .*missing0\.nii\.gz"
+                                        r".*\(\+2 more\)"):
+        discover(cfg(csv))
+    csv.write_text("subject,label,path\na,,a.npy\nb,DR,\nc,NORMAL,a.npy\nd,DR,a.npy\n")
+    with pytest.raises(DataError, match=r"1 image\(s\) without a label: a; 1 label\(s\) without an image: b"):
+        discover(cfg(csv))
+    assert [s.id for s in discover(cfg(csv, skip_unlabeled=True))] == ["c", "d"]
+    assert "without a label: a" in messages(records, logging.WARNING)
+    csv.write_text("subject,label,path\na,DR,a.npy\na,NORMAL,a.npy\n")
+    with pytest.raises(DataError, match="duplicate subject IDs: a"):
+        discover(cfg(csv))
+    csv.write_text("id,file\na,a.npy\n")
+    with pytest.raises(DataError, match=r"no label column \(columns: id, file\)"):
+        discover(cfg(csv))
+
+
+# ------------------------------------------------------------------------------------------- 2D folders
+def test_kermany_folders_split_and_groups(tmp_path, records):
+    for split, cls, name in [("train", "CNV", "CNV-13823-1.jpeg"), ("train", "CNV", "CNV-13823-2.JPEG"),
+                             ("train", "normal", "NORMAL-99-1.png"), ("test", "CNV", "CNV-500-1.jpeg"),
+                             ("test", "NORMAL", "scan.tif")]:
+        write_png(tmp_path / split / cls / name)
+    (tmp_path / "train" / "CNV" / "notes.txt").write_text("x")
+    subjects = discover(cfg(tmp_path))
+    by_id = {s.id: s for s in subjects}
+    assert sorted(by_id) == sorted(["train/CNV/CNV-13823-1", "train/CNV/CNV-13823-2", "train/normal/NORMAL-99-1",
+                                    "test/CNV/CNV-500-1", "test/NORMAL/scan"])
+    s = by_id["train/CNV/CNV-13823-1"]
+    assert (s.label, s.group, s.split) == ("CNV", "13823", "train")
+    assert by_id["train/CNV/CNV-13823-2"].group == "13823"
+    assert by_id["train/normal/NORMAL-99-1"].label == "NORMAL"
+    assert (by_id["test/NORMAL/scan"].group, by_id["test/NORMAL/scan"].split) == ("scan", "test")  # no match
+    assert "honouring the dataset's own split" in messages(records, logging.INFO)
+    arr, _ = load_subject(s, "OCTA")
+    assert arr.shape == (1, ROWS, COLS)
+
+
+def test_flat_folders_custom_regex(tmp_path):
+    write_png(tmp_path / "DR" / "p7_left.png")
+    write_png(tmp_path / "NORMAL" / "p8_right.bmp")
+    subjects = discover(cfg(tmp_path, group_regex=r"^p(\d+)_"))
+    assert [(s.id, s.label, s.group, s.split) for s in subjects] == [
+        ("DR/p7_left", "DR", "7", None), ("NORMAL/p8_right", "NORMAL", "8", None)]
+
+
+def test_natural_key():
+    assert sorted(["10", "9", "a10", "a2", "B1"], key=natural_key) == ["9", "10", "a2", "a10", "B1"]
+
+
+def test_unlabeled_scans_allowed_when_labels_not_required(tmp_path):
+    """--ae-extra-data and explain read scans without any label table."""
+    root = make_octa500(tmp_path / "d", "6mm", ["10001", "10002"], labels=None)
+    for f in root.glob("*.xlsx"):
+        f.unlink()
+    with pytest.raises(DataError):
+        discover(cfg(root))
+    subs = discover(cfg(root), require_labels=False)
+    assert [s.id for s in subs] == ["10001", "10002"] and all(s.label is None for s in subs)
