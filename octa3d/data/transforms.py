@@ -1,0 +1,630 @@
+"""How a scan becomes a network input: deterministic (cacheable) preprocessing, training augmentation, presets.
+
+Deterministic part (cached on disk by :mod:`octa3d.data.datasets`), in this order:
+
+1. **Retinal slab crop** (volumes): :func:`locate_retina` finds the retina along the depth (A-scan) axis from the
+   intensity profile; a slab of ``--slab-depth`` is cut around it. The crop happens *before* resizing, so the
+   network sees the retina at a useful resolution instead of mostly vitreous and choroid.
+2. **Percentile clipping + scaling to 0..1** per channel (uint8 fast path: 256-bin histogram + lookup table).
+3. **Resize to the input size** (linear interpolation via ``torch.nn.functional.interpolate``, no antialias,
+   ``align_corners=False``). The slab is *stretched* to the input shape (anisotropic scaling) rather than padded:
+   padding would waste input voxels, and the anisotropy is the same for every scan of a dataset.
+
+Everything needed to map an input-space array (a Grad-CAM map) back onto the source scan is kept in a
+:class:`PreprocessRecord`; :func:`to_source_space` does the mapping.
+
+Axis conventions follow :mod:`octa3d.data.subject`: arrays are channel-first ``(C, *spatial)`` and
+``depth_axis`` counts *spatial* axes (0..2), so its array axis is ``depth_axis + 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.transforms import (Compose, EnsureTyped, MapTransform, RandAffined, RandFlipd, RandGaussianNoised,
+                              RandScaleIntensityd, RandShiftIntensityd)
+from scipy.ndimage import gaussian_filter1d
+
+from octa3d.config import Config
+from octa3d.data.subject import Geometry, Subject
+from octa3d.errors import ConfigError, DataError
+
+log = logging.getLogger("octa3d.data")
+
+#: Bump when the deterministic preprocessing changes: it is part of every cache key.
+PREPROCESS_VERSION = "1"
+
+_CHUNK = 1 << 22  # elements per pass in the uint8 paths: bounds the intp temporaries numpy makes to ~32 MB
+_PERCENTILE_SAMPLES = 2_000_000  # float input: percentiles from a strided subsample of about this many voxels
+
+Loader = Callable[[Subject, str], tuple[np.ndarray, Geometry]]
+ImageReader = Callable[[str], np.ndarray]
+
+
+# ---------------------------------------------------------------------------------------------- array functions
+def locate_retina(volume: np.ndarray, depth_axis: int, *, threshold: float = 0.25,
+                  max_gap: float = 0.1) -> tuple[int, int]:
+    """Find the retina along the depth axis from the mean intensity profile.
+
+    The profile (mean over channels and the lateral axes, on a strided subsample) is smoothed; voxels above
+    ``background + threshold * (peak - background)`` count as tissue, with background = the profile's 10th
+    percentile (vitreous/deep noise dominate the low end). Above-threshold runs separated by less than
+    ``max_gap`` of the depth are merged (dark layers inside the retina), and the run holding the peak is returned.
+
+    Args:
+        volume: channel-first array ``(C, *spatial)``.
+        depth_axis: spatial axis of the A-scan (0-based, channel axis excluded).
+        threshold: fraction of the peak height above background that counts as retina.
+        max_gap: largest gap (fraction of the depth) bridged between bright runs.
+
+    Returns:
+        ``(start, stop)`` along the depth axis; ``(0, depth)`` (centred) when the profile is flat.
+    """
+    arr = np.asarray(volume)
+    ax = depth_axis + 1
+    depth = arr.shape[ax]
+    # ~64 positions per lateral axis average >4000 A-scans: plenty for a profile, and fast on 400x640x400 scans.
+    sub = arr[tuple(slice(None) if a in (0, ax) else slice(None, None, max(1, arr.shape[a] // 64))
+                    for a in range(arr.ndim))]
+    profile = sub.mean(axis=tuple(a for a in range(arr.ndim) if a != ax), dtype=np.float32)
+    profile = gaussian_filter1d(profile.astype(np.float32), sigma=max(1.0, depth / 100), mode="nearest")
+    bg, peak = float(np.percentile(profile, 10)), float(profile.max())
+    if not np.isfinite(peak) or peak - bg <= 1e-6 * max(abs(peak), 1.0):
+        return 0, depth
+    above = np.concatenate([[0], (profile >= bg + threshold * (peak - bg)).astype(np.int8), [0]])
+    edges = np.diff(above)
+    runs = list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()))
+    merged: list[list[int]] = []
+    for s, e in runs:
+        if merged and s - merged[-1][1] <= max(1, int(max_gap * depth)):
+            merged[-1][1] = e
+        else:
+            merged.append([s, e])
+    p = int(np.argmax(profile))
+    s, e = next(r for r in merged if r[0] <= p < r[1])
+    return int(s), int(e)
+
+
+def slab_bounds(depth: int, slab_depth: float, retina: tuple[int, int]) -> tuple[int, int]:
+    """Depth range of a slab of ``slab_depth`` centred on ``retina``, clamped inside ``[0, depth)``.
+
+    Args:
+        depth: scan depth in voxels.
+        slab_depth: ``<= 1``: fraction of ``depth``; ``> 1``: voxels (clamped to ``depth``).
+        retina: ``(start, stop)`` from :func:`locate_retina`.
+    """
+    n = round(slab_depth * depth) if slab_depth <= 1 else round(slab_depth)
+    n = min(max(int(n), 1), depth)
+    start = int(round((retina[0] + retina[1]) / 2 - n / 2))
+    start = min(max(start, 0), depth - n)
+    return start, start + n
+
+
+def hist_percentiles(counts: np.ndarray, q: Sequence[float]) -> list[float]:
+    """Percentiles of the data behind a histogram of integer values, identical to ``np.percentile`` (linear).
+
+    Args:
+        counts: ``counts[v]`` = number of voxels of value ``v``.
+        q: percentiles in 0..100.
+    """
+    cdf = np.cumsum(counts)
+    n = int(cdf[-1])
+    out = []
+    for p in q:
+        r = p / 100 * (n - 1)
+        k = int(np.floor(r))
+        # sorted[k] is the first value whose cumulative count exceeds k
+        v0 = int(np.searchsorted(cdf, k, side="right"))
+        v1 = int(np.searchsorted(cdf, min(k + 1, n - 1), side="right"))
+        out.append(v0 + (r - k) * (v1 - v0))
+    return out
+
+
+def uint8_percentiles(channel: np.ndarray, q: Sequence[float]) -> list[float]:
+    """Exact percentiles of a uint8 array from a 256-bin histogram (no sort, no float copy)."""
+    flat = np.ascontiguousarray(channel).reshape(-1)
+    counts = np.zeros(256, np.int64)
+    for i in range(0, flat.size, _CHUNK):
+        counts += np.bincount(flat[i:i + _CHUNK], minlength=256)
+    return hist_percentiles(counts, q)
+
+
+def _ramp(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """In place: ``clip((x - lo) / (hi - lo), 0, 1)``; a constant input (hi <= lo) becomes zeros."""
+    x -= np.float32(lo)
+    x *= np.float32(1.0 / (hi - lo) if hi > lo else 0.0)
+    np.clip(x, 0.0, 1.0, out=x)
+    return x
+
+
+def clip_scale(image: np.ndarray, percentiles: Sequence[float]) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """Clip each channel at its percentiles and scale to 0..1 float32.
+
+    uint8 input takes the fast path: histogram percentiles and a 256-entry lookup table applied with
+    ``np.take`` (no float64, no float copy besides the output). Other dtypes: ``np.percentile`` on a strided
+    subsample, then in-place arithmetic on the float32 output.
+
+    Args:
+        image: channel-first array ``(C, *spatial)``.
+        percentiles: ``(low, high)`` in 0..100.
+
+    Returns:
+        The float32 image and the per-channel ``(low, high)`` intensities used (source units).
+    """
+    out = np.empty(image.shape, np.float32)
+    used = []
+    for c in range(image.shape[0]):
+        x = image[c]
+        if x.dtype == np.uint8:
+            lo, hi = uint8_percentiles(x, percentiles)
+            lut = _ramp(np.arange(256, dtype=np.float32), lo, hi)
+            src, dst = np.ascontiguousarray(x).reshape(-1), out[c].reshape(-1)
+            for i in range(0, src.size, _CHUNK):
+                # mode="wrap" is a no-op for uint8 indices but takes numpy's fast path (mode="clip" is ~10x slower)
+                np.take(lut, src[i:i + _CHUNK], out=dst[i:i + _CHUNK], mode="wrap")
+        else:
+            step = max(1, int(np.ceil((x.size / _PERCENTILE_SAMPLES) ** (1 / x.ndim))))
+            sample = np.asarray(x[(slice(None, None, step),) * x.ndim], dtype=np.float32)
+            lo, hi = (float(v) for v in np.percentile(sample, list(percentiles)))
+            np.copyto(out[c], x, casting="unsafe")
+            _ramp(out[c], lo, hi)
+        used.append((float(lo), float(hi)))
+    return out, used
+
+
+def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize a channel-first array to ``size`` with (bi/tri)linear interpolation, float32.
+
+    ``align_corners=False`` maps voxel centres proportionally, so resizing there and back is consistent
+    (:func:`to_source_space`). No antialias: downsampling cost stays proportional to the output size.
+    """
+    size = tuple(int(s) for s in size)
+    arr = np.asarray(image, dtype=np.float32)
+    if tuple(arr.shape[1:]) == size:
+        return np.ascontiguousarray(arr)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+    t = torch.from_numpy(np.ascontiguousarray(arr))[None]
+    return F.interpolate(t, size=size, mode=mode, align_corners=False)[0].numpy()
+
+
+def patch_grid(shape: Sequence[int], size: int, stride: int = 0) -> list[list[tuple[int, int]]]:
+    """Boxes of a regular grid of ``size`` patches covering a 2D image entirely.
+
+    Starts step by ``stride`` (0 = ``size``); the last row/column is aligned to the border so nothing is left
+    out (it may overlap its neighbour). An axis shorter than ``size`` gets one patch spanning it.
+
+    Returns:
+        ``[[(y0, y1), (x0, x1)], ...]`` in row-major order.
+    """
+    stride = stride or size
+    starts = []
+    for n in shape:
+        if n <= size:
+            starts.append([(0, n)])
+            continue
+        s = list(range(0, n - size + 1, stride))
+        if s[-1] + size < n:
+            s.append(n - size)
+        starts.append([(a, a + size) for a in s])
+    return [[ry, rx] for ry in starts[0] for rx in starts[1]]
+
+
+def drop_axis(geometry: Geometry, axis: int) -> Geometry:
+    """Geometry of a projection along NumPy ``axis`` (that axis removed from shape, spacing, origin, direction)."""
+    n = len(geometry.shape)
+    keep_np = [a for a in range(n) if a != axis]
+    keep_itk = [n - 1 - a for a in reversed(keep_np)]  # SimpleITK order = reversed NumPy order
+    direction = np.asarray(geometry.direction).reshape(n, n)[np.ix_(keep_itk, keep_itk)]
+    return Geometry(tuple(geometry.shape[a] for a in keep_np), tuple(geometry.spacing[i] for i in keep_itk),
+                    tuple(geometry.origin[i] for i in keep_itk), tuple(float(v) for v in direction.ravel()))
+
+
+# ---------------------------------------------------------------------------------------------- record
+@dataclass
+class PreprocessRecord:
+    """What the deterministic preprocessing did to one scan (stored beside each cache entry).
+
+    Attributes:
+        source: :meth:`Geometry.to_dict` of the source image the crop box refers to (for a computed en-face
+            projection: the 2D projection's geometry; the volume's is in ``meta["volume"]``).
+        crop_box: ``(start, stop)`` per spatial axis of the region that was resized to the input.
+        cropped_shape: spatial shape of that region.
+        input_shape: spatial shape of a network input.
+        channels: number of channels.
+        kind: ``"clip3d"`` or ``"patch2d"``.
+        retina: ``(start, stop)`` of the retina along the depth axis, if located.
+        intensity: per-channel ``(low, high)`` clip values in source units.
+        patches: 2D patch boxes in source coordinates (empty: one whole-image sample).
+        meta: extras (depth axis, slab of a computed projection, volume geometry ...).
+    """
+
+    source: dict[str, list]
+    crop_box: list[tuple[int, int]]
+    cropped_shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    channels: int = 1
+    kind: str = "clip3d"
+    retina: tuple[int, int] | None = None
+    intensity: list[tuple[float, float]] = field(default_factory=list)
+    patches: list[list[tuple[int, int]]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def geometry(self) -> Geometry:
+        """The source :class:`Geometry`."""
+        return Geometry.from_dict(self.source)
+
+    @property
+    def n_samples(self) -> int:
+        """Samples this scan yields: its patch count, or 1."""
+        return max(1, len(self.patches))
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of the cached array: the cropped image at source resolution for patch grids, else the input."""
+        return (self.channels, *(self.cropped_shape if self.patches else self.input_shape))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"source": self.source, "crop_box": [list(b) for b in self.crop_box],
+                "cropped_shape": list(self.cropped_shape), "input_shape": list(self.input_shape),
+                "channels": self.channels, "kind": self.kind,
+                "retina": list(self.retina) if self.retina is not None else None,
+                "intensity": [list(v) for v in self.intensity],
+                "patches": [[list(b) for b in p] for p in self.patches], "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PreprocessRecord:
+        """Inverse of :meth:`to_dict`."""
+        return cls(source=dict(d["source"]), crop_box=[(int(a), int(b)) for a, b in d["crop_box"]],
+                   cropped_shape=tuple(int(v) for v in d["cropped_shape"]),
+                   input_shape=tuple(int(v) for v in d["input_shape"]), channels=int(d["channels"]),
+                   kind=str(d["kind"]), retina=tuple(d["retina"]) if d.get("retina") is not None else None,
+                   intensity=[(float(a), float(b)) for a, b in d.get("intensity", [])],
+                   patches=[[(int(a), int(b)) for a, b in p] for p in d.get("patches", [])],
+                   meta=dict(d.get("meta", {})))
+
+
+def to_source_space(array: np.ndarray | torch.Tensor, record: PreprocessRecord, patch: int = -1) -> np.ndarray:
+    """Map an input-space array (e.g. a CAM) back onto the source scan.
+
+    Resizes to the cropped region (or to patch ``patch``'s box) and pads it into the source shape with zeros.
+
+    Args:
+        array: ``(*input_shape)`` or ``(C, *input_shape)``.
+        record: the sample's :class:`PreprocessRecord`.
+        patch: patch index for patch-grid records; -1 for whole-image records.
+
+    Returns:
+        float32 array of shape ``geometry.shape`` (or ``(C, *geometry.shape)``), ready for
+        :meth:`Geometry.to_sitk`.
+    """
+    arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    nd = len(record.input_shape)
+    squeeze = arr.ndim == nd
+    arr = arr[None] if squeeze else arr
+    if tuple(arr.shape[1:]) != tuple(record.input_shape):
+        raise ValueError(f"array shape {tuple(arr.shape)} does not match the input shape {record.input_shape}")
+    if record.patches:
+        if not 0 <= patch < len(record.patches):
+            raise ValueError(f"record has {len(record.patches)} patches; got patch={patch}")
+        box = record.patches[patch]
+    else:
+        box = record.crop_box
+    region = resize(arr, [e - s for s, e in box])
+    out = np.zeros((arr.shape[0], *record.geometry.shape), np.float32)
+    out[(slice(None), *(slice(s, e) for s, e in box))] = region
+    return out[0] if squeeze else out
+
+
+# ---------------------------------------------------------------------------------------------- MapTransforms
+class RetinalSlabCropd(MapTransform):
+    """Crop a fixed-depth slab centred on the retina (located on the first key); other axes are kept.
+
+    Adds ``box_key`` (``(start, stop)`` per spatial axis) and ``retina_key`` to the dictionary.
+    """
+
+    def __init__(self, keys: Any, depth_axis: int, slab_depth: float, box_key: str = "crop_box",
+                 retina_key: str = "retina", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.depth_axis, self.slab_depth = depth_axis, slab_depth
+        self.box_key, self.retina_key = box_key, retina_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref = d[self.first_key(d)]
+        retina = locate_retina(ref, self.depth_axis)
+        start, stop = slab_bounds(ref.shape[self.depth_axis + 1], self.slab_depth, retina)
+        for key in self.key_iterator(d):
+            sl = [slice(None)] * d[key].ndim
+            sl[self.depth_axis + 1] = slice(start, stop)
+            # contiguous copy (uint8 stays uint8): the histogram/LUT passes then run on flat views
+            d[key] = np.ascontiguousarray(d[key][tuple(sl)])
+        box = [(0, int(n)) for n in ref.shape[1:]]
+        box[self.depth_axis] = (start, stop)
+        d[self.box_key], d[self.retina_key] = box, retina
+        return d
+
+
+class ProjectSlabd(MapTransform):
+    """En-face projection: mean along the depth axis (float32), ``(C, S, D, W) -> (C, S, W)`` for depth 1."""
+
+    def __init__(self, keys: Any, depth_axis: int, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.depth_axis = depth_axis
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key].mean(axis=self.depth_axis + 1, dtype=np.float32)
+        return d
+
+
+class ClipScaleIntensityd(MapTransform):
+    """Per-channel percentile clipping and scaling to 0..1 float32 (:func:`clip_scale`).
+
+    Adds ``stats_key``: the per-channel ``(low, high)`` of the first key.
+    """
+
+    def __init__(self, keys: Any, percentiles: Sequence[float], stats_key: str = "intensity",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.percentiles, self.stats_key = tuple(percentiles), stats_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for i, key in enumerate(self.key_iterator(d)):
+            d[key], used = clip_scale(d[key], self.percentiles)
+            if i == 0:
+                d[self.stats_key] = used
+        return d
+
+
+class ResizeToInputd(MapTransform):
+    """Resize to the network input size (:func:`resize`: linear, anisotropic stretch, no padding)."""
+
+    def __init__(self, keys: Any, spatial_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = tuple(spatial_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = resize(d[key], self.spatial_size)
+        return d
+
+
+def _run(transforms: Sequence[Callable], data: dict) -> dict:
+    # A plain loop, not monai Compose: Compose re-raises every error as RuntimeError, hiding DataError.
+    for t in transforms:
+        data = t(data)
+    return data
+
+
+def train_augmentation(spatial_dims: int, depth_axis: int | None, keys: Sequence[str] = ("image",)) -> Compose:
+    """Random training augmentation (MONAI) on float 0..1 tensors in input space.
+
+    3D: flips along the two lateral axes (never depth: the retina would be upside down), rotation up to
+    ±10° in the en-face plane (about the depth axis), ±10 % scaling. 2D: flip along the horizontal (last) axis
+    only, since 2D inputs may be B-scans whose vertical axis is depth; rotation ±10°, ±10 % scaling. Both:
+    intensity scale/shift and light Gaussian noise.
+
+    Args:
+        spatial_dims: 2 or 3.
+        depth_axis: spatial depth axis (3D); ignored in 2D.
+        keys: dictionary keys to augment.
+    """
+    keys = list(keys)
+    angle = float(np.deg2rad(10))
+    if spatial_dims == 3:
+        if depth_axis is None:
+            raise ConfigError("3D augmentation needs --depth-axis")
+        lateral = [a for a in range(3) if a != depth_axis]
+        rotate = [0.0, 0.0, 0.0]
+        rotate[depth_axis] = angle  # MONAI: rotate_range[i] rotates about spatial axis i
+    else:
+        lateral, rotate = [1], [angle]
+    flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in lateral]
+    return Compose([
+        *flips,
+        RandAffined(keys, prob=0.5, rotate_range=rotate, scale_range=[0.1] * spatial_dims, mode="bilinear",
+                    padding_mode="zeros"),
+        RandScaleIntensityd(keys, factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys, offsets=0.05, prob=0.5),
+        RandGaussianNoised(keys, prob=0.2, mean=0.0, std=0.01),
+        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------- presets
+class _Preset:
+    """Shared parts of the presets: loading, channel checks, cache settings, per-sample extraction."""
+
+    kind = ""
+
+    def __init__(self, cfg: Config, loader: Loader | None = None, image_reader: ImageReader | None = None) -> None:
+        self.cfg = cfg
+        self.input_shape = tuple(cfg.input_shape)
+        self.channels = cfg.in_channels
+        p = cfg.preprocess
+        self.depth_axis, self.slab_depth, self.percentiles = p.depth_axis, p.slab_depth, tuple(p.clip_percentiles)
+        self._loader, self._reader = loader, image_reader
+        self.augment: Compose = (train_augmentation(cfg.spatial_dims, p.depth_axis) if p.augment
+                                 else Compose([]))
+
+    # loaders are resolved lazily so that the preset pickles cheaply into DataLoader workers
+    def load(self, subject: Subject) -> tuple[np.ndarray, Geometry]:
+        """Read ``subject`` with the injected loader (default :func:`octa3d.data.readers.load_subject`)."""
+        loader = self._loader
+        if loader is None:
+            from octa3d.data.readers import load_subject as loader
+        try:
+            return loader(subject, self.cfg.data.modality)
+        except DataError as exc:
+            raise DataError(f"subject {subject.id}: {exc}") from exc
+
+    def read_2d(self, path: str) -> np.ndarray:
+        """Read a 2D image with the injected reader (default :func:`octa3d.data.readers.read_image_2d`)."""
+        reader = self._reader
+        if reader is None:
+            from octa3d.data.readers import read_image_2d as reader
+        return reader(path)
+
+    def source_paths(self, subject: Subject) -> list[str]:
+        """Files/folders the preprocessed sample depends on (for the cache key)."""
+        wanted = [m for m in self.cfg.data.modality.split("+") if m in subject.paths]
+        return sorted(subject.paths[m] for m in wanted) if wanted else sorted(subject.paths.values())
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Every setting the deterministic output depends on (part of the cache key)."""
+        return {"version": PREPROCESS_VERSION, "kind": self.kind, "modality": self.cfg.data.modality,
+                "input_shape": list(self.input_shape), "depth_axis": self.depth_axis,
+                "slab_depth": self.slab_depth, "clip_percentiles": list(self.percentiles)}
+
+    def _check_channels(self, image: np.ndarray, subject_id: str) -> np.ndarray:
+        c = image.shape[0]
+        if c == self.channels:
+            return image
+        if self.channels == 1 and image.ndim == 3:
+            # colour 2D images (fundus photos) → grey; the mean of uint8 channels stays in 0..255
+            log.debug("subject %s: averaging %d channels to 1", subject_id, c)
+            return image.mean(axis=0, dtype=np.float32)[None]
+        raise DataError(f"subject {subject_id}: {c} channel(s), but --modality {self.cfg.data.modality} "
+                        f"needs {self.channels}")
+
+    def sample(self, stored: np.ndarray, record: PreprocessRecord, patch: int = -1) -> np.ndarray:
+        """One network input ``(C, *input_shape)`` float32 from a stored (possibly memory-mapped) array."""
+        if not record.patches:
+            return np.array(stored, dtype=np.float32)
+        box = record.patches[patch]
+        off = [s for s, _ in record.crop_box]
+        region = stored[(slice(None), *(slice(s - o, e - o) for (s, e), o in zip(box, off)))]
+        return resize(np.asarray(region, dtype=np.float32), self.input_shape)
+
+
+class Clip3DPreset(_Preset):
+    """Volumes: retinal slab crop → percentile clip/scale → resize to ``cfg.input_shape`` (3D)."""
+
+    kind = "clip3d"
+
+    def __init__(self, cfg: Config, loader: Loader | None = None, image_reader: ImageReader | None = None) -> None:
+        super().__init__(cfg, loader, image_reader)
+        if len(self.input_shape) != 3:
+            raise ConfigError(f"Clip3DPreset needs a 3D input size, got {self.input_shape} (--dim 3d)")
+        self.pipeline = [RetinalSlabCropd("image", self.depth_axis, self.slab_depth),
+                         ClipScaleIntensityd("image", self.percentiles),
+                         ResizeToInputd("image", self.input_shape)]
+
+    def preprocess(self, subject: Subject) -> tuple[np.ndarray, PreprocessRecord]:
+        """Load and preprocess ``subject``: float32 ``(C, *input_shape)`` and its record."""
+        image, geometry = self.load(subject)
+        return self.preprocess_array(image, geometry, subject.id)
+
+    def preprocess_array(self, image: np.ndarray, geometry: Geometry,
+                         subject_id: str = "?") -> tuple[np.ndarray, PreprocessRecord]:
+        """Preprocess an already loaded channel-first volume (see :meth:`preprocess`)."""
+        if image.ndim != 4:
+            raise DataError(f"subject {subject_id}: expected a volume (C, D0, D1, D2), got shape {image.shape}")
+        if tuple(geometry.shape) != tuple(image.shape[1:]):
+            raise DataError(f"subject {subject_id}: geometry {geometry.shape} != array {image.shape[1:]}")
+        image = self._check_channels(image, subject_id)
+        d = _run(self.pipeline, {"image": image})
+        box = d["crop_box"]
+        record = PreprocessRecord(source=geometry.to_dict(), crop_box=box,
+                                  cropped_shape=tuple(e - s for s, e in box), input_shape=self.input_shape,
+                                  channels=image.shape[0], kind=self.kind, retina=d["retina"],
+                                  intensity=d["intensity"], meta={"depth_axis": self.depth_axis})
+        return d["image"], record
+
+
+class Patch2DPreset(_Preset):
+    """2D images: en-face projection (computed or OCTA-500 map) or a 2D image → clip/scale → input size or patches.
+
+    Sources, in order: ``subject.projections[--projection]`` (an OCTA-500 map BMP) when present; otherwise the
+    loaded scan: a 2D image is used as is, a volume is projected (mean over the retinal slab along the depth
+    axis) when ``--projection compute``. With ``--patch-size 0`` the image is resized to the input size;
+    otherwise it is stored at source resolution and :meth:`sample` cuts patch ``i`` of the grid
+    (:func:`patch_grid`) and resizes it to the input size at load time.
+    """
+
+    kind = "patch2d"
+
+    def __init__(self, cfg: Config, loader: Loader | None = None, image_reader: ImageReader | None = None) -> None:
+        super().__init__(cfg, loader, image_reader)
+        if len(self.input_shape) != 2:
+            raise ConfigError(f"Patch2DPreset needs a 2D input size, got {self.input_shape} (--dim 2d)")
+        p = cfg.preprocess
+        self.projection, self.patch_size, self.patch_stride = cfg.data.projection, p.patch_size, p.patch_stride
+        self.slab = [RetinalSlabCropd("image", self.depth_axis, self.slab_depth),
+                     ProjectSlabd("image", self.depth_axis)]
+        self.clip = ClipScaleIntensityd("image", self.percentiles)
+        self.resize = ResizeToInputd("image", self.input_shape)
+
+    def _map_path(self, subject: Subject) -> str | None:
+        return subject.projections.get(self.projection) if self.projection != "compute" else None
+
+    def source_paths(self, subject: Subject) -> list[str]:
+        """The projection map when one is used, else the scan's files."""
+        path = self._map_path(subject)
+        return [path] if path else super().source_paths(subject)
+
+    def cache_settings(self) -> dict[str, Any]:
+        """Adds the projection and patch settings."""
+        return super().cache_settings() | {"projection": self.projection, "patch_size": self.patch_size,
+                                           "patch_stride": self.patch_stride}
+
+    def preprocess(self, subject: Subject) -> tuple[np.ndarray, PreprocessRecord]:
+        """Load and preprocess ``subject``: float32 ``(C, *input_shape)`` — or ``(C, H, W)`` at source
+        resolution when patches are cut (see :meth:`sample`) — and its record."""
+        meta: dict[str, Any] = {}
+        path = self._map_path(subject)
+        if path:
+            if self.channels != 1:
+                raise ConfigError(f"--projection {self.projection} is a single map; --modality "
+                                  f"{self.cfg.data.modality} needs 2 channels (use --projection compute)")
+            image = np.asarray(self.read_2d(path))
+            image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
+            geometry = Geometry.default(image.shape[1:])
+            meta["projection"] = self.projection
+        else:
+            image, geometry = self.load(subject)
+            if image.ndim == 4:
+                if self.projection != "compute":
+                    raise DataError(f"subject {subject.id} has no projection map '{self.projection}' "
+                                    f"(has: {', '.join(subject.projections) or 'none'}); use --projection compute")
+                image = self._check_channels(image, subject.id)
+                d = _run(self.slab, {"image": image})
+                meta = {"projection": "compute", "volume": geometry.to_dict(), "depth_axis": self.depth_axis,
+                        "slab": list(d["crop_box"][self.depth_axis]), "retina": list(d["retina"])}
+                image, geometry = d["image"], drop_axis(geometry, self.depth_axis)
+            elif image.ndim != 3:
+                raise DataError(f"subject {subject.id}: expected a 2D image or a volume, got shape {image.shape}")
+        return self.preprocess_array(image, geometry, subject.id, meta)
+
+    def preprocess_array(self, image: np.ndarray, geometry: Geometry, subject_id: str = "?",
+                         meta: dict[str, Any] | None = None) -> tuple[np.ndarray, PreprocessRecord]:
+        """Preprocess a loaded channel-first 2D image ``(C, H, W)`` (see :meth:`preprocess`)."""
+        image = self._check_channels(image, subject_id)
+        d = self.clip({"image": image})
+        shape = tuple(int(n) for n in image.shape[1:])
+        patches = patch_grid(shape, self.patch_size, self.patch_stride) if self.patch_size > 0 else []
+        if not patches:
+            d = self.resize(d)
+        record = PreprocessRecord(source=geometry.to_dict(), crop_box=[(0, n) for n in shape], cropped_shape=shape,
+                                  input_shape=self.input_shape, channels=image.shape[0], kind=self.kind,
+                                  retina=tuple(meta["retina"]) if meta and "retina" in meta else None,
+                                  intensity=d["intensity"], patches=patches, meta=dict(meta or {}))
+        return d["image"], record
+
+
+def build_preset(cfg: Config, loader: Loader | None = None,
+                 image_reader: ImageReader | None = None) -> Clip3DPreset | Patch2DPreset:
+    """The preset for ``cfg.model.dim``: :class:`Clip3DPreset` (3d) or :class:`Patch2DPreset` (2d)."""
+    cls = Clip3DPreset if cfg.spatial_dims == 3 else Patch2DPreset
+    return cls(cfg, loader=loader, image_reader=image_reader)
