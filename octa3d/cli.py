@@ -40,6 +40,7 @@ _GROUP_TITLES = {
     "preprocess": "preprocessing",
     "model": "model",
     "train": "training (--mode ae_pretrain / train)",
+    "eval": "testing and Grad-CAM (--mode test / explain)",
     "synth": "synthetic data (--mode synth)",
 }
 

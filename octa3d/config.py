@@ -134,6 +134,22 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Hold-out testing and Grad-CAM export (--mode test / explain)."""
+
+    checkpoint: str | None = opt(None, "Model to test/explain (default: the experiment's train/checkpoints/best.pt; "
+                                       "with --folds K all folds, ensembled by averaging probabilities).")
+    input: str | None = opt(None, "--mode explain: one scan (any supported format or an OCTA-500 subject folder).")
+    cam: str = opt("gradcam", "Class-activation-map backend; 'none' switches CAM export off.",
+                   choices=("gradcam", "gradcam++", "medcam", "none"))
+    cam_layer: str | None = opt(None, "Module whose activations the CAM uses (default: the model's registered layer).")
+    cam_class: str | None = opt(None, "Class the CAM explains (name or index; default: the predicted class).")
+    cam_subjects: list[str] | None = opt(None, "Comma-separated subject IDs that get CAM exports (default: all "
+                                               "test subjects).")
+    bootstrap: int = opt(1000, "Bootstrap resamples for the 95 % confidence intervals (0 = none).")
+
+
+@dataclass
 class SynthConfig:
     """Synthetic OCTA-500-layout generator (--mode synth)."""
 
@@ -152,6 +168,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     # ------------------------------------------------------------------ derived values
@@ -326,6 +343,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--epochs, --batch-size must be >= 1 and --lr > 0")
     if t.warmup_epochs < 0 or t.patience < 0 or t.freeze_encoder_stages < 0:
         raise ConfigError("--warmup-epochs, --patience, --freeze-encoder-stages must be >= 0")
+    if cfg.eval.bootstrap < 0:
+        raise ConfigError("--bootstrap must be >= 0")
     if cfg.synth.n_subjects < 1:
         raise ConfigError("--n-subjects must be >= 1")
     if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):
