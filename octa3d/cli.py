@@ -50,7 +50,8 @@ def _flag_kwargs(f: Any, tp: Any) -> dict[str, Any]:
     inner = [a for a in args if a is not type(None)][0] if type(None) in args else tp
     default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
     shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    kw: dict[str, Any] = {"help": f"{f.metadata['help']} (default: {shown})", "default": argparse.SUPPRESS}
+    text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")  # argparse %-formats help
+    kw: dict[str, Any] = {"help": text, "default": argparse.SUPPRESS}
     if inner is bool:
         kw["action"] = argparse.BooleanOptionalAction
     else:
