@@ -65,14 +65,6 @@ def extra_subjects(cfg: Config, splits: Any) -> list[Any]:
     return subs
 
 
-def _loader(handler: Any, subjects: list[Any], train: bool, cfg: Config) -> torch.utils.data.DataLoader:
-    sampler = None
-    if dist.is_distributed():
-        ds = handler.dataset(subjects, train=train)
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=train, seed=cfg.run.seed)
-    return handler.loader(subjects, train=train, batch_size=cfg.train.batch_size, sampler=sampler)
-
-
 def _recon_loss(kind: str) -> Any:
     return F.mse_loss if kind == "mse" else F.l1_loss
 
@@ -105,8 +97,8 @@ def pretrain_fold(cfg: Config, ctx: engine.StageContext, out: Path, train_subs: 
     check_input_size(cfg.model.model, cfg.input_shape)
     handler = DataHandler(cfg, _AnyLabel())
     handler.warm(train_subs + val_subs)
-    train_loader = _loader(handler, train_subs, True, cfg)
-    val_loader = _loader(handler, val_subs, False, cfg) if val_subs else None
+    train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
+    val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size) if val_subs else None
 
     ae = build_autoencoder(cfg.model.model, cfg.model.dim, cfg.in_channels, cfg.input_shape).to(ctx.device)
     net: torch.nn.Module = ae
@@ -128,8 +120,7 @@ def pretrain_fold(cfg: Config, ctx: engine.StageContext, out: Path, train_subs: 
 
     step = 0
     for epoch in range(cfg.train.epochs):
-        if isinstance(getattr(train_loader, "sampler", None), torch.utils.data.distributed.DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)  # order + augmentation = f(seed, epoch): exact resume
         net.train()
         t0, total, count = time.perf_counter(), 0.0, 0
         bar = engine.progress(train_loader, desc=f"ae epoch {epoch + 1}/{cfg.train.epochs}", unit="batch")

@@ -108,14 +108,6 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
     return list(ids), np.array([label_of[i] for i in ids]), np.asarray(agg), mean_loss
 
 
-def _loader(handler: Any, subjects: list[Any], train: bool, cfg: Config) -> Any:
-    sampler = None
-    if dist.is_distributed():
-        ds = handler.dataset(subjects, train=train)
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, shuffle=train, seed=cfg.run.seed)
-    return handler.loader(subjects, train=train, batch_size=cfg.train.batch_size, sampler=sampler)
-
-
 def _confusion_figure(cm: np.ndarray, names: list[str]) -> Any:
     import matplotlib
 
@@ -150,8 +142,8 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
     handler = DataHandler(cfg, ctx.label_map)
     train_subs, val_subs = ctx.pick(tr_ids), ctx.pick(va_ids)
     handler.warm(train_subs + val_subs)
-    train_loader = _loader(handler, train_subs, True, cfg)
-    val_loader = _loader(handler, val_subs, False, cfg)
+    train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
+    val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size)
 
     kw = {"input_size": cfg.input_shape} if cfg.model.model == "vit" else {}
     model = create_model(cfg.model.model, cfg.model.dim, cfg.in_channels, len(names), **kw)
@@ -181,8 +173,7 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
 
     step, best_metrics = 0, {}
     for epoch in range(cfg.train.epochs):
-        if isinstance(getattr(train_loader, "sampler", None), torch.utils.data.distributed.DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)  # order + augmentation = f(seed, epoch): exact resume
         net.train()
         t0, total, count, correct = time.perf_counter(), 0.0, 0, 0
         bar = engine.progress(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch")

@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -147,8 +148,8 @@ class SubjectDataset(Dataset):
     """
 
     def __init__(self, items: list[tuple[Subject, int]], cache: PreprocessCache, train: bool,
-                 patch_counts: list[int] | None = None) -> None:
-        self.items, self.cache, self.train = items, cache, train
+                 patch_counts: list[int] | None = None, seed: int = 0) -> None:
+        self.items, self.cache, self.train, self.seed = items, cache, train, seed
         self.preset = cache.preset
         self.index: list[tuple[int, int]] = []
         for i in range(len(items)):
@@ -169,7 +170,10 @@ class SubjectDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        # EpochSampler yields (index, epoch): the augmentation of a sample is then a function of (seed, epoch,
+        # index) alone -- the same with any --num-workers, under DDP, and after --resume.
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         si, patch = self.index[i]
         subject, label = self.items[si]
         if si not in self._keys:
@@ -177,9 +181,50 @@ class SubjectDataset(Dataset):
         stored, record = self.cache.get(subject, self._keys[si])
         image = torch.from_numpy(self.preset.sample(stored, record, patch))
         if self.train:
+            self.preset.augment.set_random_state(seed=_mix(self.seed, epoch, i))
             image = torch.as_tensor(self.preset.augment({"image": image})["image"], dtype=torch.float32)
         return {"image": image.contiguous(), "label": torch.tensor(label, dtype=torch.int64),
                 "subject": subject.id, "patch": patch}
+
+
+def _mix(*values: int) -> int:
+    """A 32-bit seed from several integers (splitmix-style, so nearby inputs give unrelated seeds)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h % 2**32
+
+
+class EpochSampler(Sampler):
+    """Per-epoch order from ``(seed, epoch)``, sharded over DDP ranks, yielding ``(index, epoch)`` pairs.
+
+    Like ``DistributedSampler`` (padding with repeats so every rank gets the same count; evaluation code keys
+    predictions by subject so repeats count once), but it also hands the epoch to the dataset so augmentation is
+    reproducible without relying on worker RNG streams. Call :meth:`set_epoch` before each epoch.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order (and augmentation) is drawn next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(_mix(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = len(self) * self.world
+        order += order[: total - len(order)] if order else []
+        return iter((i, self.epoch) for i in order[self.rank:total:self.world])
 
 
 def _init_worker(worker_id: int) -> None:
@@ -267,32 +312,35 @@ class DataHandler:
             # the patch count of each image is in its record: preprocess (or read) them now
             self._warm(items, progress=True)
             counts = [self.record(s.id).n_samples for s, _ in items]
-        return SubjectDataset(items, self.cache, train, counts)
+        return SubjectDataset(items, self.cache, train, counts, seed=self.cfg.run.seed)
 
     def loader(self, subjects: Sequence[Subject], train: bool, batch_size: int, shuffle: bool | None = None,
                sampler: Sampler | None = None, num_workers: int | None = None,
                drop_last: bool = False) -> DataLoader:
         """DataLoader over :meth:`dataset` (seeded shuffling and workers).
 
-        Build it once per stage and iterate it every epoch: each iteration draws a new order and new worker
-        seeds from the loader's seeded generator, whereas a rebuilt loader starts that sequence again.
+        The default sampler is an :class:`EpochSampler` (sharded under DDP): call ``loader.sampler.set_epoch(e)``
+        before each epoch; order and augmentation then depend only on ``--seed``, the epoch and the sample.
 
         Args:
             subjects: subjects of this split.
             train: augment (and, by default, shuffle).
             batch_size: samples per batch.
-            shuffle: default: ``train`` without a sampler.
-            sampler: e.g. a weighted sampler (excludes ``shuffle``).
+            shuffle: default: ``train``.
+            sampler: a custom sampler instead of the :class:`EpochSampler`.
             num_workers: default ``--num-workers``.
             drop_last: drop the last incomplete batch.
         """
+        from octa3d.utils import dist
+
         ds = self.dataset(subjects, train)
         workers = self.cfg.run.num_workers if num_workers is None else num_workers
-        if shuffle is None:
-            shuffle = train and sampler is None
+        if sampler is None:
+            sampler = EpochSampler(len(ds), train if shuffle is None else shuffle, self.cfg.run.seed,
+                                   dist.rank(), dist.world_size())
         gen = torch.Generator()
         gen.manual_seed(self.cfg.run.seed)
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
                           worker_init_fn=_init_worker, generator=gen, pin_memory=torch.cuda.is_available(),
                           persistent_workers=workers > 0, drop_last=drop_last)
 
