@@ -132,7 +132,8 @@ def pretrain_fold(cfg: Config, ctx: engine.StageContext, out: Path, train_subs: 
             if not torch.isfinite(loss):
                 raise DataError(f"ae_pretrain: loss became {loss.item()} at epoch {epoch + 1}, step {step} "
                                 f"(subjects {', '.join(batch['subject'])}); lower --lr or check these scans")
-            precision.step(loss, optimizer, list(ae.parameters()))
+            precision.backward(loss)
+            precision.step(optimizer, list(ae.parameters()))
             scheduler.step()
             total += loss.item() * x.shape[0]
             count += x.shape[0]

@@ -125,6 +125,20 @@ class TrainConfig:
     init_from: str | None = opt(None, "Local weight file (.pt/.pth, e.g. MedicalNet) loaded into the model "
                                       "before training; tensors with matching names and shapes are copied.")
     freeze_encoder_stages: int = opt(0, "Keep the first N encoder stages frozen during --mode train.")
+    freeze_epochs: int = opt(0, "Linear probe first: only the head trains for K epochs, then the whole network.")
+    freeze_encoder: bool = opt(False, "Train the head only, for all epochs (encoder frozen).")
+    loss: str = opt("weighted-ce", "Classification loss: cross-entropy with inverse-frequency class weights from the "
+                                   "training split, plain cross-entropy, or focal loss (gamma 2, class-weighted).",
+                    choices=("weighted-ce", "ce", "focal"))
+    label_smoothing: float = opt(0.0, "Label smoothing for the cross-entropy losses (e.g. 0.1).")
+    optimizer: str = opt("adamw", "Optimiser (sgd: momentum 0.9, nesterov).", choices=("adamw", "sgd"))
+    accum_steps: int = opt(1, "Gradient accumulation: optimiser step every N batches (effective batch N x "
+                              "--batch-size).")
+    clip_grad: float = opt(0.0, "Clip the gradient norm to this value (0 = off).")
+    resume: bool = opt(False, "Continue --mode train from train/[fold-k/]checkpoints/last.pt (model, optimiser, "
+                              "schedule, AMP scaler, epoch, RNG and early-stopping state).")
+    channels_last: bool = opt(False, "channels-last memory format (faster convolutions on recent GPUs).")
+    compile: bool = opt(False, "torch.compile the model (first epoch pays the compilation).")
     ae_loss: str = opt("mse", "Autoencoder reconstruction loss.", choices=("mse", "l1"))
     ae_extra_data: str | None = opt(None, "Extra unlabeled scans for ae_pretrain (a folder or manifest in any "
                                           "supported layout); refused if it holds a test subject.")
@@ -341,8 +355,10 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("--epochs, --batch-size must be >= 1 and --lr > 0")
-    if t.warmup_epochs < 0 or t.patience < 0 or t.freeze_encoder_stages < 0:
-        raise ConfigError("--warmup-epochs, --patience, --freeze-encoder-stages must be >= 0")
+    if t.warmup_epochs < 0 or t.patience < 0 or t.freeze_encoder_stages < 0 or t.freeze_epochs < 0:
+        raise ConfigError("--warmup-epochs, --patience, --freeze-encoder-stages, --freeze-epochs must be >= 0")
+    if t.accum_steps < 1 or t.clip_grad < 0 or not 0 <= t.label_smoothing < 1:
+        raise ConfigError("--accum-steps must be >= 1, --clip-grad >= 0, --label-smoothing in [0, 1)")
     if cfg.eval.bootstrap < 0:
         raise ConfigError("--bootstrap must be >= 0")
     if cfg.synth.n_subjects < 1:

@@ -58,27 +58,30 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-             clip: float = 0.0) -> None:
-        """Backward, optional gradient clipping, optimiser step (scaled when fp16)."""
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass (loss scaled when fp16)."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], clip: float = 0.0) -> None:
+        """Optional gradient clipping, optimiser step (unscaled when fp16), zero the gradients."""
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(optimizer)
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
         else:
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 # ---------------------------------------------------------------------------------------------------- optimiser
 def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW with ``--lr`` and ``--weight-decay``."""
+    """``--optimizer`` (AdamW, or SGD with Nesterov momentum 0.9) with ``--lr`` and ``--weight-decay``."""
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, nesterov=True,
+                               weight_decay=cfg.train.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 

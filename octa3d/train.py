@@ -24,7 +24,7 @@ from octa3d import engine
 from octa3d.config import Config
 from octa3d.data.splits import guard
 from octa3d.engine import EarlyStopping, History, Precision
-from octa3d.errors import ConfigError, DataError
+from octa3d.errors import ConfigError, DataError, Octa3dError
 from octa3d.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_text
@@ -127,10 +127,70 @@ def _confusion_figure(cm: np.ndarray, names: list[str]) -> Any:
     return fig
 
 
+class FocalLoss(torch.nn.Module):
+    """Focal loss (Lin et al. 2017), gamma 2, optional class weights (alpha) and label smoothing."""
+
+    def __init__(self, weight: torch.Tensor | None = None, gamma: float = 2.0, label_smoothing: float = 0.0,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("weight", weight if weight is not None else None)
+        self.gamma, self.smoothing, self.reduction = gamma, label_smoothing, reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none",
+                                               label_smoothing=self.smoothing)
+        pt = torch.softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
+        loss = (1 - pt).pow(self.gamma) * ce
+        if self.weight is not None:
+            loss = loss * self.weight[target]
+        return loss.mean() if self.reduction == "mean" else loss
+
+
+def build_loss(cfg: Config, weights: torch.Tensor, reduction: str = "mean") -> torch.nn.Module:
+    """``--loss`` with ``--label-smoothing``; class weights for weighted-ce and focal."""
+    t = cfg.train
+    if t.loss == "focal":
+        return FocalLoss(weights, label_smoothing=t.label_smoothing, reduction=reduction)
+    return torch.nn.CrossEntropyLoss(weight=weights if t.loss == "weighted-ce" else None,
+                                     label_smoothing=t.label_smoothing, reduction=reduction)
+
+
+#: Test hook: raise KeyboardInterrupt after this many optimiser steps (simulates a killed run).
+STOP_AFTER_STEPS: int | None = None
+
+
+def _set_trainable(model: torch.nn.Module, cfg: Config, epoch: int) -> bool:
+    """Apply the freeze schedule for ``epoch``; returns True while the encoder is frozen."""
+    from octa3d.model import freeze_encoder_stages, set_encoder_trainable
+
+    frozen = cfg.train.freeze_encoder or epoch < cfg.train.freeze_epochs
+    set_encoder_trainable(model, cfg.model.model, not frozen)
+    if not frozen and cfg.train.freeze_encoder_stages:
+        freeze_encoder_stages(model, cfg.model.model, cfg.train.freeze_encoder_stages)
+    return frozen
+
+
+def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """DDP and/or torch.compile around the model (rebuilt when the set of trainable parameters changes)."""
+    net = model
+    if dist.is_distributed():
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:
+        net = torch.compile(net)
+    return net
+
+
+def _memory_format(cfg: Config) -> torch.memory_format:
+    if not cfg.train.channels_last:
+        return torch.contiguous_format
+    return torch.channels_last_3d if cfg.spatial_dims == 3 else torch.channels_last
+
+
 def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> dict[str, Any]:
-    """Train one classifier on fold ``fold``; returns the best validation metrics."""
+    """Train one classifier on fold ``fold`` (or resume it); returns the best validation metrics."""
     from octa3d.data.datasets import DataHandler
-    from octa3d.model import check_input_size, create_model, freeze_encoder_stages
+    from octa3d.model import check_input_size, create_model, get_spec
 
     sp = ctx.splits
     tr_ids, va_ids = sp.fold(fold)
@@ -139,6 +199,7 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
         raise ConfigError("--mode train needs validation subjects (--val-fraction > 0 or --folds > 1)")
     names = list(sp.class_names)
     check_input_size(cfg.model.model, cfg.input_shape)
+    weights = class_weights([sp.labels[i] for i in tr_ids], len(names)).to(ctx.device)
     handler = DataHandler(cfg, ctx.label_map)
     train_subs, val_subs = ctx.pick(tr_ids), ctx.pick(va_ids)
     handler.warm(train_subs + val_subs)
@@ -147,52 +208,96 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
 
     kw = {"input_size": cfg.input_shape} if cfg.model.model == "vit" else {}
     model = create_model(cfg.model.model, cfg.model.dim, cfg.in_channels, len(names), **kw)
-    start = initialise(model, cfg, f"fold-{fold}" if sp.n_folds > 1 else "")
-    if cfg.train.freeze_encoder_stages:
-        freeze_encoder_stages(model, cfg.model.model, cfg.train.freeze_encoder_stages)
-    model.to(ctx.device)
-    net: torch.nn.Module = model
-    if dist.is_distributed():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    last_ckpt = out / "checkpoints" / "last.pt"
+    resuming = cfg.train.resume and last_ckpt.exists()
+    start = "resume" if resuming else initialise(model, cfg, f"fold-{fold}" if sp.n_folds > 1 else "")
+    fmt = _memory_format(cfg)
+    model.to(ctx.device, memory_format=fmt)
+    encoder_modules, _ = get_spec(cfg.model.model).split(model)
 
-    weights = class_weights([sp.labels[i] for i in tr_ids], len(names)).to(ctx.device)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
-    val_loss_fn = torch.nn.CrossEntropyLoss(weight=weights, reduction="none")
+    loss_fn = build_loss(cfg, weights)
+    val_loss_fn = build_loss(cfg, weights, reduction="none")
     precision = Precision.for_device(ctx.device, cfg.train.amp)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # Every parameter is in the optimiser from the start (frozen ones simply get no gradient), so the freeze
+    # schedule and --resume never change the optimiser's layout.
+    params = list(model.parameters())
     optimizer = engine.build_optimizer(params, cfg)
-    scheduler = engine.build_scheduler(optimizer, cfg, max(1, len(train_loader)))
+    accum = cfg.train.accum_steps
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / accum))
+    scheduler = engine.build_scheduler(optimizer, cfg, steps_per_epoch)
     monitor = cfg.train.monitor
     early = EarlyStopping(mode="max" if HIGHER_IS_BETTER[monitor] else "min", patience=cfg.train.patience)
     history = History(out / "history.csv")
-    tb = engine.tensorboard_writer(out / "tensorboard")
     record = engine.model_record(cfg, names, "classifier")
+    first_epoch, best_metrics = 0, {}
+    if resuming:
+        ck = engine.load_checkpoint(last_ckpt, kind="classifier")
+        model.load_state_dict(ck["state_dict"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        if precision.scaler is not None and "scaler" in ck:
+            precision.scaler.load_state_dict(ck["scaler"])
+        early.load_state_dict(ck["early_stopping"])
+        engine.set_rng_state(ck["rng"])
+        first_epoch = int(ck["epoch"])
+        history.load()
+        best_file = out / "checkpoints" / "best.pt"
+        if best_file.exists():
+            bk = engine.load_checkpoint(best_file, kind="classifier")
+            best_metrics = dict(bk["metrics"], epoch=bk["epoch"])
+        if ck.get("finished"):
+            log.info("fold %d already finished (epoch %d); nothing to resume", fold, first_epoch)
+            return best_metrics
+        log.info("Resuming fold %d from %s after epoch %d", fold, last_ckpt, first_epoch)
+    elif cfg.train.resume:
+        log.warning("--resume: no %s yet; starting fold %d from scratch", last_ckpt, fold)
+    tb = engine.tensorboard_writer(out / "tensorboard")
     log.info("train %s fold %d: %d train / %d val subjects, classes %s, start: %s", cfg.model.model, fold,
              len(tr_ids), len(va_ids), names, start)
 
-    step, best_metrics = 0, {}
-    for epoch in range(cfg.train.epochs):
+    step = first_epoch * steps_per_epoch
+    frozen_before: bool | None = None
+    net = model
+    epoch = first_epoch - 1
+    for epoch in range(first_epoch, cfg.train.epochs):
+        frozen = _set_trainable(model, cfg, epoch)
+        if frozen != frozen_before:  # DDP registers trainable parameters at construction
+            net = _wrap(model, cfg, ctx.device)
+            if frozen_before is not None:
+                log.info("epoch %d: encoder unfrozen, training the whole network", epoch + 1)
+            frozen_before = frozen
         train_loader.sampler.set_epoch(epoch)  # order + augmentation = f(seed, epoch): exact resume
         net.train()
+        if frozen:
+            encoder_modules.eval()  # linear probe: frozen BatchNorm statistics stay as pretrained
         t0, total, count, correct = time.perf_counter(), 0.0, 0, 0
         bar = engine.progress(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch")
-        for batch in bar:
-            x = batch["image"].to(ctx.device, non_blocking=True)
+        for i, batch in enumerate(bar):
+            x = batch["image"].to(ctx.device, non_blocking=True).contiguous(memory_format=fmt)
             y = batch["label"].to(ctx.device, non_blocking=True)
-            with precision.autocast():
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise DataError(f"train: loss became {loss.item()} at epoch {epoch + 1}, step {step} (subjects "
-                                f"{', '.join(batch['subject'])}); last.pt holds the previous epoch. Lower --lr or "
-                                f"check these scans")
-            precision.step(loss, optimizer, params)
-            scheduler.step()
+            try:
+                with precision.autocast():
+                    logits = net(x)
+                loss = loss_fn(logits.float(), y)
+                if not torch.isfinite(loss):
+                    raise DataError(f"train: loss became {loss.item()} at epoch {epoch + 1}, step {step} (subjects "
+                                    f"{', '.join(batch['subject'])}); {last_ckpt} holds the previous epoch. Lower "
+                                    f"--lr, use --clip-grad, or check these scans")
+                precision.backward(loss / accum)
+            except torch.OutOfMemoryError as exc:
+                raise Octa3dError(f"out of GPU memory at batch size {cfg.train.batch_size}, input "
+                                  f"{cfg.input_shape}: use a smaller --batch-size or --input-size, or keep the "
+                                  f"effective batch with --accum-steps") from exc
+            last_in_epoch = i + 1 == len(train_loader)
+            if (i + 1) % accum == 0 or last_in_epoch:
+                precision.step(optimizer, params, cfg.train.clip_grad)
+                scheduler.step()
+                step += 1
+                if STOP_AFTER_STEPS is not None and step >= STOP_AFTER_STEPS:
+                    raise KeyboardInterrupt(f"test hook: stopped after {step} steps")
             total += loss.item() * len(y)
             count += len(y)
             correct += (logits.argmax(1) == y).sum().item()
-            step += 1
             bar.set_postfix(loss=f"{loss.item():.4f}")
         train_loss, train_acc = total / max(1, count), correct / max(1, count)
         _, y_val, p_val, val_loss = predict(net, val_loader, precision, val_loss_fn)
@@ -201,7 +306,7 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
         improved = early.update(value if not math.isnan(value) else -math.inf, epoch)
         lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **metrics, "lr": lr,
-               "seconds": time.perf_counter() - t0}
+               "encoder_frozen": frozen, "seconds": time.perf_counter() - t0}
         history.append(row)
         tb.add_scalar("loss/train", train_loss, epoch + 1)
         tb.add_scalar("loss/val", val_loss, epoch + 1)
@@ -211,14 +316,15 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
         tb.add_scalar("lr", lr, epoch + 1)
         if dist.is_main():
             tb.add_figure("val/confusion_matrix", _confusion_figure(confusion(y_val, p_val), names), epoch + 1)
-            if epoch == 0:
+            if epoch == first_epoch:
                 tb.add_image("inputs/train", engine.slice_grid(x), epoch + 1)
+        stop = early.should_stop or epoch + 1 == cfg.train.epochs
         ck = dict(epoch=epoch + 1, optimizer=optimizer, scheduler=scheduler, precision=precision, early=early,
                   metrics=metrics, config=cfg)
-        engine.save_checkpoint(out / "checkpoints" / "last.pt", model, record, **ck)
         if improved:
             best_metrics = dict(metrics, epoch=epoch + 1)
             engine.save_checkpoint(out / "checkpoints" / "best.pt", model, record, **ck)
+        engine.save_checkpoint(last_ckpt, model, {**record, "finished": stop}, **ck)
         log.info("epoch %d/%d  loss %.4f/%.4f  bal.acc %.3f  auc %.3f  f1 %.3f%s  %.1fs", epoch + 1,
                  cfg.train.epochs, train_loss, val_loss, metrics["balanced_accuracy"], metrics["auc"],
                  metrics["f1_macro"], " *" if improved else "", row["seconds"])
@@ -235,7 +341,7 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
 def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     """Train the classifier on every fold of the experiment; writes ``train/summary.json``."""
     ctx = engine.setup_stage(cfg, argv)
-    out = stage_dir(cfg, STAGE, argv) if dist.is_main() else cfg.run_dir / STAGE
+    out = stage_dir(cfg, STAGE, argv, resume=cfg.train.resume) if dist.is_main() else cfg.run_dir / STAGE
     dist.barrier()
     sp = ctx.splits
     per_fold = {}

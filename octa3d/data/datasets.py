@@ -316,7 +316,7 @@ class DataHandler:
 
     def loader(self, subjects: Sequence[Subject], train: bool, batch_size: int, shuffle: bool | None = None,
                sampler: Sampler | None = None, num_workers: int | None = None,
-               drop_last: bool = False) -> DataLoader:
+               drop_last: bool | None = None) -> DataLoader:
         """DataLoader over :meth:`dataset` (seeded shuffling and workers).
 
         The default sampler is an :class:`EpochSampler` (sharded under DDP): call ``loader.sampler.set_epoch(e)``
@@ -329,7 +329,8 @@ class DataHandler:
             shuffle: default: ``train``.
             sampler: a custom sampler instead of the :class:`EpochSampler`.
             num_workers: default ``--num-workers``.
-            drop_last: drop the last incomplete batch.
+            drop_last: drop the last incomplete batch; default: only a training batch of a single sample
+                (BatchNorm cannot train on one sample; with per-epoch shuffling no subject is left out for good).
         """
         from octa3d.utils import dist
 
@@ -338,6 +339,8 @@ class DataHandler:
         if sampler is None:
             sampler = EpochSampler(len(ds), train if shuffle is None else shuffle, self.cfg.run.seed,
                                    dist.rank(), dist.world_size())
+        if drop_last is None:
+            drop_last = train and len(sampler) % batch_size == 1
         gen = torch.Generator()
         gen.manual_seed(self.cfg.run.seed)
         return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,

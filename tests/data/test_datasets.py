@@ -262,3 +262,11 @@ def test_augmentation_is_independent_of_workers(tmp_path):
         loader.sampler.set_epoch(1)
         out.append(torch.cat([b["image"] for b in loader]))
     assert torch.equal(out[0], out[1])
+
+
+def test_training_loader_never_ends_with_a_single_sample(tmp_path):
+    subjects = make_subjects(tmp_path, labels=("NORMAL", "DR", "DR", "NORMAL", "DR"))
+    handler = DataHandler(make_cfg(tmp_path), FakeLabels(), loader=CountingLoader())
+    sizes = [len(b["label"]) for b in handler.loader(subjects, train=True, batch_size=2)]
+    assert sizes == [2, 2]  # 5 = 2 + 2 + 1: the lone sample would break BatchNorm
+    assert [len(b["label"]) for b in handler.loader(subjects, train=False, batch_size=2)] == [2, 2, 1]
