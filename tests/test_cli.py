@@ -64,3 +64,33 @@ def test_every_mode_has_a_stage_module():
 def test_main_py_runs_as_script():
     res = subprocess.run([sys.executable, "main.py", "--version"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "octa3d" in res.stdout
+
+
+def test_no_data_says_how_to_point_at_data_or_synthesize(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["--dim", "3d", "--model", "resnet50", "--mode", "prepare"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no data at" in err and "--mode synth" in err and "--data-root" in err
+    assert not (tmp_path / "runs").exists()  # nothing half-written
+
+
+def test_unbuilt_stage_exits_with_one_line(monkeypatch, capsys):
+    import octa3d.cli as cli
+
+    monkeypatch.setitem(cli.STAGES, "compress", "octa3d.not_a_module")
+    assert main(["--mode", "compress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not built yet" in err[0]
+
+
+def test_synth_then_prepare_make_a_run_folder(tmp_path, capsys):
+    data, runs = tmp_path / "d", tmp_path / "runs"
+    assert main(["--mode", "synth", "--data-root", str(data), "--n-subjects", "18", "--shape", "12,24,12"]) == 0
+    assert main(["--mode", "prepare", "--data-root", str(data), "--dim", "3d", "--runs-dir", str(runs)]) == 0
+    exp = runs / "3d-resnet18-binary"
+    for f in ("config.yaml", "command.txt", "environment.txt", "octa3d.log", "splits/train.csv",
+              "splits/val.csv", "splits/test.csv", "splits/split.json"):
+        assert (exp / f).exists(), f
+    # a second prepare with other split settings is refused, naming the flag and --overwrite
+    code = main(["--mode", "prepare", "--data-root", str(data), "--runs-dir", str(runs), "--seed", "3"])
+    assert code == 2 and "--seed was 42" in capsys.readouterr().err

@@ -230,3 +230,17 @@ def test_torchrun_two_processes_train(blob_root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     hist = pd.read_csv(tmp_path / "ddp" / "train" / "history.csv")
     assert len(hist) == 2 and (tmp_path / "ddp" / "train" / "checkpoints" / "best.pt").exists()
+
+
+def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
+    import json
+
+    cfg, argv = cfg_for(blob_root, tmp_path, "cv", "--folds", "2", "--epochs", "1")
+    summary = train_mod.run(cfg, argv)
+    out = tmp_path / "cv" / "train"
+    for k in (0, 1):
+        assert (out / f"fold-{k}" / "checkpoints" / "best.pt").exists()
+        assert (tmp_path / "cv" / "splits" / f"fold-{k}" / "val.csv").exists()
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["folds"]) == {"fold-0", "fold-1"} and set(saved["mean"]) == set(saved["sd"])
+    assert saved["mean"] == summary["mean"]
