@@ -1,0 +1,1 @@
+"""Benchmarks: one script per figure (see README "Performance")."""
