@@ -244,3 +244,17 @@ def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
     saved = json.loads((out / "summary.json").read_text())
     assert set(saved["folds"]) == {"fold-0", "fold-1"} and set(saved["mean"]) == set(saved["sd"])
     assert saved["mean"] == summary["mean"]
+
+
+def test_channels_last_path_trains(blob_root, tmp_path):
+    cfg, argv = cfg_for(blob_root, tmp_path, "cl", "--channels-last", "--epochs", "1")
+    train_mod.run(cfg, argv)
+    assert (tmp_path / "cl" / "train" / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_compile_path_trains(blob_root, tmp_path):
+    cfg, argv = cfg_for(blob_root, tmp_path, "comp", "--compile", "--epochs", "1")
+    train_mod.run(cfg, argv)
+    ck = load_checkpoint(tmp_path / "comp" / "train" / "checkpoints" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in ck["state_dict"])  # saved unwrapped
