@@ -30,6 +30,19 @@ def test_user_flags_override_demo_defaults(tmp_path):
     assert _data_root(["--data-root", str(tmp_path / "mine")]) == (str(tmp_path / "mine"), True)
 
 
+def test_demo_classes_follow_the_task():
+    from octa3d.demo import demo_classes
+    from octa3d.errors import ConfigError
+
+    assert demo_classes(stage_config("prepare", [])[0]) == ("NORMAL", "CNV")
+    assert demo_classes(stage_config("prepare", ["--positive", "DR,CSC"])[0]) == ("NORMAL", "DR", "CSC")
+    assert demo_classes(stage_config("prepare", ["--task", "multi"])[0]) == ("NORMAL", "AMD", "CNV", "CSC")
+    assert demo_classes(stage_config("prepare", ["--task", "multi", "--classes", "NORMAL,RVO"])[0]) == (
+        "NORMAL", "RVO")
+    with pytest.raises(ConfigError, match="XYZ"):
+        demo_classes(stage_config("prepare", ["--task", "multi", "--classes", "NORMAL,XYZ"])[0])
+
+
 def test_dataset_is_generated_once_and_reused(tmp_path):
     root = tmp_path / "data"
     args = ["--n-subjects", "2", "--shape", "8,16,8"]

@@ -157,6 +157,22 @@ def test_test_stage_outputs(experiment, tmp_path, capsys):
     assert not math.isnan(m["accuracy"])
 
 
+def test_checkpoint_config_takes_preprocessing_from_the_checkpoint(experiment):
+    from octa3d.test import checkpoint_config
+
+    ckpt = engine.load_checkpoint(experiment / "runs" / "e" / "train" / "checkpoints" / "best.pt", "classifier")
+    cfg, _ = parse_config(["--runs-dir", str(experiment / "runs"), "--exp", "e", "--mode", "test", "--model",
+                           "resnet18", "--input-size", "64", "--modality", "OCT", "--slab-depth", "0.9",
+                           "--bootstrap", "7"])
+    ecfg = checkpoint_config(cfg, ckpt, [])
+    assert ecfg.input_shape == (16, 16, 16) and ecfg.model.model == "cnn" and ecfg.data.modality == "OCTA"
+    assert ecfg.preprocess.slab_depth == 0.5 and not ecfg.preprocess.augment
+    assert ecfg.data.data_root == str(experiment / "data")  # --data-root left at its default: the checkpoint's
+    assert ecfg.eval.bootstrap == 7 and ecfg.run_dir == experiment / "runs" / "e"
+    cfg.data.data_root = "/elsewhere"
+    assert checkpoint_config(cfg, ckpt, []).data.data_root == "/elsewhere"
+
+
 def test_test_refuses_training_subjects(experiment, tmp_path):
     from octa3d.test import run
 
