@@ -174,6 +174,25 @@ class SynthConfig:
 
 
 @dataclass
+class CompressConfig:
+    """Edge deployment (--mode compress): pruning, quantization-aware training to int8, TorchScript/ONNX export."""
+
+    prune_amount: float = opt(0.5, "Final sparsity of the magnitude pruning: fraction of conv/linear weights "
+                                   "(unstructured) or of conv output channels (structured) set to zero.")
+    prune_rounds: int = opt(1, "Iterative pruning rounds; each removes the same fraction of the remaining weights, "
+                               "followed by --finetune-epochs of fine-tuning on the training split.")
+    prune_mode: str = opt("unstructured", "unstructured: global L1 magnitude pruning over all conv/linear weights; "
+                                          "structured: L2 pruning of whole conv output channels per layer; "
+                                          "none: no pruning (quantization only).",
+                          choices=("unstructured", "structured", "none"))
+    qbackend: str = opt("x86", "int8 target: x86 (fbgemm/oneDNN kernels, servers and PCs) or qnnpack (ARM; "
+                               "3D max pooling stays float because qnnpack has no int8 max_pool3d).",
+                        choices=("x86", "qnnpack"))
+    qat_epochs: int = opt(2, "Quantization-aware training epochs on the training split (0 = calibration only).")
+    finetune_epochs: int = opt(1, "Fine-tuning epochs after each pruning round (at 0.1 x the training --lr).")
+
+
+@dataclass
 class Config:
     """The whole configuration of one octa3d invocation."""
 
@@ -184,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -322,7 +342,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"--config {p}: file not found")
     try:
-        doc = yaml.safe_load(p.read_text())
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {p}: not valid YAML ({exc})") from exc
     return flatten_yaml(doc, f"--config {p}")
@@ -365,6 +385,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--n-subjects must be >= 1")
     if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):
         raise ConfigError(f"--shape {cfg.synth.shape}: need three sizes >= 8 (B-scans,depth,width)")
+    c = cfg.compress
+    if not 0.0 <= c.prune_amount < 1.0:
+        raise ConfigError(f"--prune-amount {c.prune_amount}: must be in [0, 1) (the final fraction of weights pruned)")
+    if c.prune_rounds < 1:
+        raise ConfigError(f"--prune-rounds {c.prune_rounds}: must be >= 1")
+    if c.qat_epochs < 0 or c.finetune_epochs < 0:
+        raise ConfigError("--qat-epochs and --finetune-epochs must be >= 0")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

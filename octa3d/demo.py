@@ -136,7 +136,7 @@ def ensure_data(cfg: Config, root: str, explicit: bool) -> str:
     marker = r / MARKER
     if marker.is_file():
         try:
-            have = json.loads(marker.read_text())
+            have = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             have = {}
         if have.get("complete") and all(have.get(k) == v for k, v in want.items()):

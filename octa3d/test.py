@@ -28,6 +28,7 @@ from octa3d import engine
 from octa3d.config import Config, from_dict
 from octa3d.engine import CheckpointError, Precision
 from octa3d.errors import ConfigError, DataError
+from octa3d.metrics import CI_METRICS, bootstrap_ci, evaluation_metrics  # noqa: F401  (re-exported)
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv, atomic_write_text
 from octa3d.utils.runs import stage_dir
@@ -35,127 +36,6 @@ from octa3d.utils.runs import stage_dir
 log = logging.getLogger("octa3d.test")
 
 STAGE = "test"
-#: Metrics that get bootstrap confidence intervals (sensitivity/specificity only for binary tasks).
-CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "kappa", "sensitivity", "specificity")
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-def _rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """Binary ROC-AUC as the Mann-Whitney U statistic (ties count half), NaN when a class is absent."""
-    from scipy.stats import rankdata
-
-    n1 = int(positive.sum())
-    n0 = len(positive) - n1
-    if n1 == 0 or n0 == 0:
-        return math.nan
-    ranks = rankdata(score)
-    return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def fast_scores(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """The bootstrap metrics with NumPy only (no sklearn overhead: called ~1000 times per evaluation).
-
-    Same definitions as :func:`evaluation_metrics` (checked against sklearn in the tests): balanced accuracy
-    over the classes present in ``y_true``; macro-F1 over all K classes with 0 for undefined F1; AUC binary on
-    P(class 1) and one-vs-rest macro over the classes present otherwise; kappa unweighted.
-    """
-    k = probs.shape[1]
-    pred = probs.argmax(axis=1)
-    cm = np.bincount(y_true * k + pred, minlength=k * k).reshape(k, k).astype(np.float64)
-    n = cm.sum()
-    tp, support, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
-    present = support > 0
-    recall = np.divide(tp, support, out=np.zeros(k), where=present)
-    denom = support + predicted
-    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
-    po, pe = tp.sum() / n, float((support * predicted).sum()) / n ** 2
-    out = {"accuracy": tp.sum() / n, "balanced_accuracy": float(recall[present].mean()),
-           "f1_macro": float(f1.mean()), "kappa": (po - pe) / (1 - pe) if pe < 1 else math.nan}
-    if k == 2:
-        out["auc"] = _rank_auc(y_true == 1, probs[:, 1])
-        out["sensitivity"] = recall[1] if present[1] else math.nan
-        out["specificity"] = recall[0] if present[0] else math.nan
-    else:
-        classes = np.flatnonzero(present)
-        out["auc"] = (float(np.mean([_rank_auc(y_true == c, probs[:, c]) for c in classes]))
-                      if len(classes) >= 2 else math.nan)
-    return {key: float(v) for key, v in out.items()}
-
-
-def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int,
-                 level: float = 0.95) -> dict[str, Any]:
-    """Percentile bootstrap CIs over subjects (resampled with replacement).
-
-    Args:
-        y_true: ``(N,)`` class indices.
-        probs: ``(N, K)`` probabilities.
-        n_resamples: number of resamples (0 = none).
-        seed: NumPy generator seed: the same seed gives the same intervals.
-        level: confidence level.
-
-    Returns:
-        ``{metric: [low, high]}`` for :data:`CI_METRICS` (sens/spec for binary only); a metric undefined in some
-        resamples (e.g. AUC when a class is missing) uses the others, and ``n_valid`` says how many.
-    """
-    y_true = np.asarray(y_true).astype(int)
-    probs = np.asarray(probs, dtype=np.float64)
-    if n_resamples <= 0 or len(y_true) == 0:
-        return {}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y_true), size=(n_resamples, len(y_true)))
-    draws: dict[str, list[float]] = {}
-    for row in idx:
-        for k, v in fast_scores(y_true[row], probs[row]).items():
-            draws.setdefault(k, []).append(v)
-    alpha = (1 - level) / 2 * 100
-    out: dict[str, Any] = {}
-    n_valid = {}
-    for k in CI_METRICS:
-        vals = np.asarray(draws.get(k, []), dtype=np.float64)
-        vals = vals[np.isfinite(vals)]
-        if k not in draws:
-            continue
-        n_valid[k] = int(len(vals))
-        out[k] = ([float(v) for v in np.percentile(vals, [alpha, 100 - alpha])] if len(vals) else
-                  [math.nan, math.nan])
-    out["n_valid"] = n_valid
-    return out
-
-
-def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Every hold-out metric of one set of subject-level predictions (no CIs).
-
-    Args:
-        y_true: ``(N,)`` class indices.
-        probs: ``(N, K)`` probabilities.
-        class_names: the K class names.
-
-    Returns:
-        accuracy, balanced_accuracy, auc (from probabilities; OvR macro for K > 2), f1_macro, kappa, per-class
-        precision/recall/F1/support, confusion_matrix (rows = true), and for binary tasks sensitivity and
-        specificity (positive = class index 1).
-    """
-    from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
-
-    from octa3d.metrics import classification_metrics, confusion
-
-    y_true = np.asarray(y_true).astype(int)
-    probs = np.asarray(probs, dtype=np.float64)
-    k = probs.shape[1]
-    pred = probs.argmax(axis=1)
-    out: dict[str, Any] = dict(classification_metrics(y_true, probs))
-    kappa = cohen_kappa_score(y_true, pred, labels=list(range(k)))
-    out["kappa"] = float(kappa) if np.isfinite(kappa) else math.nan
-    prec, rec, f1, sup = precision_recall_fscore_support(y_true, pred, labels=list(range(k)), zero_division=0)
-    out["per_class"] = {name: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                               "support": int(sup[i])} for i, name in enumerate(class_names)}
-    cm = confusion(y_true, probs)
-    out["confusion_matrix"] = cm.tolist()
-    if k == 2:
-        out["sensitivity"] = float(cm[1, 1] / cm[1].sum()) if cm[1].sum() else math.nan
-        out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else math.nan
-    out["n_subjects"] = int(len(y_true))
-    return out
 
 
 def _json_safe(obj: Any) -> Any:
@@ -316,7 +196,7 @@ def _ae_extra_subjects(cfg: Config) -> dict[str, str]:
     for f in (cfg.run_dir / "ae_pretrain" / "config.yaml",):
         if f.is_file():
             try:
-                roots.add(from_dict(yaml.safe_load(f.read_text())).train.ae_extra_data)
+                roots.add(from_dict(yaml.safe_load(f.read_text(encoding="utf-8"))).train.ae_extra_data)
             except Exception as exc:  # noqa: BLE001 - an unreadable record must not hide the real error
                 log.warning("cannot read %s (%s): autoencoder extra data not checked", f, exc)
     roots.add(cfg.train.ae_extra_data)

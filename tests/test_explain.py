@@ -21,7 +21,8 @@ from octa3d.data.subject import Subject
 from octa3d.data.transforms import build_preset
 from octa3d.engine import CheckpointError
 from octa3d.errors import ConfigError, DataError
-from octa3d.explain import (CamComputer, CamExporter, CamItem, localization, minmax, resolve_cam_class,
+from octa3d.cam import CamComputer, minmax, resolve_cam_class
+from octa3d.explain import (CamExporter, CamItem, localization,
                             subject_from_input)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,8 @@ from octa3d import engine
 from octa3d.cli import parse_config
 from octa3d.engine import CheckpointError
 from octa3d.errors import ConfigError, LeakageError
-from octa3d.test import bootstrap_ci, evaluation_metrics, fast_scores, find_checkpoints
+from octa3d.metrics import bootstrap_ci, evaluation_metrics, fast_scores
+from octa3d.test import find_checkpoints
 
 # ------------------------------------------------------------------------------------ fixed binary example
 #   true:  0    0    0    0    0    1    1    1     1    1

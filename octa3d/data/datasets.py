@@ -106,7 +106,7 @@ class PreprocessCache:
         if not (npy.exists() and meta.exists()):
             return None
         try:
-            record = PreprocessRecord.from_dict(json.loads(meta.read_text()))
+            record = PreprocessRecord.from_dict(json.loads(meta.read_text(encoding="utf-8")))
             array = np.load(npy, mmap_mode="r")
             if array.dtype != np.float16 or tuple(array.shape) != record.stored_shape:
                 raise ValueError(f"stored {array.dtype}{tuple(array.shape)}, record says {record.stored_shape}")

@@ -225,7 +225,7 @@ def read_splits(folder: Path) -> Splits:
     """
     meta_file = folder / "split.json"
     try:
-        doc = json.loads(meta_file.read_text())
+        doc = json.loads(meta_file.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{meta_file}: cannot read the split description ({exc}); re-create it with "
                         f"--mode prepare --overwrite") from exc

@@ -92,7 +92,7 @@ def init_run(cfg: Config, argv: list[str] | None = None) -> Path:
     add_file_log(run / "octa3d.log")
     atomic_write_text(run / "config.yaml", to_yaml(cfg))
     cmd_file = run / "command.txt"
-    previous = cmd_file.read_text() if cmd_file.exists() else ""
+    previous = cmd_file.read_text(encoding="utf-8") if cmd_file.exists() else ""
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
     atomic_write_text(cmd_file, previous + f"# {stamp} mode={cfg.run.mode}\n{command_line(argv)}\n")
     atomic_write_text(run / "environment.txt", environment_text())
