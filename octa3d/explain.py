@@ -370,7 +370,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         ``{"subject", "probabilities", "prediction", "checkpoints", "cam"...}`` (also written as prediction.json).
     """
     from octa3d import engine
-    from octa3d.data.transforms import build_preset
+    from octa3d.data.presets import build_preset
     from octa3d.test import checkpoint_config, find_checkpoints, load_models
     from octa3d.utils import dist
     from octa3d.utils.runs import init_run, stage_dir

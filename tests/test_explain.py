@@ -18,7 +18,7 @@ from octa3d import engine
 from octa3d.cli import parse_config
 from octa3d.config import Config
 from octa3d.data.subject import Subject
-from octa3d.data.transforms import build_preset
+from octa3d.data.presets import build_preset
 from octa3d.engine import CheckpointError
 from octa3d.errors import ConfigError, DataError
 from octa3d.cam import CamComputer, minmax, resolve_cam_class

@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from octa3d.config import Config
 from octa3d.data.subject import Subject
-from octa3d.data.transforms import (ImageReader, Loader, PreprocessRecord, build_preset)
+from octa3d.data.presets import build_preset
+from octa3d.data.transforms import ImageReader, Loader, PreprocessRecord
 from octa3d.errors import DataError
 from octa3d.utils.io import atomic_path, atomic_write_text
 from octa3d.utils.seed import seed_worker
@@ -79,7 +80,7 @@ class PreprocessCache:
 
     Args:
         root: cache folder.
-        preset: a :class:`~octa3d.data.transforms.Clip3DPreset` / ``Patch2DPreset``.
+        preset: a :class:`~octa3d.data.presets.Clip3DPreset` / ``Patch2DPreset``.
     """
 
     def __init__(self, root: str | Path, preset: Any) -> None:

@@ -11,9 +11,9 @@ import torch
 
 from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
-from octa3d.data.transforms import (Clip3DPreset, Patch2DPreset, PreprocessRecord, RetinalSlabCropd, clip_scale,
-                                    drop_axis, hist_percentiles, locate_retina, patch_grid, slab_bounds,
-                                    to_source_space)
+from octa3d.data.presets import Clip3DPreset, Patch2DPreset
+from octa3d.data.transforms import (PreprocessRecord, RetinalSlabCropd, clip_scale, drop_axis, hist_percentiles,
+                                    locate_retina, patch_grid, slab_bounds, to_source_space)
 from octa3d.errors import DataError
 
 
