@@ -42,6 +42,7 @@ _GROUP_TITLES = {
     "train": "training (--mode ae_pretrain / train)",
     "eval": "testing and Grad-CAM (--mode test / explain)",
     "synth": "synthetic data (--mode synth)",
+    "compress": "edge deployment (--mode compress)",
 }
 
 

@@ -169,7 +169,7 @@ def test_stage_writes_every_file_and_report_field(compressed):
     for name in ("model_int8.pt", "model.onnx", "model_int8.onnx", "pruned.pt", "model_card.json", "report.json",
                  "report.md", "confusion_matrices.png", "history.csv", "config.yaml", "command.txt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    doc = json.loads((out / "report.json").read_text())
+    doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert set(report_mod.TOP_FIELDS) <= set(doc)
     assert list(doc["models"]) == list(report_mod.VARIANTS)
     for name, entry in doc["models"].items():
@@ -188,14 +188,14 @@ def test_stage_writes_every_file_and_report_field(compressed):
     checks = doc["export_checks"]
     assert checks["model_int8.pt"]["max_abs_prob_diff"] < 1e-4  # TorchScript file == in-process int8 model
     assert checks["model.onnx"]["max_abs_prob_diff"] < 1e-4  # ONNX fp32 == in-process pruned model
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     assert "Which layers were quantized" in md and "| int8 |" in md
     assert rep["models"]["int8"]["file"] == "model_int8.pt"
 
 
 def test_compressed_files_load_without_training_code_and_agree(compressed):
     out, _, _ = compressed
-    card = json.loads((out / "model_card.json").read_text())
+    card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
     assert card["class_names"] == ["NORMAL", "ABNORMAL"] and card["input"]["shape"] == ["N", 1, 16, 16, 16]
     assert card["input"]["modality"] == "OCTA" and "clip_percentiles" in card["preprocess"]
     assert set(card["artifacts"]) == {"model_int8.pt", "model.onnx", "model_int8.onnx", "pruned.pt"}
