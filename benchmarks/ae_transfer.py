@@ -41,7 +41,7 @@ def main(args: list[str] | None = None) -> dict:
     logging.getLogger("octa3d").setLevel(logging.WARNING)
     q = ns.quick
     n_lab, n_extra, shape = (16, 4, (16, 32, 16)) if q else (40, 60, (32, 64, 32))
-    size, ae_epochs, epochs = ("16", 1, 1) if q else ("32", 15, 15)
+    size, ae_epochs, epochs = ("16", 1, 1) if q else ("32", 10, 10)
     work = Path(tempfile.mkdtemp(prefix="octa3d-ae-bench-"))
     generate(work / "labelled", n_subjects=n_lab, shape=shape, seed=1)
     generate(work / "extra", n_subjects=n_extra, shape=shape, seed=2, fov="3mm")
@@ -71,7 +71,7 @@ def main(args: list[str] | None = None) -> dict:
         }
     out = Path(ns.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     return result
 

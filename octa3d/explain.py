@@ -371,7 +371,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     """
     from octa3d import engine
     from octa3d.data.presets import build_preset
-    from octa3d.test import checkpoint_config, find_checkpoints, load_models
+    from octa3d.test import cam_backend, checkpoint_config, find_checkpoints, load_models, place_models
     from octa3d.utils import dist
     from octa3d.utils.runs import init_run, stage_dir
 
@@ -379,9 +379,10 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError("--mode explain needs --input PATH: a scan file (NIfTI, NRRD, MHA, .npy, TIFF, DICOM "
                           "folder, folder of slices) or an OCTA-500 subject folder")
     ckpts = find_checkpoints(cfg)
-    device = dist.init_from_env(cfg.run.device)
-    ecfg = checkpoint_config(cfg, engine.load_checkpoint(ckpts[0][1], kind="classifier"), argv)
-    models, ref = load_models(ckpts, device)
+    models, ref = load_models(ckpts)
+    ecfg = checkpoint_config(cfg, ref, argv)
+    ecfg.eval.cam = cam_backend(cfg, models, argv)
+    device = place_models(models, dist.init_from_env(cfg.run.device))
     names = list(ref["class_names"])
     subject = subject_from_input(cfg.eval.input, ecfg)
     preset = build_preset(ecfg)
@@ -402,8 +403,9 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     out = stage_dir(ecfg, f"explain/{name}", argv)
     result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "prediction": pred,
                               "probabilities": {n: float(p) for n, p in zip(names, probs)},
-                              "checkpoints": {n: str(p) for n, p, *_ in models}, "model": ref["model_name"]}
-    if cfg.eval.cam != "none":
+                              "checkpoints": {n: str(p) for n, p, *_ in models}, "model": ref["model_name"],
+                              "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}
+    if ecfg.eval.cam != "none":
         tb = engine.tensorboard_writer(out / "tensorboard")
         item = CamItem(subject, record, lambda: samples, probs, None)
         report = CamExporter(ecfg, [m for *_, m in models], names, out, preset, tb=tb, device=device).export([item])

@@ -102,8 +102,9 @@ def _saved_config(doc: dict[str, Any]) -> Config:
                           for sec, vals in doc.items() if isinstance(vals, dict)})
 
 
-def checkpoint_config(cfg: Config, ckpt: dict[str, Any], argv: Sequence[str] | None = None) -> Config:
-    """The configuration a checkpoint is evaluated under.
+def checkpoint_config(cfg: Config, ckpt: dict[str, Any], argv: Sequence[str] | None = None,
+                      keep_augment: bool = False) -> Config:
+    """The configuration a checkpoint is evaluated (or fine-tuned) under.
 
     Data, label and preprocessing settings come from the checkpoint (its saved config, overridden by its model
     record: model, dim, modality, input size, preprocessing), so inputs are made exactly as in training. Where
@@ -114,6 +115,7 @@ def checkpoint_config(cfg: Config, ckpt: dict[str, Any], argv: Sequence[str] | N
         cfg: this invocation's configuration.
         ckpt: a loaded classifier checkpoint.
         argv: this invocation's arguments (to tell an explicit ``--data-root ./data`` from the default).
+        keep_augment: keep the checkpoint's training augmentation (fine-tuning); off for evaluation.
     """
     ecfg = _saved_config(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else copy.deepcopy(cfg)
     split_seed = ecfg.run.seed
@@ -139,7 +141,7 @@ def checkpoint_config(cfg: Config, ckpt: dict[str, Any], argv: Sequence[str] | N
         if key != "cache_dir" and hasattr(ecfg.preprocess, key):
             setattr(ecfg.preprocess, key, copy.deepcopy(value))
     ecfg.preprocess.input_size = [int(s) for s in ckpt["input_shape"]]
-    ecfg.preprocess.augment = False
+    ecfg.preprocess.augment = ecfg.preprocess.augment and keep_augment
     return ecfg
 
 
@@ -162,29 +164,68 @@ def build_classifier(ckpt: dict[str, Any], path: Path | str, device: torch.devic
     return model.to(device).eval()
 
 
-def load_models(paths: list[tuple[str, Path]], device: torch.device
+def load_models(paths: list[tuple[str, Path]], device: torch.device | str = "cpu"
                 ) -> tuple[list[tuple[str, Path, dict[str, Any], torch.nn.Module]], dict[str, Any]]:
-    """Load every checkpoint; check that they agree on classes, model and preprocessing (an ensemble needs that).
+    """Load every model (octa3d checkpoints, or ``--mode compress`` files: int8 TorchScript, ONNX); check that
+    they agree on classes, model and preprocessing (an ensemble needs that).
 
     Returns:
-        ``[(name, path, checkpoint, model)]`` and the first checkpoint (the reference record).
+        ``[(name, path, record, model)]`` and the first record (the reference). Records are checkpoint-like (see
+        :func:`octa3d.compress.load_any_model`) with ``is_quantized`` added.
     """
+    from octa3d.compress import load_any_model
+
     out = []
     ref: dict[str, Any] | None = None
     for name, path in paths:
-        ck = engine.load_checkpoint(path, kind="classifier")
+        model, rec, is_q = load_any_model(path, device)
+        rec["is_quantized"] = is_q
         if ref is None:
-            ref = ck
+            ref = rec
         else:
             for key in ("class_names", "model_name", "dim", "in_channels", "input_shape", "modality", "preprocess"):
-                if ck.get(key) != ref.get(key):
-                    raise CheckpointError(f"{path}: {key} {ck.get(key)!r} differs from {paths[0][1]} "
+                if rec.get(key) != ref.get(key):
+                    raise CheckpointError(f"{path}: {key} {rec.get(key)!r} differs from {paths[0][1]} "
                                           f"({ref.get(key)!r}); fold checkpoints of one ensemble must match")
-        out.append((name, Path(path), ck, build_classifier(ck, path, device)))
-        ck.pop("optimizer", None)  # free what evaluation does not need
-        ck.pop("scheduler", None)
+        out.append((name, Path(path), rec, model))
     assert ref is not None
     return out, ref
+
+
+def place_models(models: list[tuple[str, Path, dict[str, Any], torch.nn.Module]], device: torch.device
+                 ) -> torch.device:
+    """Move float models to ``device``; int8 TorchScript and ONNX models run on the CPU, and so does the whole
+    evaluation when one is in the set. Returns the device inputs go to."""
+    if any(rec["device"] == "cpu" and not rec["cam_capable"] for _, _, rec, _ in models):
+        if device.type != "cpu":
+            log.info("evaluating on the CPU: %s runs on the CPU only", models[0][1].name)
+        return torch.device("cpu")
+    for _, _, _, model in models:
+        model.to(device)
+    return device
+
+
+def cam_backend(cfg: Config, models: list[tuple[str, Path, dict[str, Any], torch.nn.Module]],
+                argv: Sequence[str] | None) -> str:
+    """The CAM backend to run: ``--cam``, or ``none`` when a model cannot give class activation maps (int8, ONNX).
+
+    Raises:
+        ConfigError: CAM options were given explicitly for a model without float gradients (names the float model).
+    """
+    if cfg.eval.cam == "none":
+        return "none"
+    for _, path, rec, _ in models:
+        if rec.get("cam_capable") and not rec.get("is_quantized"):
+            continue
+        if any(a.startswith("--cam") for a in argv or []):
+            from octa3d.compress import check_cam_capable
+
+            check_cam_capable(path, rec, rec["is_quantized"])
+        log.warning("no class activation maps: %s is a %s model without float gradients (predictions and metrics "
+                    "only; explain %s for maps)", path, "int8" if rec["is_quantized"] else rec["artifact_format"],
+                    path.parent / "pruned.pt" if (path.parent / "pruned.pt").is_file() else "the float checkpoint")
+        return "none"
+    return cfg.eval.cam
 
 
 # ------------------------------------------------------------------------------------------------ guard
@@ -287,11 +328,11 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         raise DataError(f"experiment '{cfg.exp_name}' has no splits ({cfg.run_dir / 'splits'}): the test stage "
                         f"only evaluates an experiment's hold-out subjects; run --mode prepare and --mode train "
                         f"first (same --exp/--runs-dir), or predict single scans with --mode explain --input PATH")
-    first = engine.load_checkpoint(ckpt_paths[0][1], kind="classifier")
-    ecfg = checkpoint_config(cfg, first, argv)
-    del first
+    models, ref = load_models(ckpt_paths)
+    ecfg = checkpoint_config(cfg, ref, argv)
+    ecfg.eval.cam = cam_backend(cfg, models, argv)
     ctx = engine.setup_stage(ecfg, argv)
-    models, ref = load_models(ckpt_paths, ctx.device)
+    device = place_models(models, ctx.device)
     sp = ctx.splits
     names = list(sp.class_names)
     if list(ref["class_names"]) != names:
@@ -303,7 +344,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     guard_test_set(ecfg, test_ids, sp)
     wanted = set(cfg.eval.cam_subjects or test_ids)
     unknown = sorted(wanted - set(test_ids))
-    if unknown and cfg.eval.cam != "none":
+    if unknown and ecfg.eval.cam != "none":
         raise ConfigError(f"--cam-subjects {', '.join(unknown)}: not hold-out test subjects of experiment "
                           f"'{cfg.exp_name}' (test subjects: {', '.join(test_ids[:10])}"
                           f"{' …' if len(test_ids) > 10 else ''})")
@@ -312,7 +353,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
     handler = DataHandler(ecfg, ctx.label_map)
     handler.warm(subjects)
     loader = handler.loader(subjects, train=False, batch_size=ecfg.train.batch_size)
-    precision = Precision.for_device(ctx.device, ecfg.train.amp)
+    precision = Precision.for_device(device, ecfg.train.amp)
     log.info("test: %d hold-out subjects, %d model(s) (%s), classes %s", len(test_ids), len(models),
              ", ".join(n for n, *_ in models), names)
     ids, y, per_model = _predict_all(models, loader, precision)
@@ -326,6 +367,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
                                   "unit": "subject"},
                     "model": ref["model_name"], "dim": ref["dim"], "input_shape": ref["input_shape"],
                     "modality": ref["modality"], "checkpoints": {n: str(p) for n, p, *_ in models},
+                    "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"],
                     "ensemble": len(models) > 1})
     if len(models) > 1:
         metrics["folds"] = {}
@@ -352,7 +394,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
                     tb.add_scalar(f"test/{k}_ci_low", ci[0], 0)
                     tb.add_scalar(f"test/{k}_ci_high", ci[1], 0)
 
-    if cfg.eval.cam != "none" and dist.is_main():
+    if ecfg.eval.cam != "none" and dist.is_main():
         from octa3d.explain import CamExporter, cam_items_from_cache
 
         by_id = {s: i for i, s in enumerate(ids)}
@@ -360,7 +402,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         items = cam_items_from_cache(handler, cam_subs, {s.id: probs[by_id[s.id]] for s in cam_subs},
                                      {s.id: int(y[by_id[s.id]]) for s in cam_subs})
         exporter = CamExporter(ecfg, [m for *_, m in models], names, out / "cams", handler.preset, tb=tb,
-                               device=ctx.device)
+                               device=device)
         cam_report = exporter.export(items)
         metrics["cam"] = cam_report["cam"]
         if cam_report.get("localization"):

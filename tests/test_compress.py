@@ -228,3 +228,30 @@ def test_onnx_without_card_is_refused_and_rerun_needs_overwrite(compressed, tmp_
 
     with pytest.raises(RunExistsError, match="--overwrite"):
         compress.run(parse_config(argv)[0], argv)
+
+
+def test_test_and_explain_accept_compressed_models(compressed, caplog):
+    """--mode test / explain on model_int8.pt and model.onnx: hold-out metrics equal the report's, no CAMs by
+    default (with the reason logged), and an explicit --cam request for an int8 model is refused."""
+    out, rep, _ = compressed
+    from octa3d import explain
+    from octa3d import test as test_stage
+
+    common = ["--runs-dir", str(out.parent.parent), "--exp", "tiny"]
+    argv = ["--mode", "test", *common, "--checkpoint", str(out / "model_int8.pt"), "--bootstrap", "50"]
+    with caplog.at_level("WARNING", logger="octa3d"):
+        m = test_stage.run(parse_config(argv)[0], argv)
+    assert "no class activation maps" in caplog.text and "pruned.pt" in caplog.text
+    assert m["model_format"] == "int8" and "cam" not in m
+    assert not (out.parent / "test" / "cams").exists()
+    assert m["balanced_accuracy"] == pytest.approx(rep["models"]["int8"]["balanced_accuracy"])
+    with pytest.raises(ConfigError, match="float model"):
+        argv_cam = argv + ["--overwrite", "--cam", "gradcam"]
+        test_stage.run(parse_config(argv_cam)[0], argv_cam)
+
+    scan = next(p for p in (out.parent.parent.parent / "data").rglob("OCTA") if p.is_dir())
+    subject = sorted(d for d in scan.iterdir() if d.is_dir())[0]
+    argv = ["--mode", "explain", *common, "--checkpoint", str(out / "model.onnx"), "--input", str(subject)]
+    res = explain.run(parse_config(argv)[0], argv)
+    assert res["model_format"] == "onnx" and "cam" not in res
+    assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)

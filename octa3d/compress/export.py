@@ -247,19 +247,6 @@ def _card_for(path: Path, embedded: str | None = None) -> dict[str, Any]:
     return card
 
 
-def float_model(ckpt: dict[str, Any], path: Path) -> nn.Module:
-    """Rebuild the float classifier of a loaded octa3d checkpoint (eval mode, CPU)."""
-    from octa3d.model import create_model, get_spec
-
-    kw = {"input_size": tuple(ckpt["input_shape"])} if get_spec(ckpt["model_name"]).needs_input_size else {}
-    model = create_model(ckpt["model_name"], ckpt["dim"], ckpt["in_channels"], ckpt["num_classes"], **kw)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit model {ckpt['model_name']} ({str(exc)[:200]})") from exc
-    return model.eval()
-
-
 def load_any_model(path: str | Path, device: str | torch.device = "cpu", threads: int | None = None
                    ) -> tuple[nn.Module, dict[str, Any], bool]:
     """Load an octa3d classifier checkpoint or a compressed model of ``--mode compress``.
@@ -302,9 +289,10 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu", threads
                   "cam_capable": False, "card": card}
         return model.eval(), record, str(info.get("precision", "int8")).startswith("int8")
     from octa3d.engine import load_checkpoint
+    from octa3d.test import build_classifier
 
     ckpt = load_checkpoint(p, kind="classifier")
-    model = float_model(ckpt, p).to(device)
+    model = build_classifier(ckpt, p, torch.device(device))
     for key in ("optimizer", "scheduler", "scaler"):
         ckpt.pop(key, None)
     ckpt.update(artifact_format="octa3d-checkpoint", device=str(device), cam_capable=True)

@@ -28,7 +28,7 @@ from torch import nn
 
 from octa3d import engine
 from octa3d.compress import export, measure, pruning, quantize, report
-from octa3d.config import Config, TrainConfig, from_dict, to_dict
+from octa3d.config import Config, TrainConfig, to_dict
 from octa3d.data.splits import guard
 from octa3d.engine import CheckpointError, Precision
 from octa3d.errors import ConfigError, DataError
@@ -86,26 +86,13 @@ def _explicit_train_flags(argv: list[str] | None) -> set[str]:
 
 
 def compress_config(cfg: Config, ckpt: dict[str, Any], argv: list[str] | None) -> Config:
-    """The configuration the source checkpoint is compressed under (its training settings + this invocation's
-    run, compress, data-root and cache settings)."""
-    ecfg = from_dict(ckpt["config"]) if isinstance(ckpt.get("config"), dict) else copy.deepcopy(cfg)
-    split_seed = ecfg.run.seed  # the split check compares it
-    ecfg.run = copy.deepcopy(cfg.run)
-    ecfg.run.exp, ecfg.run.seed = cfg.exp_name, split_seed
-    ecfg.eval, ecfg.compress = copy.deepcopy(cfg.eval), copy.deepcopy(cfg.compress)
-    if any(a.startswith("--data-root") for a in argv or []) or cfg.data.data_root != Config().data.data_root \
-            or not isinstance(ckpt.get("config"), dict):
-        ecfg.data.data_root = cfg.data.data_root
-    if cfg.data.labels:
-        ecfg.data.labels = cfg.data.labels
-    ecfg.preprocess.cache_dir = cfg.preprocess.cache_dir or str(cfg.cache_dir)
-    ecfg.model.model, ecfg.model.dim = ckpt["model_name"], ckpt["dim"]
-    ecfg.data.modality = ckpt.get("modality", ecfg.data.modality)
-    ecfg.data.task = ckpt.get("task", ecfg.data.task)
-    for key, value in (ckpt.get("preprocess") or {}).items():
-        if key != "cache_dir" and hasattr(ecfg.preprocess, key):
-            setattr(ecfg.preprocess, key, copy.deepcopy(value))
-    ecfg.preprocess.input_size = [int(s) for s in ckpt["input_shape"]]
+    """The configuration the source checkpoint is compressed under: its data, preprocessing (augmentation kept for
+    fine-tuning) and training settings, with this invocation's run, compress, data-root and cache settings and any
+    training flag given explicitly."""
+    from octa3d.test import checkpoint_config
+
+    ecfg = checkpoint_config(cfg, ckpt, argv, keep_augment=True)
+    ecfg.compress = copy.deepcopy(cfg.compress)
     for name in _explicit_train_flags(argv):
         setattr(ecfg.train, name, copy.deepcopy(getattr(cfg.train, name)))
     return ecfg
@@ -184,6 +171,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
         The report dictionary written to ``report.json``.
     """
     from octa3d.data.datasets import DataHandler
+    from octa3d.test import build_classifier
     from octa3d.train import build_loss, class_weights
     from octa3d.utils import dist
 
@@ -224,7 +212,7 @@ def run(cfg: Config, argv: list[str] | None = None) -> dict[str, Any]:
              "epoch(s), backend %s", ckpt["model_name"], src, len(tr_ids), len(va_ids), len(test_ids), c.prune_mode,
              c.prune_amount, c.prune_rounds, c.qat_epochs, c.qbackend)
 
-    fp32 = export.float_model(ckpt, src)
+    fp32 = build_classifier(ckpt, src, torch.device("cpu"))
     model = copy.deepcopy(fp32).to(ctx.device)
     history: list[dict[str, Any]] = []
     rounds: list[dict[str, Any]] = []
