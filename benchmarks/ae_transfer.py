@@ -18,13 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-
-def run_stage(argv: list[str]) -> object:
-    """Run one octa3d stage in-process and return its result."""
-    from octa3d.cli import parse_config, run_stage as dispatch
-
-    cfg, _ = parse_config(argv)
-    return dispatch(cfg, argv)
+from benchmarks.common import run_stage
 
 
 def main(args: list[str] | None = None) -> dict:

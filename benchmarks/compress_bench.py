@@ -20,14 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-
-def run_stage(argv: list[str]) -> object:
-    """Run one octa3d stage in-process and return its result."""
-    from octa3d.cli import parse_config
-    from octa3d.cli import run_stage as dispatch
-
-    cfg, _ = parse_config(argv)
-    return dispatch(cfg, argv)
+from benchmarks.common import run_stage
 
 
 def main(args: list[str] | None = None) -> dict:

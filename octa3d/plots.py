@@ -79,11 +79,8 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     return fig
 
 
-def confusion_figure(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
-    """Confusion matrix (rows = true, columns = predicted) with counts and row percentages."""
-    cm = np.asarray(cm)
+def _draw_confusion(ax: Any, cm: np.ndarray, class_names: Sequence[str], title: str) -> None:
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.9 * k, 1.3 + 0.8 * k), dpi=100)
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, float), where=rows > 0)
     ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
@@ -95,7 +92,22 @@ def confusion_figure(cm: np.ndarray, class_names: Sequence[str]) -> Figure:
         for j in range(k):
             ax.text(j, i, f"{int(cm[i, j])}\n{100 * frac[i, j]:.0f}%", ha="center", va="center", fontsize=8,
                     color="white" if frac[i, j] > 0.6 else "black")
-    ax.set_title("Confusion matrix (test)", fontsize=10)
+    ax.set_title(title, fontsize=10)
+
+
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix (test)"
+                     ) -> Figure:
+    """Confusion matrix (rows = true, columns = predicted) with counts and row percentages."""
+    return confusion_figures({title: cm}, class_names)
+
+
+def confusion_figures(cms: dict[str, np.ndarray], class_names: Sequence[str]) -> Figure:
+    """Several confusion matrices side by side (e.g. fp32 vs int8), titled by their keys."""
+    k = len(class_names)
+    fig, axes = plt.subplots(1, len(cms), figsize=(len(cms) * (1.6 + 0.9 * k), 1.3 + 0.8 * k), dpi=100,
+                             squeeze=False)
+    for ax, (title, cm) in zip(axes[0], cms.items()):
+        _draw_confusion(ax, np.asarray(cm), class_names, title)
     fig.tight_layout()
     return fig
 

@@ -108,25 +108,6 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
     return list(ids), np.array([label_of[i] for i in ids]), np.asarray(agg), mean_loss
 
 
-def _confusion_figure(cm: np.ndarray, names: list[str]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.6 * len(names)), dpi=80)
-    ax.imshow(cm, cmap="Blues")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i in range(cm.shape[0]):
-        for j in range(cm.shape[1]):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center")
-    fig.tight_layout()
-    return fig
-
-
 class FocalLoss(torch.nn.Module):
     """Focal loss (Lin et al. 2017), gamma 2, optional class weights (alpha) and label smoothing."""
 
@@ -315,7 +296,10 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
             tb.add_scalar(f"val/{k}", metrics[k], epoch + 1)
         tb.add_scalar("lr", lr, epoch + 1)
         if dist.is_main():
-            tb.add_figure("val/confusion_matrix", _confusion_figure(confusion(y_val, p_val), names), epoch + 1)
+            from octa3d.plots import confusion_figure
+
+            tb.add_figure("val/confusion_matrix",
+                          confusion_figure(confusion(y_val, p_val), names, "Confusion matrix (validation)"), epoch + 1)
             if epoch == first_epoch:
                 tb.add_image("inputs/train", engine.slice_grid(x), epoch + 1)
         stop = early.should_stop or epoch + 1 == cfg.train.epochs

@@ -152,32 +152,9 @@ def markdown(rep: dict[str, Any]) -> str:
 
 def confusion_png(path: Path, class_names: list[str], cms: dict[str, Any]) -> Path:
     """Confusion matrices side by side (rows true, columns predicted), written atomically."""
-    import matplotlib
+    from octa3d.plots import confusion_figures, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from octa3d.utils.io import atomic_path
-
-    k = len(class_names)
-    fig, axes = plt.subplots(1, len(cms), figsize=(len(cms) * (1.6 + 0.6 * k), 1.6 + 0.6 * k), dpi=100)
-    for ax, (title, cm) in zip(np.atleast_1d(axes), cms.items()):
-        cm = np.asarray(cm)
-        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(1, cm.max()))
-        ax.set_title(title)
-        ax.set_xticks(range(k), class_names, rotation=45, ha="right")
-        ax.set_yticks(range(k), class_names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        for i in range(k):
-            for j in range(k):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(confusion_figures(cms, class_names), path)
 
 
 def write_report(folder: Path, rep: dict[str, Any]) -> tuple[Path, Path]:
