@@ -7,7 +7,7 @@ Runs the documented commands in-process (and skips the steps whose outputs alrea
         --runs-dir WORK/runs --exp cmp --data-root WORK/data
     python main.py --mode compress --runs-dir WORK/runs --exp cmp --overwrite [compress flags]
 
-then copies the report's headline numbers to ``--out`` (JSON) and prints a markdown table. Latency uses
+and returns the report's headline figures (targets of issue 6) in the benchmarks' result format. Latency uses
 ``$OCTA3D_BENCH_THREADS`` threads (default 1); ratios are measured within one run.
 
     python -m benchmarks.compress_bench [--work /tmp/cmp] [--quick] [-- --prune-mode structured ...]
@@ -20,7 +20,7 @@ import json
 import logging
 from pathlib import Path
 
-from benchmarks.common import run_stage
+from benchmarks.common import Figure, markdown_table, result, run_stage
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -28,7 +28,7 @@ def main(args: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/cmp", help="folder for data and runs (reused when present)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke-test sizes (cnn, 16^3, 1 epoch)")
-    ap.add_argument("--out", default="benchmarks/results/compress.json")
+    ap.add_argument("--out", help="also write the result here (JSON)")
     ap.add_argument("compress_args", nargs="*", help="extra --mode compress flags (after --)")
     ns = ap.parse_args(args)
     from octa3d.utils.io import atomic_write_text
@@ -45,18 +45,23 @@ def main(args: list[str] | None = None) -> dict:
         run_stage(["--mode", "train", "--model", model, "--input-size", size, "--epochs", epochs, "--init", "random",
                    "--data-root", str(work / "data"), *common])
     rep = run_stage(["--mode", "compress", *common, "--overwrite", *ns.compress_args])
+    figures = [Figure(k, t["value"],
+                      "pp" if k.endswith("_pp") else "x", t["target"], t["met"], "int8 vs fp32, hold-out set")
+               for k, t in rep["targets"].items()]
+    for k, v in rep["models"].items():
+        figures.append(Figure(f"{k} balanced accuracy", v["balanced_accuracy"], "", note=f"{v['latency_ms']:.1f} ms, "
+                              f"{v['size_bytes'] / 1e6:.1f} MB, sparsity {v['sparsity'] or 0:.2f}"))
+    setup = {"model": model, "input_size": int(size), "train_epochs": int(epochs), "subjects": n,
+             "settings": rep["settings"],
+             "latency": {k: rep["latency"][k] for k in ("threads", "runs", "warmup", "input_shape")},
+             "quantized_modules": rep["quantization"]["quantized_modules"]}
     keys = ("accuracy", "balanced_accuracy", "auc", "size_bytes", "size_ratio", "latency_ms", "speedup", "sparsity")
-    result = {"setup": {"model": model, "input_size": int(size), "train_epochs": int(epochs), "subjects": n,
-                        "settings": rep["settings"], "latency": {k: rep["latency"][k] for k in
-                                                                 ("threads", "runs", "warmup", "input_shape")}},
-              "models": {k: {f: v[f] for f in keys} for k, v in rep["models"].items()},
-              "targets": rep["targets"], "quantized_modules": rep["quantization"]["quantized_modules"]}
-    atomic_write_text(ns.out, json.dumps(result, indent=2) + "\n")
-    print("| model | bal. acc | AUC | size ratio | speed-up |\n|---|---|---|---|---|")
-    for k, v in result["models"].items():
-        auc = v["auc"] if v["auc"] is not None else float("nan")
-        print(f"| {k} | {v['balanced_accuracy']:.3f} | {auc:.3f} | {v['size_ratio']:.2f}x | {v['speedup']:.2f}x |")
-    return result
+    res = result("compress", figures, setup, ns.quick,
+                 models={k: {f: v[f] for f in keys} for k, v in rep["models"].items()})
+    if ns.out:
+        atomic_write_text(ns.out, json.dumps(res, indent=2) + "\n")
+    print(markdown_table([res]))
+    return res
 
 
 if __name__ == "__main__":
