@@ -57,13 +57,14 @@ def main(args: list[str] | None = None) -> dict:
         rows = {}
         for init in ("ae", "random"):
             t0 = time.perf_counter()
-            run_stage(["--mode", "train", "--init", init, "--epochs", str(epochs), "--lr", "1e-3", "--patience", "0",
-                       "--overwrite", *common])
+            summary = run_stage(["--mode", "train", "--init", init, "--epochs", str(epochs), "--lr", "1e-3",
+                                 "--patience", "0", "--overwrite", *common])
             train_s = time.perf_counter() - t0
             m = run_stage(["--mode", "test", "--cam", "none", "--bootstrap", "200", "--overwrite", *common])
             rows[init] = {"balanced_accuracy": m["balanced_accuracy"], "auc": m["auc"],
                           "ci95": {k: m["ci95"].get(k) for k in ("balanced_accuracy", "auc")},
-                          "n_test": int(sum(map(sum, m["confusion_matrix"]))), "train_seconds": round(train_s, 1)}
+                          "n_test": int(sum(map(sum, m["confusion_matrix"]))), "train_seconds": round(train_s, 1),
+                          "validation": {k: round(v, 4) for k, v in summary["mean"].items()}}
         val = hist["val_loss"].tolist()
         per_model[model] = {"ae_train_loss": [round(v, 5) for v in hist["train_loss"]],
                             "ae_val_loss": [round(v, 5) for v in val], "ae_seconds": round(ae_s, 1),
@@ -72,7 +73,9 @@ def main(args: list[str] | None = None) -> dict:
                            note=f"{len(val)} epochs, {ae_s:.0f} s"),
                     *(Figure(f"{model} test {k} init {i}", rows[i][k] if rows[i][k] is not None else float("nan"), "",
                              note=f"95% CI {rows[i]['ci95'][k]}, {rows[i]['n_test']} hold-out eyes")
-                      for k in ("balanced_accuracy", "auc") for i in ("ae", "random"))]
+                      for k in ("balanced_accuracy", "auc") for i in ("ae", "random")),
+                    *(Figure(f"{model} val balanced_accuracy init {i}", rows[i]["validation"]["balanced_accuracy"], "",
+                             note="best epoch") for i in ("ae", "random"))]
     res = result("ae_transfer", figures, setup, q, models=per_model)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
