@@ -5,11 +5,21 @@ min-max scaled to 0..1 per subject with high = important. MONAI scores ``logits[
 the whole batch, so the score function is replaced by a per-sample ``gather`` (a batch may mix target classes).
 medcam runs with ``return_attention=True`` (map upsampled to the input size) and its own saving/evaluation off.
 Mapping the maps back onto the source scan and writing files is :mod:`octa3d.explain`'s job.
+
+Grad-CAM needs the gradient of the class score with respect to the target layer's *activations* only, not the
+parameter gradients of the whole network. For the MONAI backends the autograd graph is therefore built from the
+target layer on (:meth:`CamComputer._graph_from_layer`: parameters frozen for the call, the layer's output made a
+fresh tensor that requires grad), so the backward pass runs through the head only and the trunk's forward keeps
+no activations: the maps are identical, the cost is about one forward pass instead of forward + full backward
+(3-4x less for a 3D resnet18). medcam runs as the library does (``logits.backward()`` through the whole network,
+plus one extra forward/backward "test run" on its first call).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +44,14 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     span = hi - lo
     out = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.zeros_like(flat))
     return out.reshape(x.shape)
+
+
+def _grad_leaf(_module: torch.nn.Module, _inputs: Any, output: Any) -> Any:
+    """Forward hook: the layer's output as a new graph root (detached, requires grad; a clone, so that in-place
+    operations downstream stay legal)."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().requires_grad_(True).clone()
+    return None
 
 
 def _raw(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +104,7 @@ class CamComputer:
         if backend not in BACKENDS:
             raise ConfigError(f"--cam {backend}: choose one of {', '.join(BACKENDS)} (or none)")
         self.backend, self.layer = backend, layer
+        self.models = list(models)
         self._targets: torch.Tensor | None = None
         self._nd = 0
         self._cams: list[Any] = []
@@ -107,6 +126,27 @@ class CamComputer:
                 cam = cls(nn_module=m, target_layers=layer, postprocessing=_raw)  # scaled in __call__
                 cam.nn_module.class_score = self._class_score  # per-sample targets (see module docstring)
                 self._cams.append(cam)
+
+    @contextlib.contextmanager
+    def _graph_from_layer(self) -> Iterator[None]:
+        """Inside the block, the models' parameters do not require grad and the target layer's output is a fresh
+        graph root: a backward pass from the logits stops at the target layer (see the module docstring)."""
+        frozen = [p for m in self.models for p in m.parameters() if p.requires_grad]
+        handles = []
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for m in self.models:  # prepend: MONAI's own hook then records the tensor that is in the graph
+                handles.append(dict(m.named_modules())[self.layer].register_forward_hook(_grad_leaf, prepend=True))
+            with warnings.catch_warnings():
+                # expected: no input of the target layer requires grad, so the hook fires on its output gradient
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
 
     def _record_shape(self, _module: torch.nn.Module, _inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor):
@@ -135,7 +175,8 @@ class CamComputer:
         self._nd = x.ndim - 2
         groups = list(groups) if groups is not None else [1] * x.shape[0]
         maps = []
-        with torch.enable_grad():
+        head_only = self._graph_from_layer() if self.backend != "medcam" else contextlib.nullcontext()
+        with torch.enable_grad(), head_only:
             for cam in self._cams:
                 if self.backend == "medcam":
                     _, att = cam(x)  # medcam scales every sample to 0..1 itself (it cannot be turned off)
