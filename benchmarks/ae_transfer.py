@@ -38,7 +38,9 @@ def main(args: list[str] | None = None) -> dict:
     ns.models = ns.models or ("cnn" if q else "cnn,resnet18")
     n_lab, n_extra, shape = (16, 4, (16, 32, 16)) if q else (40, 60, (32, 64, 32))
     size, ae_epochs, epochs = ("16", 1, 1) if q else ("32", 10, 20)
-    work = Path(tempfile.mkdtemp(prefix="octa3d-ae-bench-"))
+    # removed at the end, and by its finaliser at interpreter exit when a stage fails (runs hold ~1.6 GB)
+    tmp = tempfile.TemporaryDirectory(prefix="octa3d-ae-bench-")
+    work = Path(tmp.name)
     generate(work / "labelled", n_subjects=n_lab, shape=shape, seed=1)
     generate(work / "extra", n_subjects=n_extra, shape=shape, seed=2, fov="3mm")
     setup = {"labelled_eyes": n_lab, "extra_unlabeled_eyes": n_extra, "shape": list(shape), "input_size": int(size),
@@ -76,6 +78,7 @@ def main(args: list[str] | None = None) -> dict:
                       for k in ("balanced_accuracy", "auc") for i in ("ae", "random")),
                     *(Figure(f"{model} val balanced_accuracy init {i}", rows[i]["validation"]["balanced_accuracy"], "",
                              note="best epoch") for i in ("ae", "random"))]
+    tmp.cleanup()
     res = result("ae_transfer", figures, setup, q, models=per_model)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)

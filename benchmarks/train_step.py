@@ -393,7 +393,8 @@ def main(args: list[str] | None = None) -> dict:
     sizes = [int(s) for s in (ns.sizes or ("16" if q else "32,64")).split(",")]
     ovh = ({"model": "cnn", "size": 16, "n_subjects": 16, "shape": (16, 32, 16), "epochs": 3} if q else
            {"model": "resnet18", "size": 32, "n_subjects": 40, "shape": (32, 64, 32), "epochs": 5})
-    work = Path(ns.work) if ns.work else Path(tempfile.mkdtemp(prefix="octa3d-train-step-"))
+    tmp = None if ns.work else tempfile.TemporaryDirectory(prefix="octa3d-train-step-")
+    work = Path(ns.work or tmp.name)
     n = bench_threads()
     with threads(n):
         figures, step_raw = step_figures(models, sizes, ns.batch_size, 2 if q else 3)
@@ -405,6 +406,8 @@ def main(args: list[str] | None = None) -> dict:
             figures += f
             setup["overhead"] = {**ovh, "shape": list(ovh["shape"]), "work": str(work)}
             extra["overhead"] = raw
+    if tmp is not None:
+        tmp.cleanup()
     for f in figures:
         if not math.isfinite(f.value):
             log.warning("figure %r is not finite (%s)", f.name, f.value)
