@@ -11,7 +11,6 @@ and epochs; figures are hold-out test metrics (probability-based AUC, balanced a
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import Figure, markdown_table, result, run_stage
+from benchmarks.common import Figure, finish, result, run_stage
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -80,11 +79,7 @@ def main(args: list[str] | None = None) -> dict:
                              note="best epoch") for i in ("ae", "random"))]
     tmp.cleanup()
     res = result("ae_transfer", figures, setup, q, models=per_model)
-    if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    print(markdown_table([res]))
-    return res
+    return finish(res, ns.out)
 
 
 if __name__ == "__main__":

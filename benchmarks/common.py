@@ -146,6 +146,18 @@ def result(bench: str, figures: list[Figure], setup: dict[str, Any], quick: bool
             "machine": machine(), **extra}
 
 
+def finish(res: dict[str, Any], out: str | None) -> dict[str, Any]:
+    """End of every benchmark's ``main``: write ``res`` to ``out`` (JSON, atomically) if given, print its table."""
+    import json
+
+    from octa3d.utils.io import atomic_write_text
+
+    if out:
+        atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+    print(markdown_table([res]))
+    return res
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One markdown table over the figures of several benchmark results."""
     lines = ["| benchmark | figure | value | target | met | note |", "|---|---|---|---|---|---|"]

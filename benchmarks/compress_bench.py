@@ -16,11 +16,10 @@ and returns the report's headline figures (targets of issue 6) in the benchmarks
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from benchmarks.common import Figure, markdown_table, result, run_stage
+from benchmarks.common import Figure, finish, result, run_stage
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -31,7 +30,6 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="also write the result here (JSON)")
     ap.add_argument("compress_args", nargs="*", help="extra --mode compress flags (after --)")
     ns = ap.parse_args(args)
-    from octa3d.utils.io import atomic_write_text
     from octa3d.utils.log import setup_logging
 
     setup_logging("WARNING")
@@ -58,10 +56,7 @@ def main(args: list[str] | None = None) -> dict:
     keys = ("accuracy", "balanced_accuracy", "auc", "size_bytes", "size_ratio", "latency_ms", "speedup", "sparsity")
     res = result("compress", figures, setup, ns.quick,
                  models={k: {f: v[f] for f in keys} for k, v in rep["models"].items()})
-    if ns.out:
-        atomic_write_text(ns.out, json.dumps(res, indent=2) + "\n")
-    print(markdown_table([res]))
-    return res
+    return finish(res, ns.out)
 
 
 if __name__ == "__main__":

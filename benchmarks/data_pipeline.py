@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, bench_threads, markdown_table, peak_rss_mb, reset_peak_rss, result, threads
+from benchmarks.common import Figure, bench_threads, finish, peak_rss_mb, reset_peak_rss, result, threads
 
 log = logging.getLogger("octa3d.bench")
 
@@ -266,7 +266,6 @@ def main(args: list[str] | None = None) -> dict:
                                    "removed afterwards; a given folder is kept and its full-size eye reused)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.io import atomic_write_text
     from octa3d.utils.log import setup_logging
 
     setup_logging("WARNING")
@@ -343,10 +342,7 @@ def main(args: list[str] | None = None) -> dict:
     res = result("data_pipeline", figures, setup, q,
                  epochs={"seconds": ours["seconds"], "samples": ours["samples"]},
                  naive={"seconds": naive["seconds"], "samples": naive["samples"]}, stages=steps)
-    if ns.out:
-        atomic_write_text(ns.out, json.dumps(res, indent=2) + "\n")
-    print(markdown_table([res]))
-    return res
+    return finish(res, ns.out)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, bench_threads, markdown_table, result, run_stage
+from benchmarks.common import Figure, bench_threads, finish, result, run_stage
 
 log = logging.getLogger("octa3d.bench.explain_fullsize")
 
@@ -109,7 +109,6 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--shape", help="eye shape B-scans,depth,width (default 400,640,400; quick 40,64,40)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.io import atomic_write_text
     from octa3d.utils.log import setup_logging
 
     setup_logging("WARNING")
@@ -152,10 +151,7 @@ def main(args: list[str] | None = None) -> dict:
                   "rss_after_imports_mb": round(base_rss, 1),
                   "prediction": pred["prediction"], "localization": pred.get("localization")}
     res = result("explain_fullsize", figures, setup_info, ns.quick)
-    if ns.out:
-        atomic_write_text(ns.out, json.dumps(res, indent=2) + "\n")
-    print(markdown_table([res]))
-    return res
+    return finish(res, ns.out)
 
 
 if __name__ == "__main__":

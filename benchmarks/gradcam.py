@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import tempfile
 import time
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Figure, bench_threads, markdown_table, result, threads
+from benchmarks.common import Figure, bench_threads, finish, result, threads
 
 log = logging.getLogger("octa3d.bench.gradcam")
 
@@ -198,7 +197,6 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, help="timed exports per backend, best kept (default 2; quick 1)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.io import atomic_write_text
     from octa3d.utils.log import setup_logging
 
     setup_logging("WARNING")
@@ -222,10 +220,7 @@ def main(args: list[str] | None = None) -> dict:
              "alternated; each exporter warmed up on one subject first (excludes medcam's one-off test run)",
              "weights": "untrained (seed 0), identical for both backends", "device": "cpu"}
     res = result("gradcam", figures, setup, ns.quick)
-    if ns.out:
-        atomic_write_text(ns.out, json.dumps(res, indent=2) + "\n")
-    print(markdown_table([res]))
-    return res
+    return finish(res, ns.out)
 
 
 if __name__ == "__main__":

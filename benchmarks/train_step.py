@@ -32,7 +32,6 @@ full ``--mode train`` stage over a bare forward/backward/step loop.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import tempfile
@@ -41,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, bench_threads, markdown_table, result, run_stage, threads, timeit
+from benchmarks.common import Figure, bench_threads, finish, result, run_stage, threads, timeit
 
 log = logging.getLogger("octa3d.bench.train_step")
 
@@ -384,7 +383,6 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--work", help="folder for the synthetic data and runs (default: a new temporary folder)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.io import atomic_write_text
     from octa3d.utils.log import setup_logging
 
     setup_logging("WARNING")
@@ -412,10 +410,7 @@ def main(args: list[str] | None = None) -> dict:
         if not math.isfinite(f.value):
             log.warning("figure %r is not finite (%s)", f.name, f.value)
     res = result("train_step", figures, setup, q, **extra)
-    if ns.out:
-        atomic_write_text(ns.out, json.dumps(res, indent=2) + "\n")
-    print(markdown_table([res]))
-    return res
+    return finish(res, ns.out)
 
 
 if __name__ == "__main__":
