@@ -15,9 +15,10 @@ from monai.transforms import Compose
 
 from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
+from octa3d.data.augment import train_augmentation
 from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
                                     PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd, _run, drop_axis,
-                                    patch_grid, resize, train_augmentation)
+                                    patch_grid, resize)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")

@@ -1,4 +1,4 @@
-"""How a scan becomes a network input: deterministic (cacheable) preprocessing and training augmentation.
+"""How a scan becomes a network input: the deterministic (cacheable) preprocessing.
 
 Deterministic part (cached on disk by :mod:`octa3d.data.datasets`), in this order:
 
@@ -16,7 +16,8 @@ are converted to float, so a 400×640×400 uint8 scan never gets a full-resoluti
 Everything needed to map an input-space array (a Grad-CAM map) back onto the source scan is kept in a
 :class:`PreprocessRecord`; :func:`to_source_space` does the mapping.
 
-The presets that chain these steps for 3D clips and 2D patches are in :mod:`octa3d.data.presets`.
+The presets that chain these steps for 3D clips and 2D patches are in :mod:`octa3d.data.presets`; the random
+training augmentation applied after the cache is in :mod:`octa3d.data.augment`.
 
 Axis conventions follow :mod:`octa3d.data.subject`: arrays are channel-first ``(C, *spatial)`` and
 ``depth_axis`` counts *spatial* axes (0..2), so its array axis is ``depth_axis + 1``.
@@ -33,12 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import (Compose, EnsureTyped, MapTransform, RandFlipd,
-                              RandomizableTransform, RandScaleIntensityd, RandShiftIntensityd)
+from monai.transforms import MapTransform
 from scipy.ndimage import gaussian_filter1d
 
 from octa3d.data.subject import Geometry, Subject
-from octa3d.errors import ConfigError
 
 log = logging.getLogger("octa3d.data")
 
@@ -528,178 +527,3 @@ def _run(transforms: Sequence[Callable], data: dict) -> dict:
     for t in transforms:
         data = t(data)
     return data
-
-
-def _plain(x: Any) -> torch.Tensor:
-    """A plain float32 torch tensor view of ``x`` (MetaTensor metadata dropped: its per-op overhead is large)."""
-    t = torch.as_tensor(x)
-    if type(t) is not torch.Tensor:
-        t = t.as_subclass(torch.Tensor)
-    return t.float()
-
-
-def _resample_axis(x: torch.Tensor, axis: int, scale: float) -> torch.Tensor:
-    """Linear resampling along ``axis`` about its centre, zero outside: ``out[j] = x(c + scale * (j - c))``."""
-    n = x.shape[axis]
-    c = (n - 1) / 2
-    pos = c + scale * (torch.arange(n, dtype=torch.float64) - c)
-    i0 = torch.floor(pos)
-    lam = (pos - i0).float()
-    i0 = i0.long()
-    i1 = i0 + 1
-    w0 = (1 - lam) * ((i0 >= 0) & (i0 < n))
-    w1 = lam * ((i1 >= 0) & (i1 < n))
-    shape = [1] * x.ndim
-    shape[axis] = n
-    out = x.index_select(axis, i0.clamp(0, n - 1)).mul_(w0.view(shape))
-    return out.add_(x.index_select(axis, i1.clamp(0, n - 1)).mul_(w1.view(shape)))
-
-
-def _plane_grid(shape: Sequence[int], angle: float, scales: Sequence[float]) -> torch.Tensor:
-    """``grid_sample`` grid ``(1, H, W, 2)`` of a rotation by ``angle`` and scaling by ``scales`` (H, W) about the
-    image centre, in pixel units (so a rotation stays rigid on non-square images); output → input coordinates."""
-    h, w = shape
-    r = torch.arange(h, dtype=torch.float64) - (h - 1) / 2
-    q = torch.arange(w, dtype=torch.float64) - (w - 1) / 2
-    rr, qq = torch.meshgrid(r * scales[0], q * scales[1], indexing="ij")
-    cos, sin = float(np.cos(angle)), float(np.sin(angle))
-    src_r, src_q = cos * rr - sin * qq, sin * rr + cos * qq
-    # normalised coordinates of grid_sample (align_corners=False): u = 2 * (p - centre) / n; x is W, y is H
-    return torch.stack([src_q * (2 / w), src_r * (2 / h)], dim=-1)[None].float()
-
-
-class RandPlaneAffined(RandomizableTransform, MapTransform):
-    """Random rotation in the en-face plane and scaling of every axis, linear interpolation, zeros outside.
-
-    The same family of transforms as MONAI's ``RandAffined(rotate_range=..., scale_range=..., mode="bilinear",
-    padding_mode="zeros")`` with the rotation about the depth axis only, computed much faster on CPU. In 3D the
-    map is a 2D map of the lateral (en-face) plane times a 1D map of depth, so trilinear interpolation splits
-    exactly into a linear resampling along depth and one bilinear ``grid_sample`` of all en-face planes at once
-    (channels × depth as grid_sample channels): equal to a 3D ``grid_sample`` of that affine up to float
-    rounding, ~15x faster for 2×128³ on one thread. In 2D it is one ``grid_sample`` of the image plane.
-
-    The affine maps output to input coordinates about the centre (like MONAI's): a scale factor above 1 zooms
-    out. Every key gets the same draw.
-
-    Args:
-        keys: keys to transform.
-        prob: probability of transforming a sample.
-        rotate: largest rotation angle in radians (uniform in ±rotate).
-        scale: largest relative scale change; one factor per spatial axis, uniform in 1 ± scale.
-        depth_axis: spatial depth axis of a volume (not rotated about); None for 2D images.
-    """
-
-    def __init__(self, keys: Any, prob: float = 0.5, rotate: float = 0.0, scale: float = 0.0,
-                 depth_axis: int | None = None, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.rotate, self.scale, self.depth_axis = float(rotate), float(scale), depth_axis
-        self.angle, self.scales = 0.0, (1.0, 1.0, 1.0)
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw whether to transform, the angle and three scale factors (the first ones are used in 2D)."""
-        super().randomize(None)
-        if self._do_transform:
-            self.angle = float(self.R.uniform(-self.rotate, self.rotate))
-            self.scales = tuple(float(v) for v in 1.0 + self.R.uniform(-self.scale, self.scale, size=3))
-
-    def transform(self, image: Any) -> torch.Tensor:
-        """Apply the current draw to one channel-first image ``(C, *spatial)`` (2D or 3D)."""
-        x = _plain(image)
-        nd = x.ndim - 1
-        if nd == 2 or self.depth_axis is None:
-            if nd != 2:
-                raise ValueError(f"RandPlaneAffined without depth_axis needs a 2D image, got {tuple(x.shape)}")
-            grid = _plane_grid(x.shape[1:], self.angle, self.scales[:2])
-            return F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        ax = self.depth_axis + 1
-        lateral = [a for a in (1, 2, 3) if a != ax]
-        c, n_d, hw = x.shape[0], x.shape[ax], (x.shape[lateral[0]], x.shape[lateral[1]])
-        # (C, depth, H, W): depth resampling then selects whole contiguous planes
-        y = x.permute(0, ax, *lateral).contiguous()
-        if self.scales[self.depth_axis] != 1.0:
-            y = _resample_axis(y, 1, self.scales[self.depth_axis])
-        grid = _plane_grid(hw, self.angle, [self.scales[a - 1] for a in lateral])
-        out = F.grid_sample(y.reshape(1, c * n_d, *hw), grid, mode="bilinear", padding_mode="zeros",
-                            align_corners=False).reshape(c, n_d, *hw)
-        inverse = [0] * 4
-        for pos, a in enumerate((0, ax, *lateral)):
-            inverse[a] = pos
-        return out.permute(*inverse).contiguous()
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
-
-
-class RandGaussianNoiseTorchd(RandomizableTransform, MapTransform):
-    """Additive Gaussian noise like MONAI's ``RandGaussianNoised`` (std drawn uniformly in 0..``std``), drawn in
-    float32 by a torch generator seeded from this transform's random state: MONAI draws float64 NumPy normals,
-    ~10x slower for a 2×128³ sample. Every key gets the same noise.
-
-    Args:
-        keys: keys to transform.
-        prob: probability of adding noise to a sample.
-        std: largest standard deviation.
-    """
-
-    def __init__(self, keys: Any, prob: float = 0.1, std: float = 0.1, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        self.std = float(std)
-        self.draw_std, self.seed = 0.0, 0
-
-    def randomize(self, data: Any = None) -> None:
-        """Draw whether to add noise, its standard deviation and the seed of its values."""
-        super().randomize(None)
-        if self._do_transform:
-            self.draw_std = float(self.R.uniform(0, self.std))
-            self.seed = int(self.R.randint(0, 2**31 - 1))
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            x = _plain(d[key])
-            gen = torch.Generator().manual_seed(self.seed)
-            d[key] = x + torch.randn(x.shape, generator=gen, dtype=torch.float32).mul_(self.draw_std)
-        return d
-
-
-def train_augmentation(spatial_dims: int, depth_axis: int | None, keys: Sequence[str] = ("image",)) -> Compose:
-    """Random training augmentation (MONAI + :class:`RandPlaneAffined`) on float 0..1 tensors in input space.
-
-    3D: flips along the two lateral axes (never depth: the retina would be upside down), rotation up to
-    ±10° in the en-face plane (about the depth axis), ±10 % scaling. 2D: flip along the horizontal (last) axis
-    only, since 2D inputs may be B-scans whose vertical axis is depth; rotation ±10°, ±10 % scaling. Both:
-    intensity scale/shift and light Gaussian noise.
-
-    Args:
-        spatial_dims: 2 or 3.
-        depth_axis: spatial depth axis (3D); ignored in 2D.
-        keys: dictionary keys to augment.
-    """
-    keys = list(keys)
-    if spatial_dims == 3:
-        if depth_axis is None:
-            raise ConfigError("3D augmentation needs --depth-axis")
-        lateral = [a for a in range(3) if a != depth_axis]
-    else:
-        lateral, depth_axis = [1], None
-    flips = [RandFlipd(keys, prob=0.5, spatial_axis=a) for a in lateral]
-    return Compose([
-        *flips,
-        # rotation about the depth axis + scaling, computed separably (MONAI's RandAffined: ~15x slower on CPU)
-        RandPlaneAffined(keys, prob=0.5, rotate=float(np.deg2rad(10)), scale=0.1, depth_axis=depth_axis),
-        RandScaleIntensityd(keys, factors=0.1, prob=0.5),
-        RandShiftIntensityd(keys, offsets=0.05, prob=0.5),
-        RandGaussianNoiseTorchd(keys, prob=0.2, std=0.01),
-        EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
-    ])
