@@ -111,19 +111,21 @@ def itk_threads(n: int) -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old)
 
 
-def _config(root: Path, runs: Path, input_size: int | None) -> Any:
+def _config(root: Path, runs: Path, input_size: int | None, workers: int = 0) -> Any:
     from octa3d.cli import parse_config
 
     argv = ["--mode", "train", "--data-root", str(root), "--modality", "OCT+OCTA", "--runs-dir", str(runs),
-            "--exp", "bench", "--num-workers", "0", "--log-level", "WARNING"]
+            "--exp", "bench", "--num-workers", str(workers), "--log-level", "WARNING"]
     argv += ["--input-size", str(input_size)] if input_size else []
     cfg, _ = parse_config(argv)
     return cfg
 
 
 # ------------------------------------------------------------------------------------------- loaders
-def octa3d_epochs(root: Path, runs: Path, input_size: int | None, epochs: int) -> dict[str, Any]:
+def octa3d_epochs(root: Path, runs: Path, input_size: int | None, epochs: int, workers: int = 0) -> dict[str, Any]:
     """Time the octa3d training loader: epoch 1 from an empty cache (``warm`` + first pass), then the others.
+
+    ``workers`` DataLoader worker processes (``--num-workers``; 0 = the main process).
 
     Returns:
         ``{"seconds": [per epoch], "samples": [per epoch], "subjects", "batch_size", "input_shape"}``.
@@ -131,7 +133,7 @@ def octa3d_epochs(root: Path, runs: Path, input_size: int | None, epochs: int) -
     from octa3d.data.datasets import DataHandler
     from octa3d.data.splits import labelled_subjects
 
-    cfg = _config(root, runs, input_size)
+    cfg = _config(root, runs, input_size, workers)
     shutil.rmtree(cfg.cache_dir, ignore_errors=True)
     subjects, label_map, _ = labelled_subjects(cfg)
     handler = DataHandler(cfg, label_map)

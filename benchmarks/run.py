@@ -69,7 +69,9 @@ def main(args: list[str] | None = None) -> int:
             results.append(run_one(name, ns.quick, Path(tmp)))
             log.info("  %s: %s s", name, results[-1]["seconds"])
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
-    stem = f"{stamp}-{socket.gethostname()}" + ("-quick" if ns.quick else "")
+    # a subset gets its own file: it never replaces the results of a full run
+    subset = "" if names == list(BENCHMARKS) else "-" + "-".join(names)
+    stem = f"{stamp}-{socket.gethostname()}{subset}" + ("-quick" if ns.quick else "")
     doc = {"date": dt.datetime.now().isoformat(timespec="seconds"), "quick": ns.quick, "machine": machine(),
            "command": "python -m benchmarks.run " + " ".join(args if args is not None else sys.argv[1:]),
            "results": results}

@@ -25,6 +25,13 @@ full ``--mode train`` stage over a bare forward/backward/step loop.
    minus its validation pass, against the bare training epoch. The whole cycle is also reported against the bare
    epoch plus a bare ``no_grad`` forward over the validation samples.
 
+3. **MFU** (CUDA only): resnet50 at 128³, AMP + channels-last with and without ``torch.compile``; achieved TFLOP/s
+   from the FLOPs of one step counted by ``FlopCounterMode`` on the meta device, and model-FLOP utilisation
+   against the card's datasheet peak (:data:`PEAK_TFLOPS`; aim >= 30 %). On CPU the FLOPs per step of every
+   throughput case are reported with it (GFLOP/s achieved).
+4. **Loader**: the training loader's samples/s (epochs >= 2, cache + augmentation, OCT+OCTA at 128³) with up to
+   8 worker processes, and on CUDA its ratio to the resnet50 128³ GPU step (>= 1: the loader keeps up).
+
     python -m benchmarks.train_step [--quick] [--models resnet18,resnet50,densenet121] [--sizes 32,64] \\
         [--work DIR] [--out FILE.json]
 """
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -103,26 +111,69 @@ def _throughput(name: str, size: int, batch: int, device: Any, variant: str, rep
     return batch / t.median
 
 
+#: Dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s of common data-centre cards, from the vendors'
+#: datasheets, matched in order by a substring of ``torch.cuda.get_device_name()``. Other cards: achieved TFLOP/s
+#: is reported without a utilisation figure.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1),
+               ("L4", 121.0), ("A10", 125.0), ("V100", 125.0))
+
+#: The model-FLOP-utilisation case of issue 7 (3D, one channel, batch = --batch-size) and its aim.
+MFU_MODEL, MFU_SIZE, MFU_TARGET = "resnet50", 128, ">= 0.30"
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Datasheet peak of ``device_name`` from :data:`PEAK_TFLOPS`, or None for an unknown card."""
+    for key, peak in PEAK_TFLOPS:
+        if key in device_name:
+            return peak
+    return None
+
+
+def step_flops(name: str, size: int, batch: int) -> float:
+    """FLOPs of one training step (forward + cross-entropy + backward) of ``name`` at ``size``³, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: shapes only, nothing is computed. The
+    optimiser update (a few FLOPs per parameter) is not counted, as in the usual model-FLOP utilisation."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from octa3d.model import create_model
+
+    with torch.device("meta"):
+        model = create_model(name, "3d", 1, 2)
+        x = torch.empty(batch, 1, size, size, size)
+        y = torch.zeros(batch, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    return float(counter.get_total_flops())
+
+
 def step_figures(models: list[str], sizes: list[int], batch: int, repeat: int) -> tuple[list[Figure], dict]:
     """Throughput figures on CPU (fp32) and, when available, CUDA (fp32/AMP/channels-last/compile)."""
     import torch
 
     figures: list[Figure] = []
     raw: dict[str, float] = {}
+    gflops: dict[str, float] = {}  # per training step, "name/size"
     cpu = torch.device("cpu")
     n = torch.get_num_threads()
     for name in models:
         for s in sizes:
             t0 = time.perf_counter()
             v = _throughput(name, s, batch, cpu, "fp32", repeat, 1)
+            flops = step_flops(name, s, batch)
             raw[f"cpu/{name}/{s}/fp32"] = v
+            gflops[f"{name}/{s}"] = round(flops / 1e9, 3)
             log.info("cpu %s %d^3 fp32: %.3f volumes/s (%.0f s)", name, s, v, time.perf_counter() - t0)
             figures.append(Figure(f"{name} {s}^3 train step, CPU fp32", v, "volumes/s",
                                   note=f"batch {batch}, 1 channel, 2 classes, AdamW, {n} thread(s), median of "
-                                       f"{repeat}"))
-    setup = {"models": models, "sizes": sizes, "batch_size": batch, "repeat": repeat, "cpu_threads": n}
+                                       f"{repeat}; {flops / 1e9:.3g} GFLOP/step = {v / batch * flops / 1e9:.3g} "
+                                       "GFLOP/s"))
+    setup = {"models": models, "sizes": sizes, "batch_size": batch, "repeat": repeat, "cpu_threads": n,
+             "gflop_per_step": gflops}
     if not torch.cuda.is_available():
-        setup["cuda"] = "skipped: no CUDA device (fp32 vs AMP bf16, channels-last and torch.compile run on CUDA)"
+        setup["cuda"] = ("skipped: no CUDA device (fp32 vs AMP bf16, channels-last and torch.compile, and "
+                         f"{MFU_MODEL} {MFU_SIZE}^3 model-FLOP utilisation run on CUDA)")
         log.info("CUDA figures skipped: no CUDA device")
         return figures, {"setup": setup, "volumes_per_s": raw}
     gpu = torch.device("cuda")
@@ -151,7 +202,44 @@ def step_figures(models: list[str], sizes: list[int], batch: int, repeat: int) -
                 elif base:
                     figures.append(Figure(f"{name} {s}^3 CUDA {label} vs fp32", v / base, "x",
                                           note="speed-up, same run"))
+    figures += mfu_figures(gpu, batch, max(repeat, 10), raw, setup)
     return figures, {"setup": setup, "volumes_per_s": raw}
+
+
+def mfu_figures(gpu: Any, batch: int, repeat: int, raw: dict[str, float], setup: dict[str, Any]) -> list[Figure]:
+    """:data:`MFU_MODEL` at :data:`MFU_SIZE`³ with AMP + channels-last (with and without ``torch.compile``): the
+    faster variant's volumes/s, achieved TFLOP/s and model-FLOP utilisation against :func:`peak_tflops`."""
+    import torch
+
+    flops = step_flops(MFU_MODEL, MFU_SIZE, batch)
+    best: tuple[float, str] | None = None
+    for variant in ("amp+cl", "amp+cl+compile"):
+        try:
+            v = _throughput(MFU_MODEL, MFU_SIZE, batch, gpu, variant, repeat, 3 if variant.endswith("compile") else 2)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at this batch: report, keep going
+            log.warning("cuda %s %d^3 %s failed: %s", MFU_MODEL, MFU_SIZE, variant, exc)
+            setup.setdefault("cuda_failures", {})[f"{MFU_MODEL}/{MFU_SIZE}/{variant}"] = f"{type(exc).__name__}: {exc}"
+            continue
+        raw[f"cuda/{MFU_MODEL}/{MFU_SIZE}/{variant}"] = v
+        best = max(best or (v, variant), (v, variant))
+    if best is None:
+        return []
+    v, variant = best
+    name, case = torch.cuda.get_device_name(0), f"{MFU_MODEL} {MFU_SIZE}^3"
+    achieved = v / batch * flops / 1e12
+    peak = peak_tflops(name)
+    setup["mfu"] = {"model": MFU_MODEL, "size": MFU_SIZE, "batch": batch, "variant": variant,
+                    "tflop_per_step": round(flops / 1e12, 4), "peak_tflops": peak, "device": name}
+    figures = [Figure(f"{case} train step, CUDA {amp_name(gpu)} ({variant})", v, "volumes/s",
+                      note=f"batch {batch}, median of {repeat}; the faster of with/without torch.compile"),
+               Figure(f"{case} achieved TFLOP/s", achieved, "TFLOP/s",
+                      note=f"{flops / 1e12:.3g} TFLOP per step (FlopCounterMode: forward + backward)")]
+    if peak is None:
+        setup["mfu"]["note"] = f"no datasheet peak for {name!r} in PEAK_TFLOPS: utilisation not computed"
+    else:
+        figures.append(Figure(f"{case} model-FLOP utilisation", achieved / peak, "", MFU_TARGET,
+                              note=f"achieved vs {peak:g} TFLOP/s dense {amp_name(gpu)} peak of {name}"))
+    return figures
 
 
 def amp_name(device: Any) -> str:
@@ -370,6 +458,31 @@ def overhead_figures(work: Path, model: str, size: int, n_subjects: int, shape: 
     return figures, raw
 
 
+# ------------------------------------------------------------------------------------------------ loader
+def loader_figures(work: Path, size: int, n_subjects: int, shape: tuple[int, int, int], workers: int, epochs: int,
+                   gpu_rate: float | None, gpu_case: str) -> tuple[list[Figure], dict]:
+    """Training-loader throughput with ``workers`` worker processes (epochs >= 2: cache + augmentation, OCT+OCTA)
+    and, when ``gpu_rate`` (volumes/s of a GPU training step) is given, whether the loader keeps up with it."""
+    from benchmarks.data_pipeline import octa3d_epochs
+    from octa3d.data.synthetic import generate
+
+    data = work / ("loader-" + "x".join(map(str, shape)))
+    if not (data / "Text labels.xlsx").exists():
+        generate(data, n_subjects=n_subjects, shape=shape, seed=2)
+    res = octa3d_epochs(data, work / "loader-runs", size, epochs, workers=workers)
+    rate = sum(res["samples"][1:]) / sum(res["seconds"][1:])
+    inp = "x".join(map(str, res["input_shape"]))
+    figures = [Figure(f"training loader samples/s, epochs >= 2, {workers} workers ({inp})", rate, "samples/s",
+                      note=f"{res['subjects']} subjects of {'x'.join(map(str, shape))}, OCT+OCTA, batch "
+                           f"{res['batch_size']}, cache + augmentation")]
+    if gpu_rate:
+        figures.append(Figure(f"training loader vs {gpu_case} GPU step", rate / gpu_rate, "x", ">= 1",
+                              note="samples/s of the loader over volumes/s of the GPU step: >= 1 keeps up "
+                                   "(1 input channel on the GPU side, 2 in the loader: pessimistic)"))
+    return figures, {"workers": workers, "seconds": res["seconds"], "samples": res["samples"],
+                     "input_shape": res["input_shape"]}
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(args: list[str] | None = None) -> dict:
     """Measure the figures, print the markdown table, optionally write JSON; returns the result."""
@@ -404,6 +517,14 @@ def main(args: list[str] | None = None) -> dict:
             figures += f
             setup["overhead"] = {**ovh, "shape": list(ovh["shape"]), "work": str(work)}
             extra["overhead"] = raw
+        # the loader at the MFU case's input size (quick: tiny), fed by up to 8 worker processes
+        lsize, lshape = (16, (16, 32, 16)) if q else (MFU_SIZE, (64, 128, 64))
+        workers = 1 if q else min(8, os.cpu_count() or 1)
+        gpu_rate = step_raw["volumes_per_s"].get(f"cuda/{MFU_MODEL}/{MFU_SIZE}/" + str(
+            setup.get("mfu", {}).get("variant")))
+        f, raw = loader_figures(work, lsize, 8 if q else 16, lshape, workers, 3, gpu_rate, f"{MFU_MODEL} {MFU_SIZE}^3")
+        figures += f
+        extra["loader"] = raw
     if tmp is not None:
         tmp.cleanup()
     for f in figures:

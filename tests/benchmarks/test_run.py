@@ -15,6 +15,7 @@ def test_quick_run_writes_results_for_each_benchmark(tmp_path, capsys):
     assert status == 0
     (js,) = tmp_path.glob("*-quick.json")
     (md,) = tmp_path.glob("*-quick.md")
+    assert js.name.endswith("-compress_bench-ae_transfer-quick.json")  # a subset never replaces a full run's file
     doc = json.loads(js.read_text(encoding="utf-8"))
     assert [r["benchmark"] for r in doc["results"]] == ["compress", "ae_transfer"]
     assert doc["machine"]["bench_threads"] >= 1 and "torch" in doc["machine"]
