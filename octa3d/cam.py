@@ -110,7 +110,7 @@ class CamComputer:
         self._cams: list[Any] = []
         self.feature_shape: tuple[int, ...] | None = None  # spatial size of the layer's map (coarse = blurry CAM)
         if models:
-            dict(models[0].named_modules())[layer].register_forward_hook(self._record_shape)
+            models[0].get_submodule(layer).register_forward_hook(self._record_shape)
         for m in models:
             if backend == "medcam":
                 from medcam import medcam  # the package __init__ is empty: the API lives in medcam.medcam
@@ -137,7 +137,7 @@ class CamComputer:
             for p in frozen:
                 p.requires_grad_(False)
             for m in self.models:  # prepend: MONAI's own hook then records the tensor that is in the graph
-                handles.append(dict(m.named_modules())[self.layer].register_forward_hook(_grad_leaf, prepend=True))
+                handles.append(m.get_submodule(self.layer).register_forward_hook(_grad_leaf, prepend=True))
             with warnings.catch_warnings():
                 # expected: no input of the target layer requires grad, so the hook fires on its output gradient
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -231,14 +231,8 @@ class CheckpointWriter:
 
     def submit(self, obj: Any, path: Path) -> None:
         """Queue ``atomic_torch_save(obj, path)`` (``obj`` must no longer change)."""
-        done: list[Any] = []
-        pending: list[Any] = []
-        for f in self._futures:
-            (done if f.done() else pending).append(f)
-        self._futures = pending
-        for f in done:
-            self._result(f)
-        while len(self._futures) >= self.max_pending:
+        # one worker thread: writes finish in order, so the finished ones are at the front
+        while self._futures and (self._futures[0].done() or len(self._futures) >= self.max_pending):
             self._result(self._futures.pop(0))
         self._futures.append(self._pool.submit(atomic_torch_save, obj, path))
 

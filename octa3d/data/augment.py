@@ -59,7 +59,28 @@ def _plane_grid(shape: Sequence[int], angle: float, scales: Sequence[float]) -> 
     return torch.stack([src_q * (2 / w), src_r * (2 / h)], dim=-1)[None].float()
 
 
-class RandPlaneAffined(RandomizableTransform, MapTransform):
+class _RandMapTransform(RandomizableTransform, MapTransform):
+    """One random draw per sample (:meth:`randomize`), then :meth:`transform` of every key with that draw."""
+
+    def __init__(self, keys: Any, prob: float, allow_missing_keys: bool = False) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+
+    def transform(self, image: Any) -> torch.Tensor:
+        """Apply the current draw to one image."""
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform:
+            return d
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class RandPlaneAffined(_RandMapTransform):
     """Random rotation in the en-face plane and scaling of every axis, linear interpolation, zeros outside.
 
     The same family of transforms as MONAI's ``RandAffined(rotate_range=..., scale_range=..., mode="bilinear",
@@ -82,8 +103,7 @@ class RandPlaneAffined(RandomizableTransform, MapTransform):
 
     def __init__(self, keys: Any, prob: float = 0.5, rotate: float = 0.0, scale: float = 0.0,
                  depth_axis: int | None = None, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob, allow_missing_keys)
         self.rotate, self.scale, self.depth_axis = float(rotate), float(scale), depth_axis
         self.angle, self.scales = 0.0, (1.0, 1.0, 1.0)
 
@@ -118,17 +138,8 @@ class RandPlaneAffined(RandomizableTransform, MapTransform):
             inverse[a] = pos
         return out.permute(*inverse).contiguous()
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
 
-
-class RandGaussianNoiseTorchd(RandomizableTransform, MapTransform):
+class RandGaussianNoiseTorchd(_RandMapTransform):
     """Additive Gaussian noise like MONAI's ``RandGaussianNoised`` (std drawn uniformly in 0..``std``), drawn in
     float32 by a torch generator seeded from this transform's random state: MONAI draws float64 NumPy normals,
     ~10x slower for a 2×128³ sample. Every key gets the same noise.
@@ -140,8 +151,7 @@ class RandGaussianNoiseTorchd(RandomizableTransform, MapTransform):
     """
 
     def __init__(self, keys: Any, prob: float = 0.1, std: float = 0.1, allow_missing_keys: bool = False) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
+        super().__init__(keys, prob, allow_missing_keys)
         self.std = float(std)
         self.draw_std, self.seed = 0.0, 0
 
@@ -152,16 +162,11 @@ class RandGaussianNoiseTorchd(RandomizableTransform, MapTransform):
             self.draw_std = float(self.R.uniform(0, self.std))
             self.seed = int(self.R.randint(0, 2**31 - 1))
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            x = _plain(d[key])
-            gen = torch.Generator().manual_seed(self.seed)
-            d[key] = x + torch.randn(x.shape, generator=gen, dtype=torch.float32).mul_(self.draw_std)
-        return d
+    def transform(self, image: Any) -> torch.Tensor:
+        """``image`` plus the current draw's noise (the same values for every key of a sample)."""
+        x = _plain(image)
+        gen = torch.Generator().manual_seed(self.seed)
+        return x + torch.randn(x.shape, generator=gen, dtype=torch.float32).mul_(self.draw_std)
 
 
 def train_augmentation(spatial_dims: int, depth_axis: int | None, keys: Sequence[str] = ("image",)) -> Compose:
