@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import struct
 import time
 from pathlib import Path
@@ -50,6 +51,16 @@ def write_slices(folder: Path, numbers, fmt: str = "{}.bmp") -> Path:
 
 
 def write_dicom_series(folder: Path, vol: np.ndarray, spacing=(0.5, 0.5, 2.0)) -> Path:
+    # GDCM's writer resets the process locale to "C" (ASCII): later tests that decode subprocess output as text
+    # (torchrun, torch.compile's compiler calls) would fail depending on test order
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(folder, vol, spacing)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder: Path, vol: np.ndarray, spacing) -> Path:
     img = sitk.GetImageFromArray(vol)
     img.SetSpacing(spacing)
     writer = sitk.ImageFileWriter()
