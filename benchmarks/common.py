@@ -24,10 +24,10 @@ from typing import Any
 def run_stage(argv: list[str]) -> object:
     """Run one octa3d stage in-process (same parsing as ``python main.py ARGV``) and return its result."""
     from octa3d.cli import parse_config
-    from octa3d.cli import run_stage as dispatch
+    from octa3d.stages import run_stage as dispatch
 
     cfg, _ = parse_config(argv)
-    return dispatch(cfg, argv)
+    return dispatch(cfg)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 (``--cam gradcam``, MONAI GradCAM) vs the ``medcam`` backend, same model, same inputs, same export.
 
 Both backends run through the real exporter, built the way ``--mode test`` builds it
-(:func:`octa3d.explain.cam_items_from_cache` over a :class:`~octa3d.data.datasets.DataHandler`'s preprocessing
+(:func:`octa3d.cam.cam_items_from_cache` over a :class:`~octa3d.data.datasets.DataHandler`'s preprocessing
 cache, then ``CamExporter(cfg, models, names, out, preset, tb=..., device="cpu").export(items)``), so a volume's
 time holds reading its input from the cache, the CAM (several subjects per forward/backward pass,
 ``--batch-size``), mapping it back to the source geometry, ``<id>_cam.nii.gz`` + ``<id>_input.nii.gz``, the review
@@ -80,7 +80,7 @@ def _items(case: Case, work: Path, n: int) -> tuple[Any, Any, list[Any], list[st
     from octa3d.data.datasets import DataHandler
     from octa3d.data.splits import labelled_subjects
     from octa3d.data.synthetic import generate
-    from octa3d.explain import cam_items_from_cache
+    from octa3d.cam import cam_items_from_cache
 
     data = work / f"data-{'x'.join(map(str, case.shape))}"
     if not data.exists():
@@ -103,13 +103,13 @@ class _Run:
 
     def __init__(self, cfg: Any, handler: Any, model: Any, names: list[str], items: list[Any], backend: str,
                  batch: int, out: Path) -> None:
-        from octa3d import engine
-        from octa3d.explain import CamExporter
+        from octa3d.cam import CamExporter
+        from octa3d.utils.tracking import tensorboard_writer
 
         c = copy.deepcopy(cfg)
         c.eval.cam, c.train.batch_size = backend, batch
         self.items, self.out = items, out
-        self.tb = engine.tensorboard_writer(out / "tensorboard")
+        self.tb = tensorboard_writer(out / "tensorboard")
         self.exporter = CamExporter(c, [copy.deepcopy(model).eval()], names, out, handler.preset, tb=self.tb,
                                     device="cpu")
         self.exporter.export(items[:1])  # warm-up (first-call costs; medcam's one-off test run)
@@ -133,7 +133,7 @@ def _max_diff(a: Path, b: Path, ids: list[str]) -> float:
     """Largest voxel difference between the CAM volumes two runs wrote."""
     import SimpleITK as sitk
 
-    from octa3d.explain import safe_name
+    from octa3d.utils.io import safe_name
 
     worst = 0.0
     for sid in ids:
@@ -202,7 +202,7 @@ def main(args: list[str] | None = None) -> dict:
     setup_logging("WARNING")
     logging.getLogger("octa3d").setLevel(logging.WARNING)
     # the registered cnn layer is coarse at these sizes (2^3 map at 32^3): its warning would repeat every export
-    logging.getLogger("octa3d.explain").setLevel(logging.ERROR)
+    logging.getLogger("octa3d.cam").setLevel(logging.ERROR)
     cases = QUICK if ns.quick else FULL
     n = ns.subjects or (3 if ns.quick else 8)
     repeat = ns.repeat or (1 if ns.quick else 2)

@@ -13,7 +13,7 @@ full ``--mode train`` stage over a bare forward/backward/step loop.
            --patience 0 --device cpu --data-root WORK/data --runs-dir WORK/runs --exp step
 
    Timestamps are taken around the stage's training loops and validation passes (thin wrappers around
-   ``engine.progress`` and ``train.predict``; nothing else changes). One epoch *cycle* runs from the start of an
+   ``engine.progress`` and ``engine.predict``; nothing else changes). One epoch *cycle* runs from the start of an
    epoch's training loop to the start of the next one, so it holds the training steps (data loading from the warm
    preprocessing cache, augmentation, loss/accuracy bookkeeping, progress bar), the validation pass, metrics,
    history.csv, TensorBoard (scalars + confusion-matrix figure), ``best.pt``/``last.pt`` and logging. Epochs >= 2
@@ -92,7 +92,8 @@ def _throughput(name: str, size: int, batch: int, device: Any, variant: str, rep
     import torch
 
     from octa3d.config import Config
-    from octa3d.engine import Precision, build_optimizer
+    from octa3d.engine import Precision
+    from octa3d.optim import build_optimizer
     from octa3d.model import create_model
 
     torch.manual_seed(0)
@@ -291,7 +292,7 @@ class BareLoop:
                  cfg: Any) -> None:
         import torch
 
-        from octa3d.engine import build_optimizer
+        from octa3d.optim import build_optimizer
         from octa3d.model import create_model
 
         torch.manual_seed(0)
@@ -327,7 +328,7 @@ class BareLoop:
 class StageClock:
     """Timestamps of the train stage's epochs, with a bare-loop epoch slotted in after each validation pass.
 
-    While active it wraps ``octa3d.engine.progress`` (the start of each training loop) and ``octa3d.train.predict``
+    While active it wraps ``octa3d.engine.progress`` (the start of each training loop) and ``octa3d.engine.predict``
     (the validation pass); after each validation pass it runs ``between(clock)`` (here: one :class:`BareLoop`
     epoch), whose duration is recorded and later taken out of the stage's epoch cycle. Slotting the bare epochs
     between the stage's epochs puts both under the same machine load.
@@ -342,10 +343,10 @@ class StageClock:
         self.val_loader: Any = None
 
     def __enter__(self) -> StageClock:
-        from octa3d import engine, train
+        from octa3d import engine
 
-        self._engine, self._train = engine, train
-        self._progress, self._predict = engine.progress, train.predict
+        self._engine = engine
+        self._progress, self._predict = engine.progress, engine.predict
 
         def progress(iterable: Any, **kw: Any) -> Any:
             if str(kw.get("desc", "")).startswith("epoch"):
@@ -364,11 +365,11 @@ class StageClock:
             self.between_s.append(_span(t1, _now()))
             return out
 
-        engine.progress, train.predict = progress, predict
+        engine.progress, engine.predict = progress, predict
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._engine.progress, self._train.predict = self._progress, self._predict
+        self._engine.progress, self._engine.predict = self._progress, self._predict
 
 
 def overhead_figures(work: Path, model: str, size: int, n_subjects: int, shape: tuple[int, int, int], epochs: int,

@@ -2,37 +2,25 @@
 
 The argparse groups are generated from the dataclasses in :mod:`octa3d.config`, so every flag is a config field,
 documented by ``--help`` and settable from ``--config file.yaml``. Precedence: default < YAML < flag.
-Each mode is one stage module exposing ``run(cfg, argv)``; the run-folder name of a stage is its module name.
+Each mode is one module of :mod:`octa3d.stages` exposing ``run(cfg)``; the run-folder name of a stage is its
+module name. Which options were given explicitly travels on the config (``cfg.explicit``), so no stage reads argv.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
 import logging
 import sys
 from typing import Any, get_args, get_origin
 
 from octa3d import __version__
-from octa3d.config import (Config, apply_overrides, load_yaml, section_fields, validate)
-from octa3d.errors import Octa3dError, StageNotBuiltError
+from octa3d.config import Config, apply_overrides, load_yaml, section_fields, validate
+from octa3d.errors import Octa3dError
+from octa3d.stages import run_stage
 from octa3d.utils.log import setup_logging
 
 log = logging.getLogger("octa3d.cli")
-
-#: mode -> module implementing ``run(cfg, argv)``. Module names match run-folder names.
-STAGES: dict[str, str] = {
-    "synth": "octa3d.data.synthetic",
-    "prepare": "octa3d.data.splits",
-    "ae_pretrain": "octa3d.ae_pretrain",
-    "train": "octa3d.train",
-    "test": "octa3d.test",
-    "explain": "octa3d.explain",
-    "compress": "octa3d.compress",
-    "demo": "octa3d.demo",
-}
 
 _GROUP_TITLES = {
     "run": "experiment",
@@ -88,33 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
     """Parse ``argv`` into a validated :class:`Config` (default < YAML < flags).
 
+    The config records which fields were set explicitly (``cfg.explicit``: flags and YAML keys) and the arguments
+    themselves (``cfg.argv``, for command.txt), so that stages never look at the command line.
+
     Raises:
         ConfigError: unknown YAML key, wrong type, or out-of-range value (the flag is named).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
     cfg = Config()
+    explicit: set[str] = set()
     if ns.config:
-        apply_overrides(cfg, load_yaml(ns.config), f"--config {ns.config}")
-    explicit = {k: v for k, v in vars(ns).items() if k not in ("config", "list_models")}
-    apply_overrides(cfg, explicit, "command line")
+        from_yaml = load_yaml(ns.config)
+        apply_overrides(cfg, from_yaml, f"--config {ns.config}")
+        explicit |= {k.strip().replace("-", "_") for k in from_yaml}
+    flags = {k: v for k, v in vars(ns).items() if k not in ("config", "list_models")}
+    apply_overrides(cfg, flags, "command line")
+    explicit |= set(flags)
     validate(cfg)
+    cfg.explicit, cfg.argv = frozenset(explicit), tuple(argv)
     return cfg, ns
-
-
-def run_stage(cfg: Config, argv: list[str] | None = None) -> Any:
-    """Import the stage module of ``cfg.run.mode`` and call its ``run(cfg, argv)``.
-
-    Raises:
-        StageNotBuiltError: the mode's module does not exist yet.
-    """
-    mode = cfg.run.mode
-    module_name = STAGES[mode]
-    if importlib.util.find_spec(module_name) is None:
-        raise StageNotBuiltError(f"--mode {mode} is not built yet in octa3d {__version__} "
-                                 f"(its stage module {module_name} does not exist)")
-    module = importlib.import_module(module_name)
-    return module.run(cfg, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_model_table())
         return 0
     try:
-        run_stage(cfg, argv)
+        run_stage(cfg)
     except Octa3dError as exc:
         log.debug("stopped", exc_info=True)
         print(f"octa3d: error: {exc}", file=sys.stderr)

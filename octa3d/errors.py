@@ -22,7 +22,3 @@ class LeakageError(Octa3dError):
 
 class RunExistsError(Octa3dError):
     """A stage folder already holds results and ``--overwrite`` was not given."""
-
-
-class StageNotBuiltError(Octa3dError):
-    """The requested mode exists in the CLI but its stage is not implemented yet."""

@@ -187,3 +187,32 @@ def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
         out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else math.nan
     out["n_subjects"] = int(len(y_true))
     return out
+
+
+def format_metric(m: dict[str, Any], key: str) -> str:
+    """``value [low, high]`` of one metric of an :func:`evaluation_metrics` result (``n/a`` when undefined)."""
+    v = m.get(key)
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    ci = m.get("ci95", {}).get(key)
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and all(math.isfinite(c) for c in ci) else "")
+
+
+def summary_lines(m: dict[str, Any]) -> list[str]:
+    """Headline metrics (with 95 % CIs) as printable lines."""
+    keys = ["balanced_accuracy", "auc", "accuracy", "f1_macro", "kappa"]
+    if "sensitivity" in m:
+        keys += ["sensitivity", "specificity"]
+    return [f"  {k.replace('_', ' '):<18} {format_metric(m, k)}" for k in keys]
+
+
+def predictions_frame(ids: Sequence[str], y: np.ndarray, probs: np.ndarray, names: Sequence[str]) -> Any:
+    """``predictions.csv``: subject, true label, one probability column per class, prediction, correct."""
+    import pandas as pd
+
+    cols: dict[str, Any] = {"subject": list(ids), "label": [names[i] for i in y]}
+    for c, n in enumerate(names):
+        cols[f"p_{n}"] = np.round(probs[:, c], 6)
+    cols["prediction"] = [names[i] for i in probs.argmax(axis=1)]
+    cols["correct"] = probs.argmax(axis=1) == y
+    return pd.DataFrame(cols)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from octa3d.cli import STAGES, build_parser, main, parse_config
+from octa3d.cli import build_parser, main, parse_config
 from octa3d.config import section_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,12 +55,6 @@ def test_unknown_config_key_exit_code(tmp_path, capsys):
     assert "unknown key 'nonsense'" in capsys.readouterr().err
 
 
-def test_every_mode_has_a_stage_module():
-    from octa3d.config import MODES
-
-    assert set(STAGES) == set(MODES)
-
-
 def test_main_py_runs_as_script():
     res = subprocess.run([sys.executable, "main.py", "--version"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "octa3d" in res.stdout
@@ -74,13 +68,15 @@ def test_no_data_says_how_to_point_at_data_or_synthesize(tmp_path, capsys, monke
     assert not (tmp_path / "runs").exists()  # nothing half-written
 
 
-def test_unbuilt_stage_exits_with_one_line(monkeypatch, capsys):
-    import octa3d.cli as cli
-
-    monkeypatch.setitem(cli.STAGES, "compress", "octa3d.not_a_module")
-    assert main(["--mode", "compress"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "not built yet" in err[0]
+def test_explicit_options_are_recorded_on_the_config(tmp_path):
+    """Stages read which options the user set from the config (flags and YAML keys), never from argv."""
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train:\n  lr: 0.01\ninput-size: 24\n", encoding="utf-8")
+    cfg, _ = parse_config(["--mode", "test", "--config", str(yml), "--data-root", "./data", "--no-amp"])
+    assert cfg.explicit == {"mode", "lr", "input_size", "data_root", "amp"}
+    assert cfg.is_explicit("data_root") and not cfg.is_explicit("epochs")
+    assert cfg.argv == ("--mode", "test", "--config", str(yml), "--data-root", "./data", "--no-amp")
+    assert cfg.train.lr == 0.01 and cfg.preprocess.input_size == [24] and cfg.train.amp is False
 
 
 def test_synth_then_prepare_make_a_run_folder(tmp_path, capsys):

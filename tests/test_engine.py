@@ -1,130 +1,13 @@
-"""Training engine pieces: checkpoints (also written in the background), optimiser, early stopping, schedule,
-RNG state."""
+"""The shared loops (octa3d.engine): precision policy, accumulation, clipping, step limit, non-finite losses,
+reconstruction target."""
 
-import random
+import math
 
-import numpy as np
 import pytest
 import torch
 
 from octa3d import engine
-from octa3d.config import Config
-
-
-def test_checkpoint_roundtrip_and_corruption(tmp_path):
-    cfg = Config()
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    path = tmp_path / "ckpt" / "last.pt"
-    engine.save_checkpoint(path, model, engine.model_record(cfg, ["NORMAL", "DR"], "classifier"), epoch=3,
-                           optimizer=opt, early=engine.EarlyStopping(), config=cfg)
-    ck = engine.load_checkpoint(path, kind="classifier")
-    assert ck["epoch"] == 3 and ck["class_names"] == ["NORMAL", "DR"] and ck["model_name"] == "resnet18"
-    assert torch.equal(ck["state_dict"]["weight"], model.weight)
-    with pytest.raises(engine.CheckpointError, match="expected a autoencoder"):
-        engine.load_checkpoint(path, kind="autoencoder")
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])  # a partially written file
-    with pytest.raises(engine.CheckpointError, match="corrupt or partially written"):
-        engine.load_checkpoint(path)
-    with pytest.raises(engine.CheckpointError, match="not found"):
-        engine.load_checkpoint(tmp_path / "none.pt")
-    torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
-    with pytest.raises(engine.CheckpointError, match="--init-from"):
-        engine.load_checkpoint(tmp_path / "plain.pt")
-
-
-def test_background_checkpoint_writes_a_snapshot(tmp_path):
-    cfg = Config()
-    model = torch.nn.Linear(3, 2)
-    record = engine.model_record(cfg, ["NORMAL", "DR"], "classifier")
-    before = model.weight.detach().clone()
-    with engine.CheckpointWriter() as writer:
-        for epoch in (1, 2, 3):
-            engine.save_checkpoint(tmp_path / f"e{epoch}.pt", model, record, epoch=epoch, writer=writer)
-            with torch.no_grad():
-                model.weight.add_(1.0)  # training goes on at once: the checkpoint holds the weights as they were
-    for epoch in (1, 2, 3):
-        ck = engine.load_checkpoint(tmp_path / f"e{epoch}.pt", kind="classifier")
-        assert ck["epoch"] == epoch
-        torch.testing.assert_close(ck["state_dict"]["weight"], before + (epoch - 1))
-    assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporary files
-
-
-def test_background_checkpoint_failure_is_raised(tmp_path):
-    model = torch.nn.Linear(3, 2)
-    record = engine.model_record(Config(), ["NORMAL", "DR"], "classifier")
-    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
-    with pytest.raises(engine.CheckpointError, match="writing a checkpoint failed"):
-        with engine.CheckpointWriter() as writer:
-            engine.save_checkpoint(tmp_path / "file" / "last.pt", model, record, epoch=1, writer=writer)
-
-
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
-def test_optimizer_fused_when_possible_same_update(name, monkeypatch):
-    cfg = Config()
-    cfg.train.optimizer = name
-    torch.manual_seed(0)
-    a = torch.nn.Linear(4, 2)
-    b = torch.nn.Linear(4, 2)
-    b.load_state_dict(a.state_dict())
-    opt_a = engine.build_optimizer(a.parameters(), cfg)
-    opt_b = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name](
-        b.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        **({"momentum": 0.9, "nesterov": True} if name == "sgd" else {}))
-    assert opt_a.defaults.get("fused") is True
-    x = torch.randn(8, 4)
-    for _ in range(3):
-        for m, opt in ((a, opt_a), (b, opt_b)):
-            opt.zero_grad()
-            m(x).square().mean().backward()
-            opt.step()
-    torch.testing.assert_close(a.weight, b.weight)
-    # where the fused kernels are refused (a device or dtype without them) the default implementation is used
-    cls = type(opt_a)
-
-    class NoFused(cls):
-        def __init__(self, params, fused=None, **kw):
-            if fused:
-                raise RuntimeError("fused not supported here")
-            super().__init__(params, **kw)
-
-    monkeypatch.setattr(torch.optim, cls.__name__, NoFused)
-    fallback = engine.build_optimizer((p for p in torch.nn.Linear(2, 2).parameters()), cfg)
-    assert isinstance(fallback, NoFused) and not fallback.defaults.get("fused")
-    assert len(fallback.param_groups[0]["params"]) == 2  # a generator is read once, not exhausted by the retry
-
-
-def test_early_stopping():
-    es = engine.EarlyStopping(mode="max", patience=2)
-    assert es.update(0.5, 0) and not es.update(0.4, 1) and not es.should_stop
-    assert not es.update(0.5, 2) and es.should_stop and es.best_epoch == 0
-    es2 = engine.EarlyStopping()
-    es2.load_state_dict(es.state_dict())
-    assert es2.state_dict() == es.state_dict()
-    assert not engine.EarlyStopping(patience=0, bad_epochs=100).should_stop
-
-
-def test_scheduler_warmup_then_cosine():
-    cfg = Config()
-    cfg.train.epochs, cfg.train.warmup_epochs, cfg.train.lr = 4, 1, 1.0
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=1.0)
-    sch = engine.build_scheduler(opt, cfg, steps_per_epoch=5)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sch.step()
-    assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] < 0.1
-
-
-def test_rng_state_roundtrip():
-    state = engine.rng_state()
-    a = (random.random(), np.random.rand(), torch.rand(1).item())
-    engine.set_rng_state(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+from octa3d.errors import DataError
 
 
 def test_precision_is_fp32_on_cpu():
@@ -132,6 +15,70 @@ def test_precision_is_fp32_on_cpu():
     assert prec.dtype is None and prec.scaler is None
 
 
-def test_slice_grid_shape():
-    img = engine.slice_grid(torch.rand(3, 2, 8, 10, 12))
-    assert img.shape == (1, 10, 36) and float(img.max()) <= 1.0
+class _Loader(list):
+    """A list of batches with a sampler stand-in (what train_one_epoch reads of a DataLoader)."""
+
+
+def _batches(n: int, seed: int = 0) -> _Loader:
+    g = torch.Generator().manual_seed(seed)
+    return _Loader({"image": torch.randn(2, 1, 4, 4, 4, generator=g), "label": torch.tensor([0, 1]),
+                    "subject": [f"s{2 * i}", f"s{2 * i + 1}"]} for i in range(n))
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+
+
+def _epoch(model, loader, policy, target="label", loss_fn=None):
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    prec = engine.Precision.for_device(torch.device("cpu"), enabled=False)
+    loss_fn = loss_fn or torch.nn.functional.cross_entropy
+    return engine.train_one_epoch(model, loader, loss_fn, opt, None, prec, params, policy, step=0, desc="epoch 1/1",
+                                  target=target)
+
+
+def test_accumulation_takes_one_step_per_accum_batches_and_matches_the_big_batch():
+    loader = _batches(4)
+    a, b = _model(), _model()
+    _, _, steps, _ = _epoch(a, loader, engine.StepPolicy(accum_steps=2))
+    assert steps == 2
+    # the same update as two optimiser steps over the concatenated pairs of batches
+    big = _Loader({"image": torch.cat([loader[i]["image"], loader[i + 1]["image"]]),
+                   "label": torch.cat([loader[i]["label"], loader[i + 1]["label"]]),
+                   "subject": loader[i]["subject"] + loader[i + 1]["subject"]} for i in (0, 2))
+    _epoch(b, big, engine.StepPolicy(accum_steps=1))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_clipping_bounds_the_update():
+    loader = _batches(1)
+    big_loss = lambda out, y: 1e4 * torch.nn.functional.cross_entropy(out, y)  # noqa: E731
+    free, clipped = _model(), _model()
+    w0 = clipped[1].weight.detach().clone()
+    _epoch(free, loader, engine.StepPolicy(), loss_fn=big_loss)
+    _epoch(clipped, loader, engine.StepPolicy(clip_grad=1.0), loss_fn=big_loss)
+    step_free = (free[1].weight - w0).norm()
+    step_clipped = torch.cat([(p - q).flatten() for p, q in zip(clipped.parameters(), _model().parameters())]).norm()
+    assert step_clipped <= 0.1 * 1.0 + 1e-6 < step_free  # lr x max norm
+
+
+def test_max_steps_stops_after_that_many_optimiser_steps():
+    with pytest.raises(engine.StopTraining) as stop:
+        _epoch(_model(), _batches(5), engine.StepPolicy(max_steps=3))
+    assert stop.value.step == 3
+
+
+def test_non_finite_loss_names_step_and_subjects():
+    nan_loss = lambda out, y: out.sum() * float("nan")  # noqa: E731
+    with pytest.raises(DataError, match=r"loss became nan at epoch 1, step 0 \(subjects s0, s1\)"):
+        _epoch(_model(), _batches(2), engine.StepPolicy(), loss_fn=nan_loss)
+
+
+def test_reconstruction_target_is_the_input_and_has_no_accuracy():
+    ae = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1))
+    loss, acc, steps, _ = _epoch(ae, _batches(3), engine.StepPolicy(), target="input",
+                                 loss_fn=torch.nn.functional.mse_loss)
+    assert steps == 3 and math.isnan(acc) and loss > 0

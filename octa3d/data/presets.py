@@ -17,8 +17,8 @@ from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
 from octa3d.data.augment import train_augmentation
 from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
-                                    PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd, _run, drop_axis,
-                                    patch_grid, resize)
+                                    PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd, apply_transforms,
+                                    drop_axis, patch_grid, resize)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")
@@ -115,7 +115,7 @@ class Clip3DPreset(_Preset):
         if tuple(geometry.shape) != tuple(image.shape[1:]):
             raise DataError(f"subject {subject_id}: geometry {geometry.shape} != array {image.shape[1:]}")
         image = self._check_channels(image, subject_id)
-        d = _run(self.pipeline, {"image": image})
+        d = apply_transforms(self.pipeline, {"image": image})
         box = d["crop_box"]
         record = PreprocessRecord(source=geometry.to_dict(), crop_box=box,
                                   cropped_shape=tuple(e - s for s, e in box), input_shape=self.input_shape,
@@ -180,7 +180,7 @@ class Patch2DPreset(_Preset):
                     raise DataError(f"subject {subject.id} has no projection map '{self.projection}' "
                                     f"(has: {', '.join(subject.projections) or 'none'}); use --projection compute")
                 image = self._check_channels(image, subject.id)
-                d = _run(self.slab, {"image": image})
+                d = apply_transforms(self.slab, {"image": image})
                 meta = {"projection": "compute", "volume": geometry.to_dict(), "depth_axis": self.depth_axis,
                         "slab": list(d["crop_box"][self.depth_axis]), "retina": list(d["retina"])}
                 image, geometry = d["image"], drop_axis(geometry, self.depth_axis)

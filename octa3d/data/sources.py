@@ -3,42 +3,48 @@
 Three layouts (``--source``; ``auto`` detects them with :func:`detect_source`):
 
 * ``octa500``: ``<root>/OCTA_6mm|OCTA_3mm/{OCTA,OCT}/<ID>/<n>.bmp`` + ``Text labels.xlsx`` (+ optional
-  ``Projection Maps/<type>/<ID>.bmp`` and ``Lesion Masks/<ID>.nii.gz``);
+  ``Projection Maps/<type>/<ID>.bmp`` and ``Lesion Masks/<ID>.nii.gz``; the layout's facts are in
+  :mod:`octa3d.data.octa500`);
 * ``manifest``: a CSV ``subject,label,path[,group][,mask][,split]`` (a file, or ``<root>/manifest.csv``);
 * ``folders``: 2D class folders ``<root>/[train|val|test/]<CLASS>/*.png|jpg|jpeg|bmp|tif|tiff``.
+
+:func:`discover` lists a labelled dataset; :func:`discover_unlabelled` lists extra scans whose labels are not used
+(``--ae-extra-data``); :func:`~octa3d.data.octa500.subject_from_path` (re-exported here) makes one ``--input`` path
+a subject.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from octa3d.data.imagefiles import SUPPORTED_EXTS, file_suffix, short
 from octa3d.data.labels import normalise_header, normalise_id, normalise_label, read_label_table
-from octa3d.data.readers import SLICE_EXTS, SUPPORTED_EXTS, _info, _short, file_suffix
+from octa3d.data.octa500 import (FOVS, MODALITIES, PROJECTIONS_DIR, find_mask, fov_dir, match_projection,
+                                 octa500_labels, octa500_spacing, subject_from_path)
+from octa3d.data.slices import visible
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from octa3d.config import DataConfig
 
+__all__ = ["IMAGE_EXTS", "SOURCES", "SPLIT_DIRS", "detect_source", "discover", "discover_unlabelled", "natural_key",
+           "subject_from_path"]
+
 log = logging.getLogger("octa3d.data")
 
 SOURCES = ("octa500", "manifest", "folders")
-FOVS = ("6mm", "3mm")
-#: Physical size covered by an OCTA-500 scan (lateral = both B-scan directions, depth = A-scan), in mm.
-FOV_LATERAL_MM = {"6mm": 6.0, "3mm": 3.0}
-DEPTH_MM = 2.0  # 640 rows cover 2 mm in both FOVs; a resampled stack still covers 2 mm
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
               "test": "test", "testing": "test"}
-LABEL_TABLE_NAMES = ("text labels.xlsx", "text labels.csv", "labels.xlsx", "labels.csv")
-PROJECTIONS_DIR = "Projection Maps"
-MASKS_DIR = "Lesion Masks"
 
 _LAYOUTS = ("an OCTA-500 folder (OCTA_6mm/OCTA/<ID>/1.bmp …, optionally OCTA_3mm/), a manifest CSV with "
             "columns subject,label,path (a .csv file or a folder holding manifest.csv), or 2D class folders "
@@ -56,10 +62,6 @@ def _no_data(root: Path | str) -> DataError:
                      f"--mode synth --data-root {root}")
 
 
-def _visible(path: Path) -> list[Path]:
-    return [c for c in path.iterdir() if not c.name.startswith(".")]
-
-
 def _iter_images(folder: Path) -> Iterator[Path]:
     return (f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")
             and f.suffix.lower() in IMAGE_EXTS)
@@ -70,7 +72,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
-    return {SPLIT_DIRS[d.name.lower()]: d for d in _visible(root) if d.is_dir() and d.name.lower() in SPLIT_DIRS}
+    return {SPLIT_DIRS[d.name.lower()]: d for d in visible(root) if d.is_dir() and d.name.lower() in SPLIT_DIRS}
 
 
 def detect_source(root: str | Path) -> str:
@@ -88,24 +90,24 @@ def detect_source(root: str | Path) -> str:
         DataError: ``root`` is missing or empty (says how to create a synthetic set), or matches no layout.
     """
     p = Path(root)
-    if not p.exists() or (p.is_dir() and not _visible(p)):
+    if not p.exists() or (p.is_dir() and not visible(p)):
         raise _no_data(root)
     if p.is_file():
         if p.suffix.lower() == ".csv":
             return "manifest"
         raise DataError(f"--data-root {root} is a file but not a manifest .csv; expected {_LAYOUTS}")
-    names = {c.name for c in _visible(p)}
+    names = {c.name for c in visible(p)}
     if "manifest.csv" in {n.lower() for n in names}:
         return "manifest"
-    if {"OCTA_6mm", "OCTA_3mm"} & names:
+    if {fov_dir(p, f).name for f in FOVS} & names:
         return "octa500"
     splits = _split_dirs(p)
     for base in (list(splits.values()) or [p]):
         # Stop at the first image: Kermany-size folders hold ~100k files.
-        if any(d.is_dir() and next(_iter_images(d), None) is not None for d in _visible(base)):
+        if any(d.is_dir() and next(_iter_images(d), None) is not None for d in visible(base)):
             return "folders"
     hint = ""
-    if p.name in ("OCTA_6mm", "OCTA_3mm") or {"OCTA", "OCT"} & names:
+    if p.name in {fov_dir(p, f).name for f in FOVS} or set(MODALITIES) & names:
         hint = f" (this looks like one OCTA-500 field of view: point --data-root at its parent {p.parent})"
     raise DataError(f"--data-root {root}: unrecognised layout{hint}; expected {_LAYOUTS}")
 
@@ -130,7 +132,7 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
     """
     source = cfg.source if cfg.source != "auto" else detect_source(cfg.data_root)
     root = Path(cfg.data_root)
-    if not root.exists() or (root.is_dir() and not _visible(root)):
+    if not root.exists() or (root.is_dir() and not visible(root)):
         raise _no_data(cfg.data_root)
     if source == "octa500":
         subjects = _discover_octa500(cfg, dim, require_labels)
@@ -145,7 +147,7 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
         seen[s.id] = seen.get(s.id, 0) + 1
     dups = sorted((k for k, n in seen.items() if n > 1), key=natural_key)
     if dups:
-        raise DataError(f"{cfg.data_root}: duplicate subject IDs: {_short(dups)}; every subject needs a unique ID")
+        raise DataError(f"{cfg.data_root}: duplicate subject IDs: {short(dups)}; every subject needs a unique ID")
     if not subjects:
         raise DataError(f"{cfg.data_root}: no subjects found ({source} layout); expected {_LAYOUTS}")
     subjects.sort(key=lambda s: natural_key(s.id))
@@ -153,7 +155,37 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
     return subjects
 
 
+def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str) -> list[Subject]:
+    """The scans of another dataset whose labels are not used (``--ae-extra-data``), in any layout.
+
+    The experiment's ``--labels`` and ``--source`` do not apply to it: its layout is detected and a label table
+    is optional (subjects keep ``label=None`` where there is none).
+
+    Args:
+        data_cfg: the experiment's data settings (modality, fov, projection ... are kept); not modified.
+        root: the other dataset's folder or manifest CSV.
+        dim: ``"2d"`` or ``"3d"``, as for :func:`discover`.
+
+    Returns:
+        Its subjects, sorted by ID.
+
+    Raises:
+        DataError: naming ``root``, when it is missing or empty or holds no scans (never an empty list), and
+            for anything else :func:`discover` refuses (e.g. a scan lacking the modality).
+    """
+    cfg = copy.deepcopy(data_cfg)
+    cfg.data_root, cfg.labels, cfg.source = str(root), None, "auto"
+    return discover(cfg, dim, require_labels=False)
+
+
 # ------------------------------------------------------------------------------------------- unlabeled
+def _skip_or_raise(cfg: DataConfig, msg: str, fix: str) -> None:
+    """Stop with ``msg; fix``, or with --skip-unlabeled warn that the listed subjects are skipped."""
+    if not cfg.skip_unlabeled:
+        raise DataError(f"{msg}; {fix}")
+    log.warning("%s; skipped (--skip-unlabeled)", msg)
+
+
 def _handle_unlabeled(cfg: DataConfig, no_label: list[str], no_image: list[str], where: str) -> None:
     """Stop (listing both kinds) or, with --skip-unlabeled, warn; the caller drops the subjects."""
     if not no_label and not no_image:
@@ -161,166 +193,121 @@ def _handle_unlabeled(cfg: DataConfig, no_label: list[str], no_image: list[str],
     no_label, no_image = sorted(no_label, key=natural_key), sorted(no_image, key=natural_key)
     parts = []
     if no_label:
-        parts.append(f"{len(no_label)} image(s) without a label: {_short(no_label)}")
+        parts.append(f"{len(no_label)} image(s) without a label: {short(no_label)}")
     if no_image:
-        parts.append(f"{len(no_image)} label(s) without an image: {_short(no_image)}")
-    msg = f"{where}: " + "; ".join(parts)
-    if not cfg.skip_unlabeled:
-        raise DataError(f"{msg}; fix the labels/files or pass --skip-unlabeled to skip them")
-    log.warning("%s; skipped (--skip-unlabeled)", msg)
+        parts.append(f"{len(no_image)} label(s) without an image: {short(no_image)}")
+    _skip_or_raise(cfg, f"{where}: " + "; ".join(parts), "fix the labels/files or pass --skip-unlabeled to skip "
+                   "them")
 
 
 # ------------------------------------------------------------------------------------------- OCTA-500
 def _id_dirs(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
-    return {d.name: d for d in _visible(folder) if d.is_dir()}
+    return {d.name: d for d in visible(folder) if d.is_dir()}
 
 
-def _find_label_tables(root: Path, fov_dirs: Iterable[Path]) -> list[Path]:
-    """``Text labels.xlsx`` (or .csv / labels.*) in the root, else one table per FOV folder (merged later)."""
-
-    def named(folder: Path) -> list[Path]:
-        hits = [f for f in _visible(folder) if f.is_file() and f.name.lower() in LABEL_TABLE_NAMES]
-        return sorted(hits, key=lambda f: LABEL_TABLE_NAMES.index(f.name.lower()))
-
-    if named(root):
-        return named(root)[:1]
-    tables = []
-    for folder in fov_dirs:
-        # Fall back to any spreadsheet with "label" in its name inside the FOV folder.
-        hits = named(folder) or sorted(f for f in _visible(folder) if f.is_file() and "label" in f.name.lower()
-                                       and f.suffix.lower() in (".xlsx", ".csv"))
-        if hits:
-            tables.append(hits[0])
-    return tables
+def _projection_maps(proj_root: Path) -> dict[str, dict[str, Path]]:
+    """Map type → eye ID → file of one FOV's ``Projection Maps`` folder."""
+    if not proj_root.is_dir():
+        return {}
+    return {tdir.name: {f.stem: f for f in visible(tdir) if f.is_file() and f.suffix.lower() in IMAGE_EXTS}
+            for tdir in visible(proj_root) if tdir.is_dir()}
 
 
-def _octa500_labels(cfg: DataConfig, root: Path, fov_dirs: list[Path]) -> tuple[dict[str, str], str]:
-    if cfg.labels:
-        return read_label_table(cfg.labels), str(cfg.labels)
-    tables = _find_label_tables(root, fov_dirs)
-    if not tables:
-        raise DataError(f"no label table in {root} or {', '.join(d.name for d in fov_dirs)}: expected "
-                        f"'{root / 'Text labels.xlsx'}' (ID and Disease columns); pass --labels FILE")
-    merged: dict[str, str] = {}
-    for t in tables:
-        for sid, lab in read_label_table(t).items():
-            if merged.get(sid, lab) != lab:
-                raise DataError(f"label tables {', '.join(map(str, tables))}: ID {sid} is {merged[sid]} in one "
-                                f"and {lab} in another; keep one label per ID")
-            merged[sid] = lab
-    return merged, ", ".join(map(str, tables))
+@dataclass
+class _Octa500Scan:
+    """What one pass over the FOV folders found: subjects, and the eyes left out (with why)."""
+
+    subjects: list[Subject] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)      # "<ID> (no OCT)": a needed modality is missing
+    no_projection: list[str] = field(default_factory=list)   # IDs without the requested projection map
+    proj_types: set[str] = field(default_factory=set)        # every map type seen, for the message
 
 
-def _octa500_spacing(scan_dir: Path, fov: str) -> tuple[float, float, float] | None:
-    """SimpleITK-order (x=columns, y=rows, z=B-scans) spacing in mm from the stack's actual size."""
-    try:
-        slices = [f for f in _visible(scan_dir) if f.is_file() and file_suffix(f) in SLICE_EXTS]
-        if not slices:
-            return None
-        width, rows = _info(slices[0]).GetSize()[:2]
-    except (DataError, OSError, ValueError):
-        return None  # the reader names the broken file when the volume is loaded
-    lateral = FOV_LATERAL_MM[fov]
-    return (lateral / width, DEPTH_MM / rows, lateral / len(slices))
+def _scan_fov(cfg: DataConfig, fov: str, fdir: Path, labels: dict[str, str], needed: list[str],
+              use_projection: bool, found: _Octa500Scan) -> None:
+    """Add the eyes of one FOV folder to ``found`` (needed modalities, projection maps, spacing, mask)."""
+    scans = {m: _id_dirs(fdir / m) for m in MODALITIES}
+    maps = _projection_maps(fdir / PROJECTIONS_DIR)
+    found.proj_types |= set(maps)
+    ids = set().union(*(s.keys() for s in scans.values()))
+    chosen = match_projection(fdir / PROJECTIONS_DIR, cfg.projection) if use_projection else None
+    if use_projection and chosen is not None:
+        ids |= set(maps[chosen.name])
+    for sid in ids:
+        paths = {m: str(scans[m][sid]) for m in MODALITIES if sid in scans[m]}
+        lacking = [m for m in needed if m not in paths]
+        if lacking:
+            found.incomplete.append(f"{sid} (no {'/'.join(lacking)})")
+            continue
+        projections = {t: str(files[sid]) for t, files in sorted(maps.items()) if sid in files}
+        if use_projection and (chosen is None or chosen.name not in projections):
+            found.no_projection.append(sid)
+            continue
+        # A projection-map subject reads no volume; otherwise the first needed scan gives the stack's size.
+        spacing = None if use_projection else octa500_spacing(Path(paths[needed[0]]), fov)
+        mask = find_mask(fdir, sid)
+        found.subjects.append(Subject(id=sid, label=labels.get(sid), paths=paths, projections=projections,
+                                      spacing=spacing, mask=str(mask) if mask else None, meta={"fov": fov}))
 
 
-def _match_projection(folder: Path, wanted: str) -> Path | None:
-    if not folder.is_dir():
-        return None
-    types = {d.name: d for d in _visible(folder) if d.is_dir()}
-    if wanted in types:
-        return types[wanted]
-    lower = {k.lower(): v for k, v in types.items()}
-    return lower.get(wanted.lower())
+def _all_octa500_ids(root: Path) -> set[str]:
+    """Every eye ID with a scan or a projection map in any FOV folder of ``root``."""
+    ids: set[str] = set()
+    for f in FOVS:
+        for m in MODALITIES:
+            ids |= set(_id_dirs(fov_dir(root, f) / m))
+        proj_root = fov_dir(root, f) / PROJECTIONS_DIR
+        if proj_root.is_dir():
+            for tdir in (d for d in visible(proj_root) if d.is_dir()):
+                ids |= {x.stem for x in visible(tdir) if x.is_file()}
+    return ids
+
+
+def _report_left_out(cfg: DataConfig, root: Path, found: _Octa500Scan) -> None:
+    """Stop or warn (--skip-unlabeled) about eyes lacking a needed scan or the requested projection map."""
+    if found.incomplete:
+        _skip_or_raise(cfg, f"{root}: {len(found.incomplete)} subject(s) lack a scan needed by --modality "
+                            f"{cfg.modality}: {short(sorted(found.incomplete, key=natural_key))}",
+                       "add the missing folders, choose another --modality, or pass --skip-unlabeled to skip them")
+    if found.no_projection:
+        _skip_or_raise(cfg, f"{root}: {len(found.no_projection)} subject(s) have no '{cfg.projection}' projection "
+                            f"map: {short(sorted(found.no_projection, key=natural_key))} (map types available: "
+                            f"{', '.join(sorted(found.proj_types)) or 'none'})",
+                       "choose --projection from the available types, use --projection compute, or pass "
+                       "--skip-unlabeled to skip them")
 
 
 def _discover_octa500(cfg: DataConfig, dim: str, require_labels: bool = True) -> list[Subject]:
     root = Path(cfg.data_root)
     fovs = list(FOVS) if cfg.fov == "all" else [cfg.fov]
-    fov_dirs = {f: root / f"OCTA_{f}" for f in fovs if (root / f"OCTA_{f}").is_dir()}
+    fov_dirs = {f: fov_dir(root, f) for f in fovs if fov_dir(root, f).is_dir()}
     if not fov_dirs:
-        present = ", ".join(sorted(d.name for d in _visible(root) if d.is_dir())) if root.is_dir() else "nothing"
-        raise DataError(f"{root}: no {' or '.join('OCTA_' + f for f in fovs)} folder (found: {present}); check "
-                        "--data-root and --fov")
+        present = ", ".join(sorted(d.name for d in visible(root) if d.is_dir())) if root.is_dir() else "nothing"
+        raise DataError(f"{root}: no {' or '.join(fov_dir(root, f).name for f in fovs)} folder (found: {present}); "
+                        "check --data-root and --fov")
     use_projection = dim == "2d" and cfg.projection != "compute"
     needed = [] if use_projection else (["OCT", "OCTA"] if cfg.modality == "OCT+OCTA" else [cfg.modality])
     try:
-        labels, label_src = _octa500_labels(cfg, root, list(fov_dirs.values()))
+        labels, label_src = octa500_labels(cfg, root, list(fov_dirs.values()))
     except DataError:
         if require_labels:
             raise
         labels, label_src = {}, "no label table"
-
-    subjects: list[Subject] = []
-    incomplete: list[str] = []
-    no_projection: list[str] = []
-    proj_types: set[str] = set()
+    found = _Octa500Scan()
     for fov, fdir in fov_dirs.items():
-        scans = {m: _id_dirs(fdir / m) for m in ("OCTA", "OCT")}
-        proj_root = fdir / PROJECTIONS_DIR
-        proj_types |= {d.name for d in _visible(proj_root) if d.is_dir()} if proj_root.is_dir() else set()
-        maps: dict[str, dict[str, Path]] = {}  # type -> id -> file
-        if proj_root.is_dir():
-            for tdir in (d for d in _visible(proj_root) if d.is_dir()):
-                maps[tdir.name] = {f.stem: f for f in _visible(tdir)
-                                   if f.is_file() and f.suffix.lower() in IMAGE_EXTS}
-        ids = set().union(*(s.keys() for s in scans.values()))
-        chosen = _match_projection(proj_root, cfg.projection) if use_projection else None
-        if use_projection and chosen is not None:
-            ids |= set(maps[chosen.name])
-        for sid in ids:
-            paths = {m: str(scans[m][sid]) for m in ("OCTA", "OCT") if sid in scans[m]}
-            lacking = [m for m in needed if m not in paths]
-            if lacking:
-                incomplete.append(f"{sid} (no {'/'.join(lacking)})")
-                continue
-            projections = {t: str(files[sid]) for t, files in sorted(maps.items()) if sid in files}
-            if use_projection and (chosen is None or chosen.name not in projections):
-                no_projection.append(sid)
-                continue
-            spacing = None
-            scan_key = next((m for m in needed if m in paths), None) or next(iter(sorted(paths)), None)
-            if scan_key is not None and not use_projection:
-                spacing = _octa500_spacing(Path(paths[scan_key]), fov)
-            mask = next((fdir / MASKS_DIR / f"{sid}{ext}" for ext in (".nii.gz", ".nii", ".nrrd", ".mha")
-                         if (fdir / MASKS_DIR / f"{sid}{ext}").is_file()), None)
-            subjects.append(Subject(id=sid, label=labels.get(sid), paths=paths, projections=projections,
-                                    spacing=spacing, mask=str(mask) if mask else None, meta={"fov": fov}))
-
-    if incomplete:
-        msg = (f"{root}: {len(incomplete)} subject(s) lack a scan needed by --modality {cfg.modality}: "
-               f"{_short(sorted(incomplete, key=natural_key))}")
-        if not cfg.skip_unlabeled:
-            raise DataError(f"{msg}; add the missing folders, choose another --modality, or pass --skip-unlabeled "
-                            "to skip them")
-        log.warning("%s; skipped (--skip-unlabeled)", msg)
-    if no_projection:
-        msg = (f"{root}: {len(no_projection)} subject(s) have no '{cfg.projection}' projection map: "
-               f"{_short(sorted(no_projection, key=natural_key))} (map types available: "
-               f"{', '.join(sorted(proj_types)) or 'none'})")
-        if not cfg.skip_unlabeled:
-            raise DataError(f"{msg}; choose --projection from the available types, use --projection compute, or "
-                            "pass --skip-unlabeled to skip them")
-        log.warning("%s; skipped (--skip-unlabeled)", msg)
-
+        _scan_fov(cfg, fov, fdir, labels, needed, use_projection, found)
+    _report_left_out(cfg, root, found)
+    if not require_labels:
+        return found.subjects
     # Labels without images are judged against every FOV folder in the root, so that --fov 6mm does not
     # report the 3mm subjects of a shared label table as missing.
-    all_ids: set[str] = set()
-    for f in FOVS:
-        for m in ("OCTA", "OCT"):
-            all_ids |= set(_id_dirs(root / f"OCTA_{f}" / m))
-        proj_root = root / f"OCTA_{f}" / PROJECTIONS_DIR
-        if proj_root.is_dir():
-            for tdir in (d for d in _visible(proj_root) if d.is_dir()):
-                all_ids |= {x.stem for x in _visible(tdir) if x.is_file()}
-    no_label = [s.id for s in subjects if s.label is None]
+    all_ids = _all_octa500_ids(root)
+    no_label = [s.id for s in found.subjects if s.label is None]
     no_image = [sid for sid in labels if sid not in all_ids]
-    if not require_labels:
-        return subjects
     _handle_unlabeled(cfg, no_label, no_image, f"{root} with labels from {label_src}")
-    return [s for s in subjects if s.label is not None]
+    return [s for s in found.subjects if s.label is not None]
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -331,7 +318,7 @@ _MANIFEST_COLUMNS = {"subject": ("subject", "id", "subjectid"), "label": ("label
 
 def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Subject]:
     root = Path(cfg.data_root)
-    csv = root if root.is_file() else next((f for f in _visible(root) if f.name.lower() == "manifest.csv"),
+    csv = root if root.is_file() else next((f for f in visible(root) if f.name.lower() == "manifest.csv"),
                                            root / "manifest.csv")
     if not csv.is_file():
         raise DataError(f"{root}: no manifest.csv; write one with columns subject,label,path[,group][,mask]")
@@ -383,7 +370,7 @@ def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Sub
         subjects.append(Subject(id=sid, label=label, paths={"image": str(path)}, group=cell(row, "group"),
                                 split=SPLIT_DIRS[split] if split else None, mask=str(mask) if mask else None))
     if missing:
-        raise DataError(f"manifest {csv}: {len(missing)} path(s) do not exist: {_short(missing, 10)}; paths are "
+        raise DataError(f"manifest {csv}: {len(missing)} path(s) do not exist: {short(missing, 10)}; paths are "
                         f"relative to {csv.parent}")
     if table is not None:
         no_image += [sid for sid in table if sid not in {s.id for s in subjects}]
@@ -402,14 +389,14 @@ def _discover_folders(cfg: DataConfig) -> list[Subject]:
         raise ConfigError(f"--group-regex {cfg.group_regex!r}: invalid regular expression ({exc})") from exc
     splits = _split_dirs(root)
     if splits:
-        others = sorted(d.name for d in _visible(root) if d.is_dir() and d.name.lower() not in SPLIT_DIRS)
+        others = sorted(d.name for d in visible(root) if d.is_dir() and d.name.lower() not in SPLIT_DIRS)
         log.info("%s has %s folders: honouring the dataset's own split", root, "/".join(sorted(splits)))
         if others:
-            log.warning("%s: ignoring folders outside %s: %s", root, "/".join(sorted(splits)), _short(others))
+            log.warning("%s: ignoring folders outside %s: %s", root, "/".join(sorted(splits)), short(others))
     bases = [(name, d) for name, d in sorted(splits.items())] or [(None, root)]
     subjects = []
     for split, base in bases:
-        for cdir in sorted((d for d in _visible(base) if d.is_dir()), key=lambda d: d.name):
+        for cdir in sorted((d for d in visible(base) if d.is_dir()), key=lambda d: d.name):
             images = _images_in(cdir)
             if not images:
                 log.warning("class folder %s holds no images (.png/.jpg/.jpeg/.bmp/.tif/.tiff)", cdir)

@@ -1,4 +1,5 @@
-"""Subject-level splits (``--mode prepare``, run folder ``splits/``) and the leakage guard.
+"""Subject-level splits (made by ``--mode prepare``, :mod:`octa3d.stages.prepare`; run folder ``splits/``) and the
+leakage guard.
 
 Splits are made over *groups* (patients): a group never spans two splits. They are stratified by class, fixed by
 ``--seed``, written once to ``runs/<exp>/splits/`` and reused by every later stage of the experiment. A stage
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +99,74 @@ def _pick_groups(groups_by_class: dict[int, list[str]], fraction: float, rng: np
     return picked
 
 
+def _group_strata(subjects: list[Subject], label_of: dict[str, int]
+                  ) -> tuple[dict[str, list[Subject]], dict[str, int], dict[str, set[str]]]:
+    """Subjects per group, each group's stratum (class) and the dataset's own split(s) of each group.
+
+    Raises:
+        DataError: a group sits in more than one of the dataset's own train/val/test folders.
+    """
+    by_group: dict[str, list[Subject]] = defaultdict(list)
+    for s in subjects:
+        by_group[s.group].append(s)
+    # A group's stratum is its most common class (ties -> lowest index), so mixed-label patients stay whole.
+    group_class = {g: Counter(label_of[s.id] for s in ss).most_common(1)[0][0] for g, ss in by_group.items()}
+    predefined = {g: {s.split for s in ss} - {None} for g, ss in by_group.items()}
+    mixed = [g for g, sp in predefined.items() if len(sp) > 1]
+    if mixed:
+        raise DataError(f"patient group(s) {', '.join(sorted(mixed)[:10])} appear in more than one of the "
+                        f"dataset's train/val/test folders: the dataset's own split leaks patients; fix the "
+                        f"folders or --group-regex")
+    return by_group, group_class, predefined  # type: ignore[return-value]
+
+
+def _by_class(groups: list[str], group_class: dict[str, int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = defaultdict(list)
+    for g in groups:
+        out[group_class[g]].append(g)
+    return out
+
+
+def _test_groups(group_class: dict[str, int], predefined: dict[str, set[str]], fraction: float,
+                 rng: np.random.Generator, class_names: list[str]) -> set[str]:
+    """The hold-out groups: the dataset's own test folder if it has one, else a stratified random pick."""
+    everyone = _by_class(sorted(group_class), group_class)
+    if not any(predefined.values()):
+        return _pick_groups(everyone, fraction, rng, "the test split", class_names)
+    test_groups = {g for g, sp in predefined.items() if "test" in sp}
+    if not test_groups:  # train/val folders only: the hold-out is still drawn
+        test_groups = _pick_groups(everyone, fraction, rng, "the test split", class_names)
+    log.info("Honouring the dataset's own train/test folders (%d test groups)", len(test_groups))
+    return test_groups
+
+
+def _fold_groups(rest: list[str], group_class: dict[str, int], folds: int, seed: int,
+                 class_names: list[str]) -> list[tuple[list[str], list[str]]]:
+    """(train, val) groups of a stratified group k-fold over the non-test groups."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    counts = Counter(group_class[g] for g in rest)
+    few = [class_names[c] for c, n in counts.items() if n < folds]
+    if few:
+        raise DataError(f"--folds {folds}: class(es) {', '.join(few)} have fewer than {folds} non-test "
+                        f"subject groups; lower --folds or add data")
+    skf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
+    y = [group_class[g] for g in rest]
+    return [([rest[i] for i in tr_idx], [rest[i] for i in va_idx])
+            for tr_idx, va_idx in skf.split(np.zeros(len(rest)), y, groups=rest)]
+
+
+def _val_groups(rest: list[str], group_class: dict[str, int], predefined: dict[str, set[str]], fraction: float,
+                rng: np.random.Generator, class_names: list[str]) -> set[str]:
+    """The validation groups: the dataset's own val folder if it has one, else a stratified pick (or none)."""
+    predefined_val = {g for g in rest if "val" in predefined[g]}
+    if predefined_val:
+        return predefined_val
+    if fraction > 0:
+        return _pick_groups(_by_class(rest, group_class), fraction, rng, "the validation split", class_names)
+    return set()
+
+
 def make_splits(subjects: list[Subject], label_of: dict[str, int], class_names: list[str], *,
                 test_fraction: float, val_fraction: float, folds: int, seed: int) -> Splits:
     """Stratified, group-level train/val/test (or k-fold) split.
@@ -116,34 +186,9 @@ def make_splits(subjects: list[Subject], label_of: dict[str, int], class_names: 
     Raises:
         DataError: a class has too few groups for the requested split.
     """
-    rng = np.random.default_rng(seed)
-    by_group: dict[str, list[Subject]] = defaultdict(list)
-    for s in subjects:
-        by_group[s.group].append(s)
-    # A group's stratum is its most common class (ties -> lowest index), so mixed-label patients stay whole.
-    group_class = {g: Counter(label_of[s.id] for s in ss).most_common(1)[0][0] for g, ss in by_group.items()}
-    predefined = {g: {s.split for s in ss} - {None} for g, ss in by_group.items()}
-    mixed = [g for g, sp in predefined.items() if len(sp) > 1]
-    if mixed:
-        raise DataError(f"patient group(s) {', '.join(sorted(mixed)[:10])} appear in more than one of the "
-                        f"dataset's train/val/test folders: the dataset's own split leaks patients; fix the "
-                        f"folders or --group-regex")
-
-    def by_class(gs: list[str]) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = defaultdict(list)
-        for g in gs:
-            out[group_class[g]].append(g)
-        return out
-
-    has_predefined = any(predefined.values())
-    if has_predefined:
-        test_groups = {g for g, sp in predefined.items() if "test" in sp}
-        if not test_groups:
-            test_groups = _pick_groups(by_class(sorted(by_group)), test_fraction, rng, "the test split",
-                                       class_names)
-        log.info("Honouring the dataset's own train/test folders (%d test groups)", len(test_groups))
-    else:
-        test_groups = _pick_groups(by_class(sorted(by_group)), test_fraction, rng, "the test split", class_names)
+    rng = np.random.default_rng(seed)  # one stream: the test pick, then the validation pick
+    by_group, group_class, predefined = _group_strata(subjects, label_of)
+    test_groups = _test_groups(group_class, predefined, test_fraction, rng, class_names)
     rest = sorted(set(by_group) - test_groups)
     missing = set(range(len(class_names))) - {group_class[g] for g in rest}
     if missing:
@@ -156,33 +201,15 @@ def make_splits(subjects: list[Subject], label_of: dict[str, int], class_names: 
     result = Splits(train=[], val=[], test=ids(test_groups), labels=dict(label_of),
                     groups={s.id: s.group for s in subjects}, class_names=list(class_names))
     if folds > 1:
-        from sklearn.model_selection import StratifiedGroupKFold
-
-        counts = Counter(group_class[g] for g in rest)
-        few = [class_names[c] for c, n in counts.items() if n < folds]
-        if few:
-            raise DataError(f"--folds {folds}: class(es) {', '.join(few)} have fewer than {folds} non-test "
-                            f"subject groups; lower --folds or add data")
-        skf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
-        y = [group_class[g] for g in rest]
-        for tr_idx, va_idx in skf.split(np.zeros(len(rest)), y, groups=rest):
-            result.folds.append((ids([rest[i] for i in tr_idx]), ids([rest[i] for i in va_idx])))
+        result.folds = [(ids(tr), ids(va)) for tr, va in _fold_groups(rest, group_class, folds, seed, class_names)]
         result.train, result.val = result.folds[0]
     else:
-        predefined_val = {g for g in rest if "val" in predefined[g]}
-        if predefined_val:
-            val_groups = predefined_val
-        elif val_fraction > 0:
-            val_groups = _pick_groups(by_class(rest), val_fraction, rng, "the validation split", class_names)
-        else:
-            val_groups = set()
+        val_groups = _val_groups(rest, group_class, predefined, val_fraction, rng, class_names)
         result.train, result.val = ids(sorted(set(rest) - val_groups)), ids(val_groups)
     return result
 
 
 def _natural(s: str) -> tuple:
-    import re
-
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
@@ -350,21 +377,3 @@ def format_counts(sp: Splits) -> str:
         rows += [line("train", sp.train), line("val", sp.val)]
     rows.append(line("test", sp.test))
     return "\n".join(rows)
-
-
-def run(cfg: Config, argv: list[str] | None = None) -> Splits:
-    """``--mode prepare``: discover subjects, map labels, write the experiment's splits."""
-    from octa3d.utils.runs import init_run
-
-    folder = cfg.run_dir / "splits"
-    if (folder / "split.json").exists() and cfg.run.overwrite:
-        import shutil
-
-        log.warning("--overwrite: re-splitting; earlier splits in %s are replaced", folder)
-        shutil.rmtree(folder)
-    subjects, label_map, label_of = labelled_subjects(cfg)
-    init_run(cfg, argv)
-    sp = load_or_make_splits(cfg, subjects, label_map, label_of)
-    print(f"Splits of experiment '{cfg.exp_name}' ({len(sp.labels)} subjects) in {folder}:")
-    print(format_counts(sp))
-    return sp

@@ -1,1 +1,2 @@
-"""Run folders, atomic I/O, seeding, logging and environment capture."""
+"""Run folders (runs), atomic I/O and strict JSON (io), seeding and RNG state (seed), logging (log), history /
+TensorBoard / progress bars (tracking) and torchrun/DDP helpers (dist)."""

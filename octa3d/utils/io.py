@@ -64,3 +64,50 @@ def atomic_write_csv(path: str | Path, frame: Any) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> Path:
+    """Copy a file atomically (the same bytes under a second name, e.g. no second compression pass)."""
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with only strict-JSON values: NaN and ±inf → null, NumPy scalars/arrays → Python, tuples → lists,
+    paths → strings, keys → strings."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(float(obj)) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (see :func:`json_safe`: never ``NaN``/``Infinity``) atomically."""
+    import json
+
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
+
+
+def safe_name(text: str) -> str:
+    """A subject ID usable as a file name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", str(text)).strip("._") or "subject"

@@ -72,13 +72,13 @@ def environment_text() -> str:
     return "\n".join(lines) + "\n"
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed (shell-quoted)."""
-    args = sys.argv if argv is None else ["main.py", *argv]
+def command_line(cfg: Config) -> str:
+    """The command as typed (shell-quoted): ``cfg.argv``, else this process's ``sys.argv``."""
+    args = sys.argv if cfg.argv is None else ["main.py", *cfg.argv]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def init_run(cfg: Config, argv: list[str] | None = None) -> Path:
+def init_run(cfg: Config) -> Path:
     """Create/refresh ``runs/<exp>/``: config.yaml, command.txt (appended), environment.txt, log file.
 
     The root ``config.yaml`` holds the configuration of the latest invocation; every stage also copies its own
@@ -94,19 +94,18 @@ def init_run(cfg: Config, argv: list[str] | None = None) -> Path:
     cmd_file = run / "command.txt"
     previous = cmd_file.read_text(encoding="utf-8") if cmd_file.exists() else ""
     stamp = _dt.datetime.now().isoformat(timespec="seconds")
-    atomic_write_text(cmd_file, previous + f"# {stamp} mode={cfg.run.mode}\n{command_line(argv)}\n")
+    atomic_write_text(cmd_file, previous + f"# {stamp} mode={cfg.run.mode}\n{command_line(cfg)}\n")
     atomic_write_text(run / "environment.txt", environment_text())
     log.info("Experiment folder: %s", run)
     return run
 
 
-def stage_dir(cfg: Config, stage: str, argv: list[str] | None = None, *, resume: bool = False) -> Path:
+def stage_dir(cfg: Config, stage: str, *, resume: bool = False) -> Path:
     """Return a fresh folder ``runs/<exp>/<stage>/``, refusing to replace existing results.
 
     Args:
         cfg: the configuration (``--overwrite`` is read from it).
         stage: stage name, e.g. ``"ae_pretrain"``.
-        argv: command-line arguments, recorded in the stage's command.txt.
         resume: keep the existing folder (training resume).
 
     Raises:
@@ -122,5 +121,5 @@ def stage_dir(cfg: Config, stage: str, argv: list[str] | None = None, *, resume:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path / "config.yaml", to_yaml(cfg))
-    atomic_write_text(path / "command.txt", command_line(argv) + "\n")
+    atomic_write_text(path / "command.txt", command_line(cfg) + "\n")
     return path

@@ -47,3 +47,12 @@ def test_figure_checks_its_target():
     assert common.Figure("c", 3, "s").met is None
     table = common.markdown_table([common.result("demo", [common.Figure("b", 0.7, "x", "<= 0.5")], {}, True)])
     assert "| demo | b | 0.7 x | <= 0.5 | **no** |" in table
+
+
+def test_figure_verdict_follows_value_and_target():
+    from benchmarks.common import Figure
+
+    assert Figure("a", 2.0, "x", target="<= 2.5").met is True
+    assert Figure("a", 3.0, "x", target="<= 2.5").met is False
+    assert Figure("a", 3.0, "x", target=">= 2.5").met is True
+    assert Figure("a", 3.0, "x").met is None

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from octa3d.config import DataConfig
+from octa3d.data.bmp import encode_bmp8
 from octa3d.data.readers import load_subject
 from octa3d.data.sources import discover
-from octa3d.data.synthetic import _bmp_bytes
 
 
 def test_reads_a_400_bscan_6mm_volume(tmp_path):
@@ -18,7 +18,7 @@ def test_reads_a_400_bscan_6mm_volume(tmp_path):
     for k in range(1, n + 1):
         img = base.copy()
         img[0, :3] = (k % 256, k // 256, 7)  # B-scan number encoded in the first pixels
-        (folder / f"{k}.bmp").write_bytes(_bmp_bytes(img))
+        (folder / f"{k}.bmp").write_bytes(encode_bmp8(img))
     import pandas as pd
 
     pd.DataFrame({"ID": [int(sid)], "Disease": ["NORMAL"]}).to_excel(tmp_path / "Text labels.xlsx", index=False)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from octa3d.config import DataConfig
 from octa3d.data.readers import load_subject
-from octa3d.data.sources import detect_source, discover, natural_key
+from octa3d.data.sources import detect_source, discover, discover_unlabelled, natural_key
 from octa3d.errors import DataError
 
 N_BSCANS, ROWS, COLS = 4, 16, 12
@@ -255,3 +255,28 @@ def test_unlabeled_scans_allowed_when_labels_not_required(tmp_path):
         discover(cfg(root))
     subs = discover(cfg(root), require_labels=False)
     assert [s.id for s in subs] == ["10001", "10002"] and all(s.label is None for s in subs)
+
+
+def test_discover_unlabelled_ignores_the_experiments_labels_and_source(tmp_path):
+    """--ae-extra-data: another dataset, its layout detected, its labels optional."""
+    extra = make_octa500(tmp_path / "extra", "6mm", ["20001", "20002"], ("OCTA",))
+    (tmp_path / "labels.csv").write_text("ID,Disease\n1,NORMAL\n")
+    data_cfg = cfg(tmp_path / "main", labels=str(tmp_path / "labels.csv"), source="manifest", fov="6mm")
+    subs = discover_unlabelled(data_cfg, extra, "3d")
+    assert [(s.id, s.label) for s in subs] == [("20001", None), ("20002", None)]
+    assert subs[0].spacing == pytest.approx((6 / COLS, 2 / ROWS, 6 / N_BSCANS))
+    # the caller's settings are untouched
+    assert (data_cfg.data_root, data_cfg.source) == (str(tmp_path / "main"), "manifest")
+    pd.DataFrame({"ID": [20001], "Disease": ["DR"]}).to_excel(extra / "Text labels.xlsx", index=False)
+    assert [s.label for s in discover_unlabelled(data_cfg, str(extra), "3d")] == ["DR", None]
+
+
+def test_discover_unlabelled_names_the_root_when_empty(tmp_path):
+    for root in (tmp_path / "missing", tmp_path / "empty"):
+        if root.name == "empty":
+            root.mkdir()
+        with pytest.raises(DataError, match=f"no data at {root}"):
+            discover_unlabelled(cfg(tmp_path), root, "3d")
+    (tmp_path / "bare" / "OCTA_6mm" / "OCTA").mkdir(parents=True)  # the layout, but no eye in it
+    with pytest.raises(DataError, match="bare: no subjects found"):
+        discover_unlabelled(cfg(tmp_path), tmp_path / "bare", "3d")

@@ -11,7 +11,6 @@ import pytest
 import SimpleITK as sitk
 from scipy.ndimage import uniform_filter1d
 
-from octa3d.config import Config
 from octa3d.data import synthetic as syn
 from octa3d.errors import DataError
 
@@ -189,15 +188,3 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not written by --mode synth"):
         syn.generate(real, 1, SHAPE, overwrite=True)
     assert (real / "OCTA_6mm" / "OCTA").is_dir()
-
-
-def test_run_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = Config()
-    cfg.data.data_root = str(tmp_path / "cli")
-    cfg.synth.n_subjects, cfg.synth.shape, cfg.run.seed = 12, list(SHAPE), 3
-    recs = syn.run(cfg, [])
-    out = capsys.readouterr().out
-    assert len(recs) == 12 and "NORMAL 2" in out and "RVO 2" in out
-    assert f"python main.py --mode prepare --data-root {tmp_path / 'cli'} --dim 3d" in out
-    with pytest.raises(DataError):
-        syn.run(cfg, [])

@@ -12,10 +12,11 @@ import torch
 from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
 from octa3d.data.presets import Clip3DPreset, Patch2DPreset
-from octa3d.data import transforms
-from octa3d.data.transforms import (ClipScaleIntensityd, PreprocessRecord, ResizeToInputd, RetinalSlabCropd, _run,
-                                    clip_scale, clip_scale_resize, drop_axis, hist_percentiles, locate_retina,
-                                    patch_grid, resize, slab_bounds, to_source_space, uint8_percentiles)
+from octa3d.data import scaling
+from octa3d.data.transforms import (ClipScaleIntensityd, PreprocessRecord, ResizeToInputd, RetinalSlabCropd,
+                                    apply_transforms, clip_scale, clip_scale_resize, drop_axis, hist_percentiles,
+                                    locate_retina, patch_grid, resize, slab_bounds, to_source_space,
+                                    uint8_percentiles)
 from octa3d.errors import DataError
 
 
@@ -280,7 +281,7 @@ def test_uint8_percentiles_on_views_equal_numpy():
 @pytest.mark.parametrize("block_bytes", [None, 64])
 def test_clip_scale_resize_equals_clip_then_resize(shape, size, dtype, block_bytes, monkeypatch):
     if block_bytes:  # many small blocks along the first axis
-        monkeypatch.setattr(transforms, "_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr(scaling, "_BLOCK_BYTES", block_bytes)
     x = np.random.default_rng(2).integers(0, 200, shape).astype(dtype)
     fused, used = clip_scale_resize(x, (0.5, 99.5), size)
     clipped, used_ref = clip_scale(x, (0.5, 99.5))
@@ -299,7 +300,7 @@ def test_clip3d_pipeline_equals_unfused_steps():
     vol = rng.integers(0, 40, (2, 20, 48, 24), dtype=np.uint8)
     vol[:, :, 18:30] += 150  # a bright retina band along depth
     image, record = Clip3DPreset(cfg).preprocess_array(vol, Geometry.default(vol.shape[1:]))
-    ref = _run([RetinalSlabCropd("image", 1, cfg.preprocess.slab_depth),
+    ref = apply_transforms([RetinalSlabCropd("image", 1, cfg.preprocess.slab_depth),
                 ClipScaleIntensityd("image", cfg.preprocess.clip_percentiles),
                 ResizeToInputd("image", (12, 10, 8))], {"image": vol})
     np.testing.assert_allclose(image, ref["image"], atol=1e-5)

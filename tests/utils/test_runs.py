@@ -23,12 +23,14 @@ def test_init_run_records_config_command_environment(tmp_path):
     cfg = Config()
     cfg.run.runs_dir = str(tmp_path)
     cfg.run.exp = "e1"
-    run = init_run(cfg, ["--mode", "prepare"])
+    cfg.argv = ("--mode", "prepare")
+    run = init_run(cfg)
     assert (run / "config.yaml").read_text().startswith("run:")
     assert "--mode prepare" in (run / "command.txt").read_text()
     env = (run / "environment.txt").read_text()
     assert "torch:" in env and "monai:" in env and "git_commit:" in env
-    init_run(cfg, ["--mode", "train"])
+    cfg.argv = ("--mode", "train")
+    init_run(cfg)
     assert (run / "command.txt").read_text().count("main.py") == 2  # appended, not replaced
     assert (run / "octa3d.log").exists()
 
@@ -36,13 +38,13 @@ def test_init_run_records_config_command_environment(tmp_path):
 def test_stage_dir_refuses_without_overwrite(tmp_path):
     cfg = Config()
     cfg.run.runs_dir = str(tmp_path)
-    d = stage_dir(cfg, "train", [])
+    d = stage_dir(cfg, "train")
     (d / "metrics.json").write_text("{}")
     with pytest.raises(RunExistsError, match="--overwrite"):
-        stage_dir(cfg, "train", [])
-    assert stage_dir(cfg, "train", [], resume=True) == d
+        stage_dir(cfg, "train")
+    assert stage_dir(cfg, "train", resume=True) == d
     cfg.run.overwrite = True
-    d2 = stage_dir(cfg, "train", [])
+    d2 = stage_dir(cfg, "train")
     assert not (d2 / "metrics.json").exists()
 
 

@@ -1,0 +1,172 @@
+"""Export of class activation maps in the *source scan's* geometry: NIfTI map + input, PNG review sheet,
+TensorBoard slices, and localisation scores where lesion masks exist.
+
+Each map is computed in network-input space (for an ensemble: the mean of the fold models' maps), mapped back onto
+the source scan with :func:`octa3d.data.transforms.to_source_space` (undoing resize and slab crop; zero outside the
+crop) and written with the source :class:`~octa3d.data.subject.Geometry`, so it overlays the scan in 3D Slicer,
+ITK-SNAP or napari. Per subject: ``<id>_cam.nii.gz`` (float32 0..1), ``<id>_input.nii.gz`` (the scan as read; with
+two channels also ``<id>_input_<modality>.nii.gz``), ``<id>_review.png`` (en-face maximum projection with the CAM
+plus the B-scans through the CAM peak; 2D models: the image with the CAM overlaid) and central CAM slices in
+TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from octa3d.cam.backends import CamComputer, check_layer, minmax, resolve_cam_class
+from octa3d.cam.localization import localization, summarize
+from octa3d.cam.sources import CamItem, read_mask, source_image
+from octa3d.config import Config
+from octa3d.data.nifti import write_nifti
+from octa3d.data.transforms import PreprocessRecord, to_source_space
+from octa3d.model import get_spec
+from octa3d.plots import central_slices, review_figure_2d, review_figure_3d, save_png
+from octa3d.utils.io import atomic_copy, safe_name
+
+log = logging.getLogger("octa3d.cam")
+
+
+class CamExporter:
+    """Compute CAMs for :class:`CamItem` batches and write the per-subject exports.
+
+    Args:
+        cfg: the (checkpoint-derived) config: ``--cam``, ``--cam-layer``, ``--cam-class``, depth axis, batch size.
+        models: the classifier(s); several = an ensemble (maps averaged).
+        class_names: class names (file titles, ``--cam-class``).
+        out_dir: folder for the files.
+        preset: the preprocessing preset (reads source images).
+        tb: optional TensorBoard writer (central CAM slices).
+        device: where the models are.
+    """
+
+    def __init__(self, cfg: Config, models: Sequence[torch.nn.Module], class_names: Sequence[str], out_dir: Path,
+                 preset: Any, tb: Any = None, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.class_names, self.out, self.preset, self.tb = cfg, list(class_names), Path(out_dir), preset, tb
+        self.device = torch.device(device)
+        self.layer = cfg.eval.cam_layer or get_spec(cfg.model.model).cam_layer
+        for m in models:
+            check_layer(m, self.layer, cfg.model.model)
+        self.target = resolve_cam_class(cfg.eval.cam_class, self.class_names)
+        self.computer = CamComputer(models, cfg.eval.cam, self.layer)
+        self.batch_size = max(1, cfg.train.batch_size)
+
+    def _target(self, item: CamItem) -> int:
+        return self.target if self.target is not None else int(np.argmax(item.probs))
+
+    def batches(self, items: Sequence[CamItem]) -> Iterator[tuple[list[CamItem], list[np.ndarray], float]]:
+        """Input-space maps ``(P, *input_shape)`` of several subjects per forward pass (about ``--batch-size``
+        samples), yielded batch by batch so that memory stays bounded; with the seconds the CAM took."""
+        i = 0
+        while i < len(items):
+            group, samples, counts = [], [], []
+            while i < len(items) and (not group or sum(counts) < self.batch_size):
+                s = items[i].samples()
+                group.append(items[i])
+                samples.append(s)
+                counts.append(len(s))
+                i += 1
+            x = torch.from_numpy(np.concatenate(samples)).float().to(self.device)
+            targets = torch.tensor([self._target(it) for it, n in zip(group, counts) for _ in range(n)])
+            t0 = time.perf_counter()
+            cams = self.computer(x, targets, counts)
+            seconds = time.perf_counter() - t0
+            fs = self.computer.feature_shape
+            if i == len(group) and fs and min(fs) < 4:  # once, after the first batch
+                log.warning("CAM layer %s has a %s map at input size %s: the CAM is too coarse to localise "
+                            "anything; choose an earlier layer with --cam-layer", self.layer,
+                            "x".join(map(str, fs)), "x".join(map(str, x.shape[2:])))
+            bounds = np.cumsum([0, *counts])
+            yield group, [cams[a:b] for a, b in zip(bounds[:-1], bounds[1:])], seconds
+
+    def to_source(self, maps: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+        """Map input-space maps (one per patch) onto the source image; overlapping patches are averaged."""
+        if not record.patches:
+            return to_source_space(maps[0], record).astype(np.float32, copy=False)
+        total = np.zeros(record.geometry.shape, np.float32)
+        count = np.zeros(record.geometry.shape, np.float32)
+        for p, m in enumerate(maps):
+            total += to_source_space(m, record, patch=p)
+            count += to_source_space(np.ones_like(m), record, patch=p) > 0
+        cam = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        return minmax(torch.from_numpy(cam[None])).numpy()[0]
+
+    def _title(self, item: CamItem, target: int) -> str:
+        probs = ", ".join(f"p({n})={item.probs[i]:.2f}" for i, n in enumerate(self.class_names))
+        true = f"true {self.class_names[item.true]}, " if item.true is not None else ""
+        pred = self.class_names[int(np.argmax(item.probs))]
+        return (f"{item.subject.id}: {true}predicted {pred} ({probs}); CAM of class {self.class_names[target]} "
+                f"({self.cfg.eval.cam}, layer {self.layer})")
+
+    def export_one(self, item: CamItem, maps: np.ndarray) -> dict[str, Any]:
+        """Write the NIfTI/PNG/TensorBoard exports of one subject; returns its summary (with localization)."""
+        rec, name = item.record, safe_name(item.subject.id)
+        target = self._target(item)
+        geo = rec.geometry
+        # full-size scans: the float32 CAM (410 MB at 400x640x400) is written before the scan is read, so that
+        # ITK's copy of it and the scan are never in memory together
+        cam = self.to_source(maps, rec)
+        files = {"cam": write_nifti(cam, geo, self.out / f"{name}_cam.nii.gz")}
+        image = source_image(self.preset, item.subject, rec)
+        files["input"] = write_nifti(image[0], geo, self.out / f"{name}_input.nii.gz")
+        if image.shape[0] > 1:
+            mods = self.cfg.data.modality.split("+") if self.cfg.data.modality == "OCT+OCTA" else []
+            for c in range(image.shape[0]):
+                tag = mods[c] if c < len(mods) else f"c{c}"
+                dst = self.out / f"{name}_input_{tag}.nii.gz"
+                files[f"input_{tag}"] = atomic_copy(files["input"], dst) if c == 0 else write_nifti(image[c], geo, dst)
+        mask = read_mask(item.subject, rec)
+        title = self._title(item, target)
+        # the scan as read (uint8 stays uint8): the figures convert only the slices they show
+        if cam.ndim == 3:
+            sheet = review_figure_3d(image[-1], cam, self.cfg.preprocess.depth_axis, title, mask,
+                                     spacing=geo.spacing[::-1])
+        else:
+            sheet = review_figure_2d(image[-1], cam, title, mask)
+        files["review"] = save_png(sheet, self.out / f"{name}_review.png")
+        if self.tb is not None:
+            self.tb.add_image(f"cam/{name}", central_slices(cam, image[-1]), 0)
+        out: dict[str, Any] = {"target": self.class_names[target], "files": {k: str(v) for k, v in files.items()},
+                               "peak": [int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]}
+        loc = localization(cam, mask) if mask is not None else None
+        if loc is not None:
+            out["localization"] = loc
+        return out
+
+    def export(self, items: Sequence[CamItem]) -> dict[str, Any]:
+        """CAMs of every item (batched), their files, and the localization summary per true class.
+
+        Returns:
+            ``{"cam": {backend, layer, target, n_subjects, seconds_per_volume, folder}, "subjects": {...},
+            "localization": {"per_class": {class: {n, pointing_game, mass_inside, lesion_fraction}},
+            "per_subject": {...}}}`` (localization only when lesion masks exist).
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        per_subject: dict[str, Any] = {}
+        seconds = 0.0
+        for group, maps, sec in self.batches(items):
+            seconds += sec
+            for item, m in zip(group, maps):
+                per_subject[item.subject.id] = self.export_one(item, m)
+                log.debug("CAM of %s written", item.subject.id)
+        report: dict[str, Any] = {
+            "cam": {"backend": self.cfg.eval.cam, "layer": self.layer,
+                    "target": "predicted class" if self.target is None else self.class_names[self.target],
+                    "n_subjects": len(items), "n_models": len(self.computer._cams),
+                    "feature_shape": list(self.computer.feature_shape or []),
+                    "seconds_per_volume": seconds / max(1, len(items)), "folder": str(self.out)},
+            "subjects": per_subject}
+        loc_rows = {sid: dict(v["localization"], true=self.class_names[it.true] if it.true is not None else None)
+                    for it, (sid, v) in zip(items, per_subject.items()) if "localization" in v}
+        if loc_rows:
+            report["localization"] = summarize(loc_rows)
+        log.info("CAM (%s, layer %s): %d subject(s), %.2f s per volume, files in %s", self.cfg.eval.cam, self.layer,
+                 len(items), report["cam"]["seconds_per_volume"], self.out)
+        return report

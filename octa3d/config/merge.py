@@ -1,0 +1,194 @@
+"""Reading, merging, checking and writing configurations: YAML files, command-line values, validation, and the
+mapping a run folder's ``config.yaml`` holds. Precedence: field default < ``--config`` YAML < explicit flag."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+
+from octa3d.config.schema import SECTIONS, Config, section_fields
+from octa3d.errors import ConfigError
+
+
+def _key(name: str) -> str:
+    return name.strip().replace("-", "_")
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    return {f.name: (sec, f, tp) for sec, f, tp in section_fields()}
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type.
+
+    Lists accept a comma-separated string or a YAML list; ``None``/``null`` is allowed for optional fields.
+    """
+    flag = "--" + name.replace("_", "-")
+    args = get_args(tp)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{flag} may not be empty")
+    inner = [a for a in args if a is not type(None)][0] if optional else tp
+    origin = get_origin(inner)
+    try:
+        if origin is list:
+            (elem,) = get_args(inner)
+            items = value
+            if isinstance(value, str):
+                items = [v for v in re.split(r"[,\s]+", value.strip()) if v]
+            elif not isinstance(value, (list, tuple)):
+                items = [value]
+            return [elem(v) if elem is not str else str(v).strip() for v in items]
+        if inner is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if inner is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return inner(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{flag}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from exc
+
+
+def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> None:
+    """Set fields from a flat ``{name: value}`` mapping (names with '-' or '_').
+
+    Raises:
+        ConfigError: on an unknown key (named, with ``origin``) or a value of the wrong type.
+    """
+    index = _field_index()
+    for raw_key, value in values.items():
+        key = _key(raw_key)
+        if key not in index:
+            close = [k.replace("_", "-") for k in index if k.startswith(key[:4])][:3]
+            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{origin}: unknown key '{raw_key}'{hint}")
+        sec, f, tp = index[key]
+        setattr(getattr(cfg, sec), f.name, coerce(value, tp, f.name))
+
+
+def get_value(cfg: Config, name: str) -> Any:
+    """The value of field ``name`` (flag name with '-' or '_') wherever its section is."""
+    sec, f, _ = _field_index()[_key(name)]
+    return getattr(getattr(cfg, sec), f.name)
+
+
+def to_argv(values: dict[str, Any]) -> list[str]:
+    """Command-line arguments that set ``values`` (``{field: value}``), e.g. for a recorded command line."""
+    index = _field_index()
+    out: list[str] = []
+    for name, value in values.items():
+        flag = "--" + _key(name).replace("_", "-")
+        inner = index[_key(name)][2]
+        if inner is bool or (get_origin(inner) is not None and bool in get_args(inner)):
+            out.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif isinstance(value, (list, tuple)):
+            out += [flag, ",".join(map(str, value))]
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def flatten_yaml(doc: Any, origin: str) -> dict[str, Any]:
+    """Accept a flat mapping or one nested by section names; return a flat mapping."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{origin}: expected a mapping of flag names to values, got {type(doc).__name__}")
+    flat: dict[str, Any] = {}
+    for k, v in doc.items():
+        if _key(str(k)) in SECTIONS and isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[str(k)] = v
+    return flat
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a flat mapping (keys validated later by :func:`apply_overrides`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: file not found")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {p}: not valid YAML ({exc})") from exc
+    return flatten_yaml(doc, f"--config {p}")
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field rules; raise :class:`ConfigError` naming the flag."""
+    for sec, f, _ in section_fields():
+        choices = f.metadata.get("choices")
+        val = getattr(getattr(cfg, sec), f.name)
+        if choices and val not in choices:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {val!r}: choose one of {', '.join(choices)}")
+    d, p = cfg.data, cfg.preprocess
+    if not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError(f"--test-fraction {d.test_fraction}: must be between 0 and 1")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction {d.val_fraction}: must be in [0, 1)")
+    if d.folds < 1:
+        raise ConfigError(f"--folds {d.folds}: must be >= 1 (1 = single train/val split)")
+    if len(p.clip_percentiles) != 2 or not 0 <= p.clip_percentiles[0] < p.clip_percentiles[1] <= 100:
+        raise ConfigError(f"--clip-percentiles {p.clip_percentiles}: need two increasing numbers in 0..100")
+    if p.slab_depth <= 0:
+        raise ConfigError(f"--slab-depth {p.slab_depth}: must be > 0")
+    if any(s < 8 for s in cfg.input_shape):
+        raise ConfigError(f"--input-size {cfg.input_shape}: every side must be >= 8")
+    if p.patch_size < 0 or p.patch_stride < 0:
+        raise ConfigError("--patch-size/--patch-stride must be >= 0")
+    if p.depth_axis not in (0, 1, 2):
+        raise ConfigError(f"--depth-axis {p.depth_axis}: must be 0, 1 or 2")
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
+        raise ConfigError("--epochs, --batch-size must be >= 1 and --lr > 0")
+    if t.warmup_epochs < 0 or t.patience < 0 or t.freeze_encoder_stages < 0 or t.freeze_epochs < 0:
+        raise ConfigError("--warmup-epochs, --patience, --freeze-encoder-stages, --freeze-epochs must be >= 0")
+    if t.max_steps < 0:
+        raise ConfigError(f"--max-steps {t.max_steps}: must be >= 0 (0 = no limit)")
+    if t.accum_steps < 1 or t.clip_grad < 0 or not 0 <= t.label_smoothing < 1:
+        raise ConfigError("--accum-steps must be >= 1, --clip-grad >= 0, --label-smoothing in [0, 1)")
+    if cfg.eval.bootstrap < 0:
+        raise ConfigError("--bootstrap must be >= 0")
+    if cfg.synth.n_subjects < 1:
+        raise ConfigError("--n-subjects must be >= 1")
+    if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):
+        raise ConfigError(f"--shape {cfg.synth.shape}: need three sizes >= 8 (B-scans,depth,width)")
+    c = cfg.compress
+    if not 0.0 <= c.prune_amount < 1.0:
+        raise ConfigError(f"--prune-amount {c.prune_amount}: must be in [0, 1) (the final fraction of weights pruned)")
+    if c.prune_rounds < 1:
+        raise ConfigError(f"--prune-rounds {c.prune_rounds}: must be >= 1")
+    if c.qat_epochs < 0 or c.finetune_epochs < 0:
+        raise ConfigError("--qat-epochs and --finetune-epochs must be >= 0")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Config as a YAML-ready mapping nested by section."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    """Config as YAML text (re-loadable with ``--config``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(doc: dict[str, Any]) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (e.g. a run folder's config.yaml)."""
+    cfg = Config()
+    apply_overrides(cfg, flatten_yaml(doc, "config"), "config")
+    return cfg

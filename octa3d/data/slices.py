@@ -1,0 +1,170 @@
+"""A scan stored as a folder: numbered 2D slices (``1.bmp`` … ``400.bmp``, ``slice_001.png`` …) or a DICOM series.
+
+Slices are stacked in *numeric* order along axis 0 (the OCTA-500 layout); the numbering must be complete and
+unique. OCTA-500's 8-bit palette BMPs are decoded with NumPy (:func:`octa3d.data.bmp.read_bmp8_stack`), anything
+else with SimpleITK. Every problem a user can fix raises :class:`~octa3d.errors.DataError` naming the folder or
+file and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from octa3d.data.bmp import read_bmp8_stack
+from octa3d.data.imagefiles import (FORMATS_HELP, SLICE_EXTS, file_suffix, quiet_itk, read_info, scalar_type, short,
+                                    sitk_reason)
+from octa3d.errors import DataError
+
+log = logging.getLogger("octa3d.data")
+
+# Files that file managers drop into folders; never slices.
+_JUNK = {"thumbs.db", "desktop.ini"}
+
+
+def slice_number(path: str | Path) -> int | None:
+    """The slice number in a slice file name: the last run of digits in its stem.
+
+    ``"1.bmp"`` → 1, ``"slice_001.png"`` → 1, ``"scan2_slice_010.tif"`` → 10, ``"top.png"`` → ``None``.
+    """
+    name = os.path.basename(os.fspath(path))
+    stem = os.path.splitext(name)[0] if not name.endswith(".") else name
+    digits = re.findall(r"\d+", stem)
+    return int(digits[-1]) if digits else None
+
+
+def visible(folder: Path) -> list[Path]:
+    """The entries (files and folders) of ``folder``, hidden ones (``.name``) left out."""
+    return [c for c in folder.iterdir() if not c.name.startswith(".")]
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` a user put there: no hidden files, no ``Thumbs.db``/``desktop.ini``."""
+    return [f for f in visible(folder) if f.is_file() and f.name.lower() not in _JUNK]
+
+
+def order_slices(folder: Path, files: list[Path]) -> list[Path]:
+    """Sort slice files numerically and check the numbering is complete and unique.
+
+    Raises:
+        DataError: some files carry no number, a number repeats, or numbers are missing.
+    """
+    numbers = {f: slice_number(f) for f in files}
+    unnumbered = sorted(f.name for f, n in numbers.items() if n is None)
+    if unnumbered and len(unnumbered) == len(files):
+        # No numbers at all: the name order is the only order there is.
+        log.warning("slices in %s carry no numbers; stacking them in name order", folder)
+        return sorted(files, key=lambda f: f.name)
+    if unnumbered:
+        raise DataError(f"slice folder {folder}: files without a slice number: {short(unnumbered, 10)}; name "
+                        "slices 1.bmp, 2.bmp, … and move other files out of the folder")
+    by_number: dict[int, list[str]] = {}
+    for f, n in numbers.items():
+        by_number.setdefault(n, []).append(f.name)  # type: ignore[arg-type]
+    dups = [" and ".join(sorted(names)) for n, names in sorted(by_number.items()) if len(names) > 1]
+    if dups:
+        raise DataError(f"slice folder {folder}: duplicate slice numbers: {short(dups, 10)}; keep one file per "
+                        "slice number")
+    lo, hi = min(by_number), max(by_number)
+    missing = sorted(set(range(lo, hi + 1)) - set(by_number))
+    if missing:
+        raise DataError(f"slice folder {folder}: missing {short(missing)} (found {len(files)} slices numbered "
+                        f"{lo}–{hi}); restore the missing slices or renumber them consecutively")
+    return sorted(files, key=lambda f: numbers[f])  # type: ignore[arg-type,return-value]
+
+
+def _check_alike(folder: Path, ordered: list[Path]) -> int:
+    """Check every slice has the first one's size and pixel type; return the scalar type to read them as."""
+    first = read_info(ordered[0])
+    size0, type0 = first.GetSize(), scalar_type(first)
+    for f in ordered[1:]:
+        r = read_info(f)
+        if r.GetSize() != size0:
+            raise DataError(f"slice folder {folder}: {f.name} is {'×'.join(map(str, r.GetSize()))} but "
+                            f"{ordered[0].name} is {'×'.join(map(str, size0))} (width×height); all slices of a "
+                            "volume must have the same size: fix or remove the odd file")
+        if scalar_type(r) != type0:
+            raise DataError(f"slice folder {folder}: {f.name} has pixel type "
+                            f"{sitk.GetPixelIDValueAsString(r.GetPixelID())} but {ordered[0].name} has "
+                            f"{sitk.GetPixelIDValueAsString(first.GetPixelID())}; re-export the slices with one "
+                            "bit depth")
+    if len(size0) != 2:
+        raise DataError(f"slice folder {folder}: {ordered[0].name} is not a 2D image (size {size0}); a slice "
+                        "folder must hold 2D images only")
+    return type0
+
+
+def read_slices(folder: Path, files: list[Path]) -> sitk.Image | np.ndarray:
+    """Stack a folder of 2D slices into a 3D image (axis 0 = slice number).
+
+    Uncompressed 8-bit palette BMPs (OCTA-500) come back as a uint8 array decoded by
+    :func:`~octa3d.data.bmp.read_bmp8_stack` (default geometry, as ITK gives BMPs); everything else as a
+    SimpleITK image.
+    """
+    ordered = order_slices(folder, files)
+    if all(file_suffix(f) == ".bmp" for f in ordered):
+        fast = read_bmp8_stack(ordered)
+        if fast is not None:
+            return fast
+    pixel_type = _check_alike(folder, ordered)
+    try:
+        # A list of files + a scalar output type gives a 3D volume (palette/RGB BMPs come back as gray).
+        return sitk.ReadImage([str(f) for f in ordered], pixel_type)
+    except RuntimeError as exc:
+        # Headers were fine, so some file's pixel data is broken: find it to name it.
+        for f in ordered:
+            try:
+                sitk.ReadImage(str(f), pixel_type)
+            except RuntimeError as exc1:
+                raise DataError(f"cannot read slice {f}: {sitk_reason(exc1)}; the file is corrupt or "
+                                "truncated: re-export it") from exc1
+        raise DataError(f"cannot stack the slices in {folder}: {sitk_reason(exc)}") from exc
+
+
+def read_dicom(folder: Path) -> sitk.Image | None:
+    """Read the DICOM series in ``folder`` (the largest one if several); ``None`` if there is none."""
+    with quiet_itk():
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        return None
+    names = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series}
+    chosen = max(series, key=lambda s: len(names[s]))
+    if len(series) > 1:
+        log.warning("DICOM folder %s holds %d series; reading the largest (%s, %d files). Put each series in "
+                    "its own folder to choose another.", folder, len(series), chosen, len(names[chosen]))
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(names[chosen])
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise DataError(f"cannot read the DICOM series in {folder}: {sitk_reason(exc)}; check that no file "
+                        "is corrupt or truncated") from exc
+
+
+def read_folder(folder: Path) -> sitk.Image | np.ndarray:
+    """A scan folder as a 3D image: its DICOM series if it holds one, else its stacked slices.
+
+    Raises:
+        DataError: the folder is empty or holds neither slices nor a DICOM series (and every slice-stack error).
+    """
+    files = visible_files(folder)
+    if not files:
+        sub = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        hint = f" (it only holds folders: {short(sub, 5)})" if sub else ""
+        raise DataError(f"empty folder {folder}{hint}: a scan folder must hold numbered 2D slices or a DICOM "
+                        "series; check --data-root / the manifest path")
+    slices = [f for f in files if file_suffix(f) in SLICE_EXTS]
+    maybe_dicom = [f for f in files if file_suffix(f) in ("", ".dcm", ".ima")]
+    if maybe_dicom or not slices:
+        img = read_dicom(folder)
+        if img is not None:
+            return img
+    if slices:
+        return read_slices(folder, slices)
+    raise DataError(f"{folder}: no 2D slices (.bmp/.png/.tif/.jpg) and no DICOM series found (files: "
+                    f"{short(sorted(f.name for f in files), 5)}); expected {FORMATS_HELP}")

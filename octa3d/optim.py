@@ -1,0 +1,133 @@
+"""Optimisation recipe pieces: optimiser, learning-rate schedule, early stopping, losses and class weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from octa3d.config import Config
+from octa3d.errors import DataError
+
+log = logging.getLogger("octa3d.optim")
+
+
+def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+    """``--optimizer`` (AdamW, or SGD with Nesterov momentum 0.9) with ``--lr`` and ``--weight-decay``.
+
+    Uses PyTorch's fused kernels where every parameter allows them (CPU and CUDA, floating point): one kernel per
+    parameter instead of a dozen, e.g. AdamW on a 3D ResNet-18 on CPU ~4x faster, the same update rule. Falls back
+    to the default implementation otherwise.
+    """
+    params = list(params)  # may be a generator: it is read twice when the fused variant is refused
+    if cfg.train.optimizer == "sgd":
+        cls, kw = torch.optim.SGD, {"momentum": 0.9, "nesterov": True}
+    else:
+        cls, kw = torch.optim.AdamW, {}
+    kw.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    try:
+        return cls(params, fused=True, **kw)
+    except (RuntimeError, ValueError, TypeError) as exc:  # e.g. a device or dtype without fused kernels
+        log.debug("fused %s unavailable (%s); using the default implementation", cls.__name__, exc)
+        return cls(params, **kw)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step linear warm-up over ``--warmup-epochs`` then cosine decay to 1 % of ``--lr`` at the last epoch."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warm = min(cfg.train.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class EarlyStopping:
+    """Track the best value of a monitored metric; ``patience`` epochs without improvement stop training."""
+
+    mode: str = "max"
+    patience: int = 10
+    best: float | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value`` for ``epoch``; return True when it is a new best."""
+        better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+        if better and not math.isnan(value):
+            self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        """True once ``patience`` epochs passed without improvement (never when patience is 0)."""
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serializable state."""
+        return {"mode": self.mode, "patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def class_weights(labels: list[int], n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``n / (K * n_c)`` from the training split.
+
+    Raises:
+        DataError: a class has no training subject.
+    """
+    counts = np.bincount(np.asarray(labels, dtype=int), minlength=n_classes)
+    if (counts == 0).any():
+        raise DataError(f"class index(es) {np.flatnonzero(counts == 0).tolist()} have no training samples; "
+                        f"add data, change --classes, or re-split")
+    return torch.tensor(counts.sum() / (n_classes * counts), dtype=torch.float32)
+
+
+class FocalLoss(torch.nn.Module):
+    """Focal loss (Lin et al. 2017), gamma 2, optional class weights (alpha) and label smoothing."""
+
+    def __init__(self, weight: torch.Tensor | None = None, gamma: float = 2.0, label_smoothing: float = 0.0,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("weight", weight if weight is not None else None)
+        self.gamma, self.smoothing, self.reduction = gamma, label_smoothing, reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none",
+                                               label_smoothing=self.smoothing)
+        pt = torch.softmax(logits, 1).gather(1, target[:, None]).squeeze(1)
+        loss = (1 - pt).pow(self.gamma) * ce
+        if self.weight is not None:
+            loss = loss * self.weight[target]
+        return loss.mean() if self.reduction == "mean" else loss
+
+
+def build_loss(cfg: Config, weights: torch.Tensor, reduction: str = "mean") -> torch.nn.Module:
+    """``--loss`` with ``--label-smoothing``; class weights for weighted-ce and focal."""
+    t = cfg.train
+    if t.loss == "focal":
+        return FocalLoss(weights, label_smoothing=t.label_smoothing, reduction=reduction)
+    return torch.nn.CrossEntropyLoss(weight=weights if t.loss == "weighted-ce" else None,
+                                     label_smoothing=t.label_smoothing, reduction=reduction)
+
+
+def reconstruction_loss(kind: str) -> Any:
+    """``--ae-loss``: ``torch.nn.functional.mse_loss`` or ``l1_loss`` (both take ``reduction=``)."""
+    return torch.nn.functional.mse_loss if kind == "mse" else torch.nn.functional.l1_loss

@@ -1,0 +1,139 @@
+"""``--mode ae_pretrain``: ClinicaDL-style autoencoder pretraining of the classifier's encoder.
+
+The autoencoder's encoder *is* the classifier's feature extractor (same module names), its decoder mirrors it.
+It trains on the experiment's training subjects only (plus optional unlabeled ``--ae-extra-data``, checked
+against the hold-out test subjects); the validation subjects' reconstruction loss picks ``best.pt`` and drives
+early stopping. The loop is :func:`octa3d.engine.fit`, the same as ``--mode train``'s, so ``--accum-steps``,
+``--clip-grad``, AMP, ``--max-steps`` and ``--resume`` behave the same. ``--mode train`` then starts from
+``ae_pretrain/best.pt`` (``--init ae``/``auto``).
+
+Outputs: ``runs/<exp>/ae_pretrain/[fold-k/]{checkpoints/{best,last}.pt, history.csv, tensorboard/}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from octa3d import engine, trainer
+from octa3d.checkpoint import model_record
+from octa3d.config import Config
+from octa3d.context import StageContext, setup_stage
+from octa3d.data.datasets import DataHandler
+from octa3d.data.sources import discover_unlabelled
+from octa3d.data.splits import guard
+from octa3d.model import build_autoencoder, encoder_state_dict
+from octa3d.optim import reconstruction_loss
+from octa3d.utils import dist
+from octa3d.utils.runs import stage_dir
+from octa3d.utils.tracking import slice_grid
+
+log = logging.getLogger("octa3d.ae_pretrain")
+
+STAGE = "ae_pretrain"
+
+
+class _AnyLabel:
+    """Label map for reconstruction: every scan is usable, labelled or not."""
+
+    class_names = ["scan"]
+
+    @staticmethod
+    def index(_raw: Any) -> int:
+        return 0
+
+
+def extra_subjects(cfg: Config, splits: Any) -> list[Any]:
+    """Unlabeled scans from ``--ae-extra-data``, refused if any is a hold-out test subject (ID or group)."""
+    if not cfg.train.ae_extra_data:
+        return []
+    subs = discover_unlabelled(cfg.data, cfg.train.ae_extra_data, cfg.model.dim)
+    guard(STAGE, [s.id for s in subs], splits, groups={s.id: s.group for s in subs})
+    for s in subs:
+        s.id = s.id if s.id.startswith("extra:") else f"extra:{s.id}"
+    log.info("--ae-extra-data: %d extra scans (none is a test subject)", len(subs))
+    return subs
+
+
+def _reconstruction_images(ae: torch.nn.Module, loader: Any, device: torch.device, precision: engine.Precision,
+                           every: int) -> Any:
+    """``epoch_end`` callback: input and reconstruction slices in TensorBoard every ``every`` epochs."""
+
+    def epoch_end(epoch: int, metrics: dict[str, float], x: torch.Tensor | None, tb: Any) -> None:
+        tb.add_scalar("loss/val", metrics.get("val_loss", metrics.get("train_loss", float("nan"))), epoch + 1)
+        if (epoch + 1) % every and epoch:
+            return
+        sample = next(iter(loader))["image"][:4].to(device)
+        ae.eval()
+        with torch.no_grad(), precision.autocast():
+            rec = ae(sample)
+        tb.add_image("reconstruction/input", slice_grid(sample), epoch + 1)
+        tb.add_image("reconstruction/output", slice_grid(rec), epoch + 1)
+
+    return epoch_end
+
+
+def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[Any], val_subs: list[Any]
+                  ) -> dict[str, Any]:
+    """Train (or resume) one autoencoder; returns its summary (best val loss, its epoch, epochs run)."""
+    handler = DataHandler(cfg, _AnyLabel())
+    handler.warm(train_subs + val_subs)
+    train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
+    val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size) if val_subs else None
+    ae = build_autoencoder(cfg.model.model, cfg.model.dim, cfg.in_channels, cfg.input_shape)
+    ae.to(ctx.device, memory_format=engine.memory_format(cfg))
+    precision = engine.Precision.for_device(ctx.device, cfg.train.amp)
+    loss_fn = reconstruction_loss(cfg.train.ae_loss)
+
+    def validate(net: torch.nn.Module) -> dict[str, float]:
+        if val_loader is None:  # no validation subjects: the training loss picks best.pt
+            return {}
+        return {"val_loss": engine.reconstruction_error(net, val_loader, precision, loss_fn)}
+
+    spec = trainer.FitSpec(
+        model=ae, loss_fn=loss_fn, target="input", validate=validate,
+        monitor="val_loss" if val_loader is not None else "train_loss", mode="min",
+        record=model_record(cfg, None, "autoencoder"), kind_label="ae epoch",
+        epoch_end=_reconstruction_images(ae, val_loader or train_loader, ctx.device, precision,
+                                         max(1, cfg.train.epochs // 10)),
+        extra_record=lambda: {"encoder_state_dict": encoder_state_dict(ae)},
+        log_line=lambda r: f"train {r['train_loss']:.5f}  val {r.get('val_loss', r['train_loss']):.5f}  "
+                           f"lr {r['lr']:.2e}")
+    n_params = sum(p.numel() for p in ae.parameters())
+    log.info("AE %s (%s, %.1fM parameters): %d train / %d val scans, %d epochs", cfg.model.model, cfg.model.dim,
+             n_params / 1e6, len(train_subs), len(val_subs), cfg.train.epochs)
+    result = trainer.fit(spec, cfg, train_loader, out, ctx.device, name=f"autoencoder {out}")
+    best = result.best
+    return {"best_val_loss": best.get("val_loss", best.get("train_loss")), "best_epoch": best.get("epoch"),
+            "epochs_run": result.epochs_run}
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Pretrain the encoder of ``--model`` as an autoencoder on the experiment's training subjects."""
+    ctx = setup_stage(cfg)
+    out = stage_dir(cfg, STAGE, resume=cfg.train.resume) if dist.is_main() else cfg.run_dir / STAGE
+    dist.barrier()
+    sp = ctx.splits
+    extra = extra_subjects(cfg, sp)
+    results = {}
+    try:
+        for k in range(sp.n_folds):
+            tr_ids, va_ids = sp.fold(k)
+            guard(STAGE, tr_ids + va_ids, sp)
+            fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
+            results[f"fold-{k}"] = pretrain_fold(cfg, ctx, fold_out, ctx.pick(tr_ids) + extra, ctx.pick(va_ids))
+    except engine.StopTraining as stop:
+        print(f"Autoencoder pretraining {stop}; last.pt holds the last finished epoch. Continue with: python "
+              f"main.py --mode ae_pretrain --exp {cfg.exp_name} --resume")
+        dist.cleanup()
+        return {"stopped_at_step": stop.step, **results}
+    if dist.is_main():
+        for name, r in results.items():
+            print(f"ae_pretrain {name}: best val loss {r['best_val_loss']:.5f} at epoch {r['best_epoch']} "
+                  f"({r['epochs_run']} epochs) -> {out}")
+        print(f"Next: python main.py --mode train --exp {cfg.exp_name} ... (starts from the pretrained encoder)")
+    dist.cleanup()
+    return results

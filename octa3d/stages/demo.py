@@ -1,0 +1,218 @@
+"""``--mode demo`` (``make demo``): the whole pipeline on a generated dataset, in minutes on a laptop CPU.
+
+1. ``synth``: a small synthetic OCTA-500 set (:data:`DEMO_CLASSES`; with ``--task multi``
+   :data:`DEMO_MULTI_CLASSES`; lesion masks included) in ``<runs-dir>/<exp>/data`` — reused when it already exists
+   with the same settings;
+2. ``prepare`` → ``ae_pretrain`` → ``train`` → ``test`` (with Grad-CAM export) in experiment ``demo``.
+
+Every stage runs through its entry in :data:`octa3d.stages.STAGES` with a Config built from
+``DEMO_DEFAULTS < STAGE_DEFAULTS[stage] < the options you set`` (``cfg.explicit``), so any flag you give
+(``--epochs 5``, ``--model resnet18``, ``--n-subjects 90``, ``--cam medcam`` …) overrides the demo default.
+``--overwrite`` is part of the defaults: a second ``make demo`` re-runs every stage into fresh folders (the
+generated data are kept).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from octa3d.config import Config, apply_overrides, get_value, to_argv, validate
+from octa3d.data.synthetic import CLASSES, MARKER, generate
+from octa3d.errors import ConfigError
+from octa3d.metrics import summary_lines
+from octa3d.stages import STAGES as STAGE_MODULES
+from octa3d.utils.io import safe_name
+
+log = logging.getLogger("octa3d.demo")
+
+#: Synthetic classes of the demo set: a balanced binary task, NORMAL vs CNV (a neovascular tuft above the RPE,
+#: bright in OCTA), which a small CNN learns from ~40 training eyes at 32^3. ``--positive`` changes the disease.
+DEMO_CLASSES: tuple[str, ...] = ("NORMAL", "CNV")
+#: Classes generated for ``--task multi`` (unless ``--classes`` names others): harder, AMD drusen are subtle at 32^3.
+DEMO_MULTI_CLASSES: tuple[str, ...] = ("NORMAL", "AMD", "CNV", "CSC")
+
+
+def demo_classes(cfg: Config) -> tuple[str, ...]:
+    """Synthetic classes to generate for the demo's task (``--task``, ``--classes``, ``--negative``/``--positive``).
+
+    Raises:
+        ConfigError: a requested class the generator cannot draw.
+    """
+    d = cfg.data
+    if d.task == "multi":
+        names = tuple(c.upper() for c in d.classes) if d.classes else DEMO_MULTI_CLASSES
+    else:
+        names = (d.negative.upper(), *(p.upper() for p in d.positive)) if d.positive else (
+            d.negative.upper(), *(c for c in DEMO_CLASSES if c != d.negative.upper()))
+    bad = [c for c in names if c not in CLASSES]
+    if bad:
+        raise ConfigError(f"the demo generates synthetic eyes of {', '.join(CLASSES)} only; {', '.join(bad)} "
+                          f"cannot be generated (fix --classes/--negative/--positive)")
+    return tuple(dict.fromkeys(names))
+
+#: Settings of every demo stage (yours win over them). Tuned to finish within 10 minutes on 2 CPU cores (see
+#: README "Demo").
+DEMO_DEFAULTS: dict[str, Any] = {
+    "exp": "demo", "dim": "3d", "model": "cnn", "modality": "OCTA", "task": "binary",
+    "input_size": [32], "n_subjects": 72, "shape": [32, 64, 32],
+    "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1, "patience": 0,
+    "num_workers": 0, "bootstrap": 1000, "cam": "gradcam", "overwrite": True,
+}
+
+#: Extra defaults per stage (before your settings).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prepare": {},
+    "ae_pretrain": {"epochs": 4},
+    "train": {"epochs": 16},
+    "test": {},
+}
+
+STAGES: tuple[str, ...] = ("prepare", "ae_pretrain", "train", "test")
+
+#: Grad-CAM layer per model at the demo's 32^3 input (unless you give --cam-layer): the registered layers give a
+#: 2^3 map at this size, too coarse to point at a lesion; an earlier stage (8^3 for cnn's block3, 4^3 for a
+#: resnet's layer3) localises the CNV tuft (cnn: pointing game ~0.5 vs ~0.002 by chance).
+DEMO_CAM_LAYERS: dict[str, str] = {"cnn": "features.block3.act", "resnet18": "layer3", "resnet34": "layer3",
+                                   "resnet50": "layer3"}
+
+
+def stage_config(stage: str, user: Config, data_root: str | None = None) -> Config:
+    """The Config of one demo stage: demo defaults < stage defaults < the user's explicit settings.
+
+    The stage's ``explicit`` set and recorded command line are those of the equivalent command
+    (``python main.py <demo defaults> <your flags> --mode <stage>``), so each stage's command.txt can be re-run.
+    """
+    values = {**DEMO_DEFAULTS, **({"data_root": data_root} if data_root is not None else {}),
+              **STAGE_DEFAULTS.get(stage, {})}
+    values.update({k: get_value(user, k) for k in sorted(user.explicit) if k != "mode"})
+    cfg = Config()
+    apply_overrides(cfg, values, "demo")
+    layer = DEMO_CAM_LAYERS.get(cfg.model.model)
+    if stage == "test" and cfg.eval.cam_layer is None and layer and tuple(cfg.input_shape) == (32, 32, 32):
+        values["cam_layer"] = layer
+        cfg.eval.cam_layer = layer
+    cfg.run.mode = stage
+    validate(cfg)
+    cfg.explicit = frozenset(values) | {"mode"}
+    cfg.argv = tuple(to_argv(values) + ["--mode", stage])
+    return cfg
+
+
+def _data_root(user: Config) -> tuple[str, bool]:
+    """``(root, explicit)``: the user's ``--data-root`` (flag or YAML) or ``<runs-dir>/<exp>/data``."""
+    cfg = stage_config("prepare", user)
+    if user.is_explicit("data_root") or cfg.data.data_root != Config().data.data_root:
+        return cfg.data.data_root, True
+    return str(Path(cfg.run.runs_dir) / cfg.exp_name / "data"), False
+
+
+def ensure_data(cfg: Config, root: str, explicit: bool) -> str:
+    """Generate the demo dataset at ``root`` unless one with the same settings is there already.
+
+    An explicit ``--data-root`` holding a real (non-synthetic) dataset is used as it is.
+
+    Returns:
+        What happened: ``"reused"``, ``"generated"`` or ``"user data"``.
+    """
+    r = Path(root)
+    classes = demo_classes(cfg)
+    want = {"seed": cfg.run.seed, "n_subjects": cfg.synth.n_subjects, "shape": list(cfg.synth.shape),
+            "layout": "octa500", "fov": "6mm", "classes": list(classes)}
+    marker = r / MARKER
+    if marker.is_file():
+        try:
+            have = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            have = {}
+        if have.get("complete") and all(have.get(k) == v for k, v in want.items()):
+            log.info("Reusing the demo dataset in %s", r)
+            return "reused"
+        log.info("The dataset in %s was generated with other settings (or is incomplete): regenerating", r)
+    elif explicit and r.exists() and any(r.iterdir()):
+        log.info("Using your dataset in %s (not generated by the demo)", r)
+        return "user data"
+    t0 = time.perf_counter()
+    generate(r, cfg.synth.n_subjects, cfg.synth.shape, seed=cfg.run.seed, layout="octa500", fov="6mm",
+             classes=classes, overwrite=marker.is_file())
+    log.info("Generated %d synthetic eyes (%s) in %s in %.1f s", cfg.synth.n_subjects,
+             "x".join(map(str, cfg.synth.shape)), r, time.perf_counter() - t0)
+    return "generated"
+
+
+def _pick_review(metrics: dict[str, Any], test_dir: Path) -> Path | None:
+    """A review PNG worth opening first: a correctly predicted diseased eye, else any."""
+    cams = test_dir / "cams"
+    if not cams.is_dir():
+        return None
+    try:
+        pred = pd.read_csv(test_dir / "predictions.csv", dtype={"subject": str})
+        names = metrics["class_names"]
+        good = pred[(pred["label"] != names[0]) & pred["correct"]]["subject"].tolist()
+    except (OSError, KeyError, ValueError):
+        good = []
+    for sid in good:
+        f = cams / f"{safe_name(sid)}_review.png"
+        if f.is_file():
+            return f
+    found = sorted(cams.glob("*_review.png"))
+    return found[0] if found else None
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run the demo pipeline; print headline metrics, timings and where to look.
+
+    Args:
+        cfg: the configuration of ``--mode demo``: the options set explicitly (``cfg.explicit``) override the demo
+            defaults of every stage.
+
+    Returns:
+        ``{"metrics": test metrics, "seconds": {stage: s}, "data": ..., "experiment": run folder}``.
+    """
+    t_start = time.perf_counter()
+    root, explicit = _data_root(cfg)
+    base = stage_config("prepare", cfg, root)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data_state = ensure_data(base, root, explicit)
+    seconds["synth"] = time.perf_counter() - t0
+    results: dict[str, Any] = {}
+    for stage in STAGES:
+        scfg = stage_config(stage, cfg, root)
+        print(f"\n=== demo: {stage} ===  (python main.py {' '.join(scfg.argv or ())})", flush=True)
+        t0 = time.perf_counter()
+        results[stage] = importlib.import_module(STAGE_MODULES[stage]).run(scfg)
+        seconds[stage] = time.perf_counter() - t0
+    _print_summary(results["test"], base, root, data_state, seconds, time.perf_counter() - t_start)
+    return {"metrics": results["test"], "seconds": seconds, "data": root, "experiment": str(base.run_dir)}
+
+
+def _print_summary(metrics: dict[str, Any], base: Config, root: str, data_state: str, seconds: dict[str, float],
+                   total: float) -> None:
+    test_dir = base.run_dir / "test"
+    review = _pick_review(metrics, test_dir)
+    cam_nii = review.with_name(review.name.replace("_review.png", "_cam.nii.gz")) if review else None
+    lines = ["", f"=== demo finished in {total / 60:.1f} min ("
+             + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"); data: {root} ({data_state}) ===",
+             f"Hold-out test ({metrics['n_subjects']} eyes, {' vs '.join(metrics['class_names'])}):"]
+    lines += summary_lines(metrics)
+    loc = (metrics.get("localization") or {}).get("per_class", {})
+    for cls, v in loc.items():
+        lines.append(f"  Grad-CAM on {cls} eyes: pointing game {v['pointing_game']:.2f}, CAM mass in lesion "
+                     f"{v['mass_inside']:.2f} (chance {v['lesion_fraction']:.3f})")
+    lines += ["Where to look:",
+              f"  metrics        {test_dir / 'metrics.json'}",
+              f"  predictions    {test_dir / 'predictions.csv'}  (ROC: roc.png, confusion_matrix.png)"]
+    if review:
+        lines.append(f"  CAM review     {review}")
+    if cam_nii and cam_nii.is_file():
+        lines.append(f"  CAM volume     {cam_nii}  (open over {str(cam_nii).replace('_cam.nii.gz', '_input.nii.gz')}"
+                     f" in 3D Slicer / ITK-SNAP / napari)")
+    lines.append(f"  TensorBoard    tensorboard --logdir {base.run.runs_dir}")
+    print("\n".join(lines))

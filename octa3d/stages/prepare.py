@@ -1,0 +1,38 @@
+"""``--mode prepare``: discover the subjects, map their labels and write the experiment's splits.
+
+The splits (``runs/<exp>/splits/``) are made once and reused by every later stage; ``--overwrite`` re-splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+from octa3d.config import Config
+from octa3d.data.splits import Splits, format_counts, labelled_subjects, load_or_make_splits
+from octa3d.utils.runs import init_run
+
+log = logging.getLogger("octa3d.data.splits")
+
+
+def run(cfg: Config) -> Splits:
+    """Write (or, without ``--overwrite``, reuse) the splits and print their per-class counts.
+
+    Returns:
+        The experiment's :class:`~octa3d.data.splits.Splits`.
+
+    Raises:
+        DataError: no usable subjects, or a class too small to split.
+        ConfigError: existing splits were made with other settings.
+    """
+    folder = cfg.run_dir / "splits"
+    if (folder / "split.json").exists() and cfg.run.overwrite:
+        log.warning("--overwrite: re-splitting; earlier splits in %s are replaced", folder)
+        shutil.rmtree(folder)
+    # Discover before creating the run folder: a wrong --data-root must not leave an empty experiment behind.
+    subjects, label_map, label_of = labelled_subjects(cfg)
+    init_run(cfg)
+    sp = load_or_make_splits(cfg, subjects, label_map, label_of)
+    print(f"Splits of experiment '{cfg.exp_name}' ({len(sp.labels)} subjects) in {folder}:")
+    print(format_counts(sp))
+    return sp

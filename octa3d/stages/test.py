@@ -1,0 +1,193 @@
+"""``--mode test``: hold-out evaluation of the experiment's classifier, with bootstrap CIs, plots and Grad-CAM.
+
+The model is ``train/checkpoints/best.pt``, or every ``train/fold-k/checkpoints/best.pt`` (evaluated one by one and
+as an ensemble of averaged probabilities), or ``--checkpoint`` (see :func:`octa3d.checkpoint.find_checkpoints`).
+Preprocessing comes from the checkpoint (input size, preprocessing settings, modality), never from the flags of
+this invocation, so a model is always evaluated on inputs made the way it was trained. Only the experiment's
+hold-out subjects are used, and the leakage guard refuses any that trained or validated the model (including
+autoencoder extra data).
+
+Outputs in ``runs/<exp>/test/``: ``metrics.json``, ``predictions.csv`` (and ``predictions_fold-k.csv``),
+``roc.png``, ``confusion_matrix.png``, ``cams/`` (see :mod:`octa3d.cam.export`) and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from octa3d import engine
+from octa3d.cam import CamExporter, cam_backend, cam_items_from_cache
+from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
+from octa3d.config import Config
+from octa3d.context import guard_test_set, setup_stage
+from octa3d.data.datasets import DataHandler
+from octa3d.errors import ConfigError, DataError
+from octa3d.metrics import (CI_METRICS, bootstrap_ci, evaluation_metrics, format_metric, predictions_frame,
+                            summary_lines)
+from octa3d.plots import confusion_figure, roc_figure, save_figure
+from octa3d.utils import dist
+from octa3d.utils.io import atomic_write_csv, atomic_write_json
+from octa3d.utils.runs import stage_dir
+from octa3d.utils.tracking import tensorboard_writer
+
+log = logging.getLogger("octa3d.test")
+
+STAGE = "test"
+
+Models = list[tuple[str, Path, dict[str, Any], torch.nn.Module]]
+
+
+def _predict_all(models: Models, loader: Any, precision: engine.Precision
+                 ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """Subject-level probabilities per model, aligned on the first model's subject order."""
+    ids: list[str] = []
+    y = np.zeros(0, int)
+    per: dict[str, np.ndarray] = {}
+    for name, _, _, model in models:
+        sids, labels, probs, _ = engine.predict(model, loader, precision)
+        if not ids:
+            ids, y = list(sids), np.asarray(labels)
+        order = {s: i for i, s in enumerate(sids)}
+        per[name] = np.asarray(probs)[[order[s] for s in ids]]
+    return ids, y, per
+
+
+def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str, np.ndarray], names: list[str],
+             models: Models, ref: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: headline metrics with bootstrap CIs, the model, and per-fold metrics of an ensemble."""
+    seed, n_boot = cfg.run.seed, cfg.eval.bootstrap
+    metrics = evaluation_metrics(y, probs, names)
+    metrics["ci95"] = bootstrap_ci(y, probs, n_boot, seed)
+    metrics.update({"class_names": names, "positive_class": names[1] if len(names) == 2 else None,
+                    "bootstrap": {"resamples": n_boot, "seed": seed, "method": "percentile", "level": 0.95,
+                                  "unit": "subject"},
+                    "model": ref["model_name"], "dim": ref["dim"], "input_shape": ref["input_shape"],
+                    "modality": ref["modality"], "checkpoints": {n: str(p) for n, p, *_ in models},
+                    "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"],
+                    "ensemble": len(models) > 1})
+    if len(models) > 1:
+        metrics["folds"] = {}
+        for n, *_ in models:
+            fm = evaluation_metrics(y, per_model[n], names)
+            fm["ci95"] = bootstrap_ci(y, per_model[n], n_boot, seed)
+            metrics["folds"][n] = fm
+    return metrics
+
+
+def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.ndarray,
+                   per_model: dict[str, np.ndarray], names: list[str], metrics: dict[str, Any]) -> None:
+    """predictions CSV(s), ROC and confusion-matrix PNGs, and the same in TensorBoard (rank 0)."""
+    atomic_write_csv(out / "predictions.csv", predictions_frame(ids, y, probs, names))
+    if len(per_model) > 1:
+        for n, p in per_model.items():
+            atomic_write_csv(out / f"predictions_{n}.csv", predictions_frame(ids, y, p, names))
+    cm = np.asarray(metrics["confusion_matrix"])
+    save_figure(roc_figure(y, probs, names, metrics["auc"]), out / "roc.png")
+    save_figure(confusion_figure(cm, names), out / "confusion_matrix.png")
+    tb.add_figure("test/roc", roc_figure(y, probs, names, metrics["auc"]), 0)
+    tb.add_figure("test/confusion_matrix", confusion_figure(cm, names), 0)
+    for k in CI_METRICS:
+        if k in metrics and metrics[k] is not None and math.isfinite(metrics[k]):
+            tb.add_scalar(f"test/{k}", metrics[k], 0)
+            ci = metrics["ci95"].get(k)
+            if ci and all(math.isfinite(c) for c in ci):
+                tb.add_scalar(f"test/{k}_ci_low", ci[0], 0)
+                tb.add_scalar(f"test/{k}_ci_high", ci[1], 0)
+
+
+def _hold_out(cfg: Config, test_ids: list[str]) -> set[str]:
+    """The subjects whose CAMs are exported (``--cam-subjects``, default all), checked against the hold-out."""
+    wanted = set(cfg.eval.cam_subjects or test_ids)
+    unknown = sorted(wanted - set(test_ids))
+    if unknown and cfg.eval.cam != "none":
+        raise ConfigError(f"--cam-subjects {', '.join(unknown)}: not hold-out test subjects of experiment "
+                          f"'{cfg.exp_name}' (test subjects: {', '.join(test_ids[:10])}"
+                          f"{' …' if len(test_ids) > 10 else ''})")
+    return wanted
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Evaluate the experiment's classifier on its hold-out subjects; write ``runs/<exp>/test/``.
+
+    Returns:
+        The metrics dictionary written to ``metrics.json``.
+    """
+    ckpt_paths = find_checkpoints(cfg)
+    if not (cfg.run_dir / "splits" / "split.json").is_file():
+        raise DataError(f"experiment '{cfg.exp_name}' has no splits ({cfg.run_dir / 'splits'}): the test stage "
+                        f"only evaluates an experiment's hold-out subjects; run --mode prepare and --mode train "
+                        f"first (same --exp/--runs-dir), or predict single scans with --mode explain --input PATH")
+    models, ref = load_models(ckpt_paths)
+    ecfg = checkpoint_config(cfg, ref)
+    ecfg.eval.cam = cam_backend(ecfg, models)
+    ctx = setup_stage(ecfg)
+    device = place_models(models, ctx.device)
+    sp = ctx.splits
+    names = list(sp.class_names)
+    if list(ref["class_names"]) != names:
+        raise ConfigError(f"{ckpt_paths[0][1]} predicts classes {ref['class_names']} but experiment "
+                          f"'{cfg.exp_name}' has classes {names}; test it in its own experiment (--exp)")
+    test_ids = list(sp.test)
+    if not test_ids:
+        raise DataError(f"experiment '{cfg.exp_name}' has no hold-out test subjects ({cfg.run_dir / 'splits'})")
+    guard_test_set(ecfg, test_ids, sp)
+    wanted = _hold_out(ecfg, test_ids)
+    out = stage_dir(ecfg, STAGE) if dist.is_main() else ecfg.run_dir / STAGE
+    subjects = ctx.pick(test_ids)
+    handler = DataHandler(ecfg, ctx.label_map)
+    handler.warm(subjects)
+    loader = handler.loader(subjects, train=False, batch_size=ecfg.train.batch_size)
+    log.info("test: %d hold-out subjects, %d model(s) (%s), classes %s", len(test_ids), len(models),
+             ", ".join(n for n, *_ in models), names)
+    ids, y, per_model = _predict_all(models, loader, engine.Precision.for_device(device, ecfg.train.amp))
+    probs = np.mean([per_model[n] for n, *_ in models], axis=0)
+    metrics = _metrics(cfg, y, probs, per_model, names, models, ref)
+    tb = tensorboard_writer(out / "tensorboard")
+    if dist.is_main():
+        _write_outputs(out, tb, ids, y, probs, per_model, names, metrics)
+    if ecfg.eval.cam != "none" and dist.is_main():
+        by_id = {s: i for i, s in enumerate(ids)}
+        cam_subs = [s for s in subjects if s.id in wanted]
+        items = cam_items_from_cache(handler, cam_subs, {s.id: probs[by_id[s.id]] for s in cam_subs},
+                                     {s.id: int(y[by_id[s.id]]) for s in cam_subs})
+        exporter = CamExporter(ecfg, [m for *_, m in models], names, out / "cams", handler.preset, tb=tb,
+                               device=device)
+        cam_report = exporter.export(items)
+        metrics["cam"] = cam_report["cam"]
+        if cam_report.get("localization"):
+            metrics["localization"] = cam_report["localization"]
+    tb.close()
+    if dist.is_main():
+        atomic_write_json(out / "metrics.json", metrics)
+        print_summary(cfg, metrics, out, len(test_ids))
+    return metrics
+
+
+def print_summary(cfg: Config, m: dict[str, Any], out: Path, n: int) -> None:
+    """The CLI summary: headline metrics with CIs, localization, and where the files are."""
+    ens = f"ensemble of {len(m['checkpoints'])} folds" if m.get("ensemble") else next(iter(m["checkpoints"].values()))
+    lines = [f"Hold-out test of experiment '{cfg.exp_name}': {n} subjects, classes {', '.join(m['class_names'])}"
+             + (f" (positive: {m['positive_class']})" if m.get("positive_class") else "")
+             + f"; model {m['model']} ({ens})",
+             f"metric (95 % bootstrap CI, {m['bootstrap']['resamples']} resamples, seed {m['bootstrap']['seed']}):"]
+    lines += summary_lines(m)
+    for name, fm in (m.get("folds") or {}).items():
+        lines.append(f"  {name}: balanced accuracy {format_metric(fm, 'balanced_accuracy')}, AUC "
+                     f"{format_metric(fm, 'auc')}")
+    loc = m.get("localization")
+    if loc:
+        for cls, v in loc.get("per_class", {}).items():
+            lines.append(f"  CAM localization {cls} ({v['n']} subjects with lesion masks): pointing game "
+                         f"{v['pointing_game']:.2f}, CAM mass inside lesion {v['mass_inside']:.2f} (lesion "
+                         f"volume fraction {v['lesion_fraction']:.3f} = chance level)")
+    lines += [f"Files in {out}/: metrics.json, predictions.csv, roc.png, confusion_matrix.png"
+              + (f", cams/ ({m['cam']['n_subjects']} subjects: *_cam.nii.gz, *_input.nii.gz, *_review.png)"
+                 if m.get("cam") else ""),
+              f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}"]
+    print("\n".join(lines))

@@ -1,0 +1,204 @@
+"""``--mode train``: supervised binary / multi-class training on the experiment's train split.
+
+Per fold (``--folds K`` → ``train/fold-k/``): class-weighted cross-entropy, AdamW with warm-up + cosine schedule,
+validation every epoch (accuracy, balanced accuracy, ROC-AUC from probabilities, macro-F1; 2D patches aggregated
+per subject), ``best.pt`` (weights) on ``--monitor``, ``last.pt`` (weights + optimiser/scheduler/RNG state for
+``--resume``) every epoch, early stopping, history.csv, TensorBoard — the loop is :func:`octa3d.engine.fit`.
+The encoder starts from this experiment's autoencoder (``--init ae``/``auto``) or ``--init-from`` weights.
+Validation scores are reported for every fold (mean ± sd); nothing is retrained until a score is reached and no
+fold is picked on test data.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from octa3d import engine, trainer
+from octa3d.checkpoint import load_checkpoint, model_record
+from octa3d.config import Config
+from octa3d.context import StageContext, setup_stage
+from octa3d.data.datasets import DataHandler
+from octa3d.data.splits import guard
+from octa3d.errors import ConfigError
+from octa3d.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
+from octa3d.model import (create_model, freeze_encoder_stages, get_spec, load_init_weights, set_encoder_trainable,
+                          transfer_encoder)
+from octa3d.optim import build_loss, class_weights
+from octa3d.plots import confusion_figure
+from octa3d.utils import dist
+from octa3d.utils.io import atomic_write_json
+from octa3d.utils.runs import stage_dir
+from octa3d.utils.tracking import slice_grid, tensorboard_writer
+
+log = logging.getLogger("octa3d.train")
+
+STAGE = "train"
+SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "auc", "f1_macro")
+
+
+def initialise(model: torch.nn.Module, cfg: Config, fold_suffix: str) -> str:
+    """Apply ``--init-from`` and ``--init`` to a fresh classifier; returns a description of the start point."""
+    desc = "random"
+    if cfg.train.init_from:
+        loaded, _ = load_init_weights(model, cfg.train.init_from)
+        desc = f"--init-from {cfg.train.init_from} ({len(loaded)} tensors)"
+    ae_ckpt = cfg.run_dir / "ae_pretrain" / fold_suffix / "checkpoints" / "best.pt"
+    if cfg.train.init == "ae" or (cfg.train.init == "auto" and ae_ckpt.exists()):
+        if not ae_ckpt.exists():
+            raise ConfigError(f"--init ae: no autoencoder checkpoint at {ae_ckpt}; run --mode ae_pretrain first "
+                              f"(same --exp) or use --init random")
+        ckpt = load_checkpoint(ae_ckpt, kind="autoencoder")
+        if (ckpt["model_name"], ckpt["dim"], ckpt["in_channels"]) != (cfg.model.model, cfg.model.dim,
+                                                                       cfg.in_channels):
+            raise ConfigError(f"{ae_ckpt} was pretrained for --model {ckpt['model_name']} --dim {ckpt['dim']} with "
+                              f"{ckpt['in_channels']} channel(s); this run is --model {cfg.model.model} --dim "
+                              f"{cfg.model.dim} with {cfg.in_channels}. Use the same settings or --init random")
+        report = transfer_encoder(ckpt["encoder_state_dict"], model, cfg.model.model)
+        log.info("Encoder initialised from %s: %d tensors copied, %d not copied (head: %s)", ae_ckpt,
+                 len(report.copied), len(report.not_copied), ", ".join(report.not_copied[:6]))
+        desc = f"ae ({ae_ckpt}, {len(report.copied)} tensors)"
+    return desc
+
+
+class FreezeSchedule:
+    """``--freeze-encoder`` / ``--freeze-epochs`` / ``--freeze-encoder-stages``: which parameters train each epoch.
+
+    DDP registers the trainable parameters at construction, so the wrapped network is rebuilt whenever the set
+    changes. Every parameter stays in the optimiser (frozen ones get no gradient), so the schedule and
+    ``--resume`` never change the optimiser's layout.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.encoder_modules, _ = get_spec(cfg.model.model).split(model)
+        self.frozen: bool | None = None
+        self.net: torch.nn.Module = model
+
+    def __call__(self, epoch: int) -> torch.nn.Module:
+        cfg = self.cfg
+        frozen = cfg.train.freeze_encoder or epoch < cfg.train.freeze_epochs
+        set_encoder_trainable(self.model, cfg.model.model, not frozen)
+        if not frozen and cfg.train.freeze_encoder_stages:
+            freeze_encoder_stages(self.model, cfg.model.model, cfg.train.freeze_encoder_stages)
+        if frozen != self.frozen:
+            self.net = engine.wrap(self.model, cfg, self.device)
+            if self.frozen is not None:
+                log.info("epoch %d: encoder unfrozen, training the whole network", epoch + 1)
+            self.frozen = frozen
+        self.net.train()
+        if frozen:
+            self.encoder_modules.eval()  # linear probe: frozen BatchNorm statistics stay as pretrained
+        return self.net
+
+
+def _validator(val_loader: Any, precision: engine.Precision, loss_fn: Any, names: list[str], cfg: Config,
+               first_epoch: list[int]) -> tuple[Any, Any]:
+    """``validate(net)`` and ``epoch_end(...)`` callbacks of :func:`engine.fit` for a classifier."""
+    last: dict[str, Any] = {}
+
+    def validate(net: torch.nn.Module) -> dict[str, float]:
+        _, y, p, val_loss = engine.predict(net, val_loader, precision, loss_fn)
+        last.update(y=y, p=p)
+        return {**classification_metrics(y, p), "val_loss": val_loss}
+
+    def epoch_end(epoch: int, metrics: dict[str, float], x: torch.Tensor | None, tb: Any) -> None:
+        tb.add_scalar("loss/val", metrics["val_loss"], epoch + 1)
+        for k in SUMMARY_KEYS:
+            tb.add_scalar(f"val/{k}", metrics[k], epoch + 1)
+        if dist.is_main():
+            tb.add_figure("val/confusion_matrix", confusion_figure(confusion(last["y"], last["p"]), names,
+                                                                   "Confusion matrix (validation)"), epoch + 1)
+            if epoch == first_epoch[0] and x is not None:
+                tb.add_image("inputs/train", slice_grid(x), epoch + 1)
+
+    return validate, epoch_end
+
+
+def _log_line(row: dict[str, Any]) -> str:
+    return (f"loss {row['train_loss']:.4f}/{row['val_loss']:.4f}  bal.acc {row['balanced_accuracy']:.3f}  "
+            f"auc {row['auc']:.3f}  f1 {row['f1_macro']:.3f}")
+
+
+def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str, Any]:
+    """Train one classifier on fold ``fold`` (or resume it); returns the best validation metrics."""
+    sp = ctx.splits
+    tr_ids, va_ids = sp.fold(fold)
+    guard(STAGE, tr_ids + va_ids, sp)
+    if not va_ids:
+        raise ConfigError("--mode train needs validation subjects (--val-fraction > 0 or --folds > 1)")
+    names = list(sp.class_names)
+    weights = class_weights([sp.labels[i] for i in tr_ids], len(names)).to(ctx.device)
+    handler = DataHandler(cfg, ctx.label_map)
+    train_subs, val_subs = ctx.pick(tr_ids), ctx.pick(va_ids)
+    handler.warm(train_subs + val_subs)
+    train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
+    val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size)
+
+    model = create_model(cfg.model.model, cfg.model.dim, cfg.in_channels, len(names), input_size=cfg.input_shape)
+    resuming = cfg.train.resume and (out / "checkpoints" / "last.pt").exists()
+    start = "resume" if resuming else initialise(model, cfg, f"fold-{fold}" if sp.n_folds > 1 else "")
+    model.to(ctx.device, memory_format=engine.memory_format(cfg))
+    precision = engine.Precision.for_device(ctx.device, cfg.train.amp)
+    first_epoch = [0]
+    validate, epoch_end = _validator(val_loader, precision, build_loss(cfg, weights, reduction="none"), names, cfg,
+                                     first_epoch)
+    schedule = FreezeSchedule(model, cfg, ctx.device)
+
+    def prepare_epoch(epoch: int) -> torch.nn.Module:
+        if schedule.frozen is None:
+            first_epoch[0] = epoch
+        return schedule(epoch)
+
+    monitor = cfg.train.monitor
+    spec = trainer.FitSpec(model=model, loss_fn=build_loss(cfg, weights), validate=validate, monitor=monitor,
+                          mode="max" if HIGHER_IS_BETTER[monitor] else "min",
+                          record=model_record(cfg, names, "classifier"), prepare_epoch=prepare_epoch,
+                          epoch_end=epoch_end, log_line=_log_line,
+                          row_extra=lambda: {"encoder_frozen": bool(schedule.frozen)})
+    log.info("train %s fold %d: %d train / %d val subjects, classes %s, start: %s", cfg.model.model, fold,
+             len(tr_ids), len(va_ids), names, start)
+    result = trainer.fit(spec, cfg, train_loader, out, ctx.device, name=f"fold {fold}")
+    _hparams(out, cfg, start, result.best)
+    return result.best
+
+
+def _hparams(out: Path, cfg: Config, start: str, best: dict[str, Any]) -> None:
+    """The run's hyper-parameters and best validation scores in TensorBoard's HPARAMS tab."""
+    tb = tensorboard_writer(out / "tensorboard")
+    tb.add_hparams({"model": cfg.model.model, "dim": cfg.model.dim, "lr": cfg.train.lr,
+                    "batch_size": cfg.train.batch_size, "init": start.split(" ")[0]},
+                   {f"hparam/{k}": v for k, v in best.items() if isinstance(v, float)})
+    tb.close()
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train the classifier on every fold of the experiment; writes ``train/summary.json``."""
+    ctx = setup_stage(cfg)
+    out = stage_dir(cfg, STAGE, resume=cfg.train.resume) if dist.is_main() else cfg.run_dir / STAGE
+    dist.barrier()
+    sp = ctx.splits
+    per_fold = {}
+    try:
+        for k in range(sp.n_folds):
+            fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
+            per_fold[f"fold-{k}"] = train_fold(cfg, ctx, fold_out, k)
+    except engine.StopTraining as stop:
+        print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: python main.py --mode train "
+              f"--exp {cfg.exp_name} --resume")
+        dist.cleanup()
+        return {"stopped_at_step": stop.step, "folds": per_fold}
+    summary = {"monitor": cfg.train.monitor, "folds": per_fold,
+               "mean": {k: float(np.nanmean([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS},
+               "sd": {k: float(np.nanstd([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS}}
+    if dist.is_main():
+        atomic_write_json(out / "summary.json", summary)
+        print(f"Validation (best epoch per fold, {sp.n_folds} fold(s)): " + "  ".join(
+            f"{k} {summary['mean'][k]:.3f}±{summary['sd'][k]:.3f}" for k in SUMMARY_KEYS))
+        print(f"Checkpoints and history in {out}. Next: python main.py --mode test --exp {cfg.exp_name}")
+    dist.cleanup()
+    return summary

@@ -1,0 +1,220 @@
+"""Class activation maps (octa3d.cam): maps peak where a hand-built network looks, every backend (MONAI
+GradCAM/GradCAM++, medcam), exports in the source geometry (NIfTI source with an odd affine, OCTA-500 BMP stack with
+FOV spacing, 2D patches) and lesion localization scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from octa3d.config import Config
+from octa3d.data.subject import Subject
+from octa3d.data.presets import build_preset
+from octa3d.cam import CamComputer, CamExporter, CamItem, localization, minmax, resolve_cam_class
+from octa3d.errors import ConfigError
+from octa3d.utils.tracking import tensorboard_writer
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class BlobNet(nn.Module):
+    """Logit 1 = mean of a blurred, pooled input; logit 0 = its negative. Its Grad-CAM for class 1 is the
+    (pooled) image itself, so the map must peak on the brightest blob; for class 0 it is empty."""
+
+    def __init__(self, dims: int = 3) -> None:
+        super().__init__()
+        conv = (nn.Conv3d if dims == 3 else nn.Conv2d)(1, 1, 3, padding=1, bias=False)
+        nn.init.constant_(conv.weight, 1.0 / 3 ** dims)
+        pool = nn.AvgPool3d(2) if dims == 3 else nn.AvgPool2d(2)
+        self.features = nn.Sequential(conv, nn.ReLU(), pool)  # target layer "features.2": half resolution
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1) if dims == 3 else nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(1, 2))
+        with torch.no_grad():
+            self.head[2].weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.head[2].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def blob_batch(size: int = 16) -> torch.Tensor:
+    x = torch.full((2, 1, size, size, size), 0.05)
+    x[0, 0, 2:5, 3:6, 2:5] = 1.0  # sample 0: near the origin corner
+    x[1, 0, 10:14, 9:13, 11:14] = 1.0  # sample 1: near the far corner
+    return x
+
+
+def _inside(peak: tuple[int, ...], box: tuple[slice, ...], tol: int = 1) -> bool:
+    return all(s.start - tol <= p < s.stop + tol for p, s in zip(peak, box))
+
+
+BOXES = [(slice(2, 5), slice(3, 6), slice(2, 5)), (slice(10, 14), slice(9, 13), slice(11, 14))]
+
+
+@pytest.mark.parametrize("backend", ["gradcam", "gradcam++", "medcam"])
+def test_cam_peaks_on_the_blob_with_per_sample_targets(backend):
+    torch.manual_seed(0)
+    net = BlobNet().eval()
+    cam = CamComputer([net], backend, "features.2")
+    x = blob_batch()
+    maps = cam(x, torch.tensor([1, 1]))
+    assert maps.shape == (2, 16, 16, 16) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    for i in range(2):
+        peak = np.unravel_index(int(np.argmax(maps[i])), maps[i].shape)
+        assert _inside(peak, BOXES[i]), (backend, i, peak)
+        # high = important: the blob is hot, the far background cold (MONAI's default would invert this)
+        assert maps[i][BOXES[i]].mean() > 0.5 > maps[i][tuple(slice(0, 2) if i else slice(14, 16) for _ in
+                                                               range(3))].mean()
+    # mixed targets in one batch: class 0 has no positive evidence anywhere (empty map); sample 0 unaffected
+    mixed = cam(x, torch.tensor([1, 0]))
+    assert np.allclose(mixed[0], maps[0], atol=1e-5)
+    assert np.allclose(mixed[1], 0)
+
+
+def test_registry_model_backward_hooks_work():
+    from octa3d.model import create_model
+
+    model = create_model("cnn", "3d", 1, 2).eval()
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+    maps = CamComputer([model, create_model("cnn", "3d", 1, 2)], "gradcam", "features.block3.act")(
+        torch.rand(2, 1, 16, 16, 16), torch.tensor([0, 1]))
+    assert maps.shape == (2, 16, 16, 16) and np.isfinite(maps).all()
+
+
+def test_helpers():
+    assert resolve_cam_class(None, ["NORMAL", "CNV"]) is None
+    assert resolve_cam_class("cnv", ["NORMAL", "CNV"]) == 1
+    assert resolve_cam_class("0", ["NORMAL", "CNV"]) == 0
+    with pytest.raises(ConfigError, match="0=NORMAL"):
+        resolve_cam_class("DR", ["NORMAL", "CNV"])
+    m = minmax(torch.tensor([[1.0, 3.0], [2.0, 2.0]]))
+    assert torch.equal(m, torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    cam = np.zeros((4, 4))
+    cam[1, 1], cam[3, 3] = 1.0, 0.5
+    mask = np.zeros((4, 4), np.uint8)
+    mask[0:2, 0:2] = 1
+    loc = localization(cam, mask)
+    assert loc == {"hit": True, "mass_inside": pytest.approx(1 / 1.5), "lesion_fraction": 0.25}
+    assert localization(cam, np.zeros_like(mask)) is None
+    with pytest.raises(ConfigError, match="--cam-layer"):
+        CamExporter(_cfg(cam_layer="nope"), [BlobNet()], ["A", "B"], Path("."), None)
+
+
+# ------------------------------------------------------------------------------------ exports in source space
+def _cfg(size=16, dim="3d", cam="gradcam", cam_layer="features.2", **pre) -> Config:
+    cfg = Config()
+    cfg.model.dim, cfg.model.model = dim, "cnn"
+    cfg.preprocess.input_size = [size]
+    cfg.preprocess.augment = False
+    cfg.eval.cam, cfg.eval.cam_layer = cam, cam_layer
+    for k, v in pre.items():
+        setattr(cfg.preprocess, k, v)
+    return cfg
+
+
+def _nifti_scan(path: Path) -> tuple[Path, np.ndarray]:
+    """uint8 (12, 40, 14) volume with a retina band, a blob, and a non-trivial affine."""
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 20, (12, 40, 14), dtype=np.uint8)
+    vol[:, 14:26] += 60
+    vol[2:5, 17:21, 2:5] = 250  # the lesion, inside the retinal slab
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.3, 0.05, 0.2))
+    img.SetOrigin((10.0, -5.0, 3.0))
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+    return path, vol
+
+
+def _assert_same_geometry(a: Path, b: Path) -> None:
+    na, nb = nib.load(str(a)), nib.load(str(b))
+    assert na.shape == nb.shape
+    assert np.allclose(na.affine, nb.affine, atol=1e-5)
+    sa, sb = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    assert sa.GetSize() == sb.GetSize()
+    assert np.allclose(sa.GetSpacing(), sb.GetSpacing()) and np.allclose(sa.GetOrigin(), sb.GetOrigin())
+    assert np.allclose(sa.GetDirection(), sb.GetDirection())
+
+
+def test_nifti_export_round_trip_cropped_and_resized(tmp_path):
+    src, vol = _nifti_scan(tmp_path / "scanA.nii.gz")
+    cfg = _cfg()
+    subject = Subject("scanA", "CNV", {"image": str(src)})
+    preset = build_preset(cfg)
+    image, record = preset.preprocess(subject)
+    assert record.crop_box[1] != (0, 40)  # the slab crop really happened (and the resize: 40 rows -> 16)
+    tb = tensorboard_writer(tmp_path / "tb")
+    report = CamExporter(cfg, [BlobNet()], ["NORMAL", "CNV"], tmp_path / "cams", preset, tb=tb).export(
+        [CamItem(subject, record, lambda: image[None], np.array([0.3, 0.7]), 1)])
+    tb.close()
+    cam_f, in_f = tmp_path / "cams" / "scanA_cam.nii.gz", tmp_path / "cams" / "scanA_input.nii.gz"
+    _assert_same_geometry(cam_f, src)
+    _assert_same_geometry(in_f, src)
+    cam = sitk.GetArrayFromImage(sitk.ReadImage(str(cam_f)))
+    assert cam.dtype == np.float32 and cam.shape == vol.shape and 0 <= cam.min() and cam.max() <= 1
+    s0, s1 = record.crop_box[1]
+    assert np.all(cam[:, :s0] == 0) and np.all(cam[:, s1:] == 0)  # nothing outside the slab the network saw
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    assert _inside(peak, (slice(2, 5), slice(17, 21), slice(2, 5)), tol=2), peak
+    inp = sitk.GetArrayFromImage(sitk.ReadImage(str(in_f)))
+    assert inp.dtype == np.uint8 and np.array_equal(inp, vol)
+    assert (tmp_path / "cams" / "scanA_review.png").read_bytes()[:8] == PNG_MAGIC
+    assert report["cam"]["n_subjects"] == 1 and report["cam"]["layer"] == "features.2"
+    assert "localization" not in report  # no mask
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_octa500_bmp_stack_export_and_localization(tmp_path):
+    from octa3d.data.sources import discover
+    from octa3d.data.synthetic import generate
+
+    generate(tmp_path / "data", 2, (16, 32, 16), seed=1, classes=("CNV",))
+    cfg = _cfg(cam="medcam")
+    cfg.data.data_root = str(tmp_path / "data")
+    subjects = discover(cfg.data, "3d")
+    preset = build_preset(cfg)
+    items = []
+    for s in subjects:
+        image, record = preset.preprocess(s)
+        items.append(CamItem(s, record, lambda image=image: image[None], np.array([0.2, 0.8]), 1))
+    report = CamExporter(cfg, [BlobNet()], ["NORMAL", "CNV"], tmp_path / "cams", preset).export(items)
+    for s in subjects:
+        cam_f = tmp_path / "cams" / f"{s.id}_cam.nii.gz"
+        img = sitk.ReadImage(str(cam_f))
+        assert img.GetSize() == (16, 32, 16)
+        assert np.allclose(img.GetSpacing(), (6 / 16, 2 / 32, 6 / 16))  # FOV spacing of the BMP stack
+        _assert_same_geometry(cam_f, tmp_path / "cams" / f"{s.id}_input.nii.gz")
+        _assert_same_geometry(cam_f, Path(s.mask))
+    loc = report["localization"]["per_class"]["CNV"]
+    assert loc["n"] == 2 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1
+    assert report["cam"]["backend"] == "medcam"
+
+
+def test_2d_patch_model_export(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 30, (40, 56), dtype=np.uint8)
+    img[30:36, 40:48] = 255
+    np.save(tmp_path / "img.npy", img)
+    cfg = _cfg(size=16, dim="2d", patch_size=16)
+    subject = Subject("img", "CNV", {"image": str(tmp_path / "img.npy")})
+    preset = build_preset(cfg)
+    stored, record = preset.preprocess(subject)
+    assert len(record.patches) > 1
+    item = CamItem(subject, record, lambda: np.stack([preset.sample(stored, record, p)
+                                                      for p in range(len(record.patches))]), np.array([0.4, 0.6]), 1)
+    CamExporter(cfg, [BlobNet(2)], ["NORMAL", "CNV"], tmp_path / "cams", preset).export([item])
+    cam = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cams" / "img_cam.nii.gz")))
+    assert cam.shape == img.shape
+    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    assert 28 <= peak[0] < 38 and 38 <= peak[1] < 50, peak
+    assert (tmp_path / "cams" / "img_review.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# ------------------------------------------------------------------------------------ --mode explain

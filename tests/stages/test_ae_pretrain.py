@@ -1,0 +1,155 @@
+"""--mode ae_pretrain: outputs, learning, leakage guard on extra data, 2D, encoder transfer into train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from octa3d.stages import ae_pretrain, train
+from octa3d.cli import parse_config
+from octa3d.data.synthetic import generate
+from octa3d.checkpoint import load_checkpoint
+from octa3d.errors import ConfigError, LeakageError
+
+
+@pytest.fixture(scope="module")
+def octa_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("octa500")
+    generate(root, n_subjects=24, shape=(16, 32, 16), seed=0)
+    return root
+
+
+def cfg_for(root: Path, runs: Path, *extra: str, mode: str = "ae_pretrain"):
+    argv = ["--mode", mode, "--data-root", str(root), "--runs-dir", str(runs), "--exp", "ae", "--model", "cnn",
+            "--input-size", "16", "--batch-size", "4", "--epochs", "3", "--lr", "3e-3", "--warmup-epochs", "0",
+            "--deterministic", *extra]
+    return parse_config(argv)[0], argv
+
+
+def test_ae_pretrain_writes_outputs_and_learns(octa_root, tmp_path):
+    cfg, argv = cfg_for(octa_root, tmp_path)
+    res = ae_pretrain.run(cfg)
+    out = tmp_path / "ae" / "ae_pretrain"
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist["epoch"]) == [1, 2, 3]
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert res["fold-0"]["best_val_loss"] == pytest.approx(hist["val_loss"].min())
+    best = load_checkpoint(out / "checkpoints" / "best.pt", kind="autoencoder")
+    assert best["model_name"] == "cnn" and best["encoder_state_dict"]
+    assert (out / "checkpoints" / "last.pt").exists()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    assert {"loss/train", "loss/val"} <= set(ea.Tags()["scalars"])
+    assert {"reconstruction/input", "reconstruction/output"} <= set(ea.Tags()["images"])
+
+    # --init ae (auto): the classifier's encoder equals the AE encoder exactly; the head is untouched
+    from octa3d.model import create_model, get_spec
+
+    tcfg, _ = cfg_for(octa_root, tmp_path, mode="train")
+    model = create_model("cnn", 3, 1, 2)
+    head_before = {k: v.clone() for k, v in model.state_dict().items() if get_spec("cnn").is_head_key(k)}
+    desc = train.initialise(model, tcfg, "")
+    assert desc.startswith("ae")
+    sd = model.state_dict()
+    for k, v in best["encoder_state_dict"].items():
+        assert torch.equal(sd[k], v), k
+    for k, v in head_before.items():
+        assert torch.equal(sd[k], v), k
+
+    # a checkpoint of another model is refused with a clear message
+    other, _ = cfg_for(octa_root, tmp_path, "--model", "resnet18", "--init", "ae", mode="train")
+    with pytest.raises(ConfigError, match="pretrained for --model cnn"):
+        train.initialise(create_model("resnet18", 3, 1, 2), other, "")
+
+
+def test_ae_pretrain_refuses_to_overwrite(octa_root, tmp_path):
+    cfg, argv = cfg_for(octa_root, tmp_path, "--epochs", "1")
+    ae_pretrain.run(cfg)
+    from octa3d.errors import RunExistsError
+
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        ae_pretrain.run(cfg)
+
+
+def test_extra_data_with_a_test_subject_is_refused(octa_root, tmp_path):
+    cfg, argv = cfg_for(octa_root, tmp_path, "--ae-extra-data", str(octa_root), "--epochs", "1")
+    with pytest.raises(LeakageError, match="hold-out test"):
+        ae_pretrain.run(cfg)
+    assert not (tmp_path / "ae" / "ae_pretrain" / "checkpoints").exists()
+
+
+def test_unlabeled_extra_data_is_used(octa_root, tmp_path):
+    extra = tmp_path / "extra"
+    (extra / "v").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        vol = rng.integers(0, 80, (16, 32, 16)).astype(np.uint8)
+        vol[:, 12:20] += 120
+        np.save(extra / "v" / f"x{i}.npy", vol)
+    pd.DataFrame({"subject": [f"x{i}" for i in range(3)], "label": "", "path": [f"v/x{i}.npy" for i in range(3)]}
+                 ).to_csv(extra / "manifest.csv", index=False)
+    cfg, argv = cfg_for(octa_root, tmp_path, "--ae-extra-data", str(extra), "--epochs", "1")
+    ae_pretrain.run(cfg)
+    assert (tmp_path / "ae" / "ae_pretrain" / "checkpoints" / "best.pt").exists()
+
+
+def test_ae_pretrain_2d_enface(octa_root, tmp_path):
+    cfg, argv = cfg_for(octa_root, tmp_path, "--dim", "2d", "--input-size", "32", "--epochs", "1")
+    ae_pretrain.run(cfg)
+    ck = load_checkpoint(tmp_path / "ae" / "ae_pretrain" / "checkpoints" / "best.pt", kind="autoencoder")
+    assert ck["dim"] == "2d" and ck["input_shape"] == [32, 32]
+
+
+def test_vit_has_no_autoencoder(octa_root, tmp_path):
+    cfg, argv = cfg_for(octa_root, tmp_path, "--model", "vit", "--epochs", "1")
+    with pytest.raises(ConfigError, match="not supported"):
+        ae_pretrain.run(cfg)
+
+
+def test_ae_resume_after_interruption_equals_uninterrupted_run(octa_root, tmp_path):
+    """--max-steps stops as a kill would (last.pt = last finished epoch); --resume then continues bit-exactly."""
+    cfg, _ = cfg_for(octa_root, tmp_path / "full")
+    ae_pretrain.run(cfg)
+    cfg, _ = cfg_for(octa_root, tmp_path / "cut", "--max-steps", "5")
+    assert ae_pretrain.run(cfg)["stopped_at_step"] == 5
+    out = tmp_path / "cut" / "ae" / "ae_pretrain"
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+    cfg, _ = cfg_for(octa_root, tmp_path / "cut", "--resume")
+    ae_pretrain.run(cfg)
+    a = load_checkpoint(tmp_path / "full" / "ae" / "ae_pretrain" / "checkpoints" / "last.pt")
+    b = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3 and b["finished"] is True
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    for k in a["encoder_state_dict"]:
+        assert torch.equal(a["encoder_state_dict"][k], b["encoder_state_dict"][k]), k
+    ha = pd.read_csv(tmp_path / "full" / "ae" / "ae_pretrain" / "history.csv").drop(columns="seconds")
+    hb = pd.read_csv(out / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(ha, hb)
+
+
+def test_ae_honours_accumulation_and_clipping(octa_root, tmp_path, monkeypatch):
+    clips: list[float] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        clips.append(max_norm)
+        return real_clip(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    steps = {}
+    for accum in (1, 2):
+        cfg, _ = cfg_for(octa_root, tmp_path / f"a{accum}", "--epochs", "2", "--accum-steps", str(accum),
+                         "--clip-grad", "0.5")
+        ae_pretrain.run(cfg)
+        ck = load_checkpoint(tmp_path / f"a{accum}" / "ae" / "ae_pretrain" / "checkpoints" / "last.pt")
+        steps[accum] = ck["scheduler"]["last_epoch"]  # one scheduler step per optimiser step
+    per_epoch = steps[1] // 2
+    assert per_epoch >= 2 and steps[2] == 2 * -(-per_epoch // 2)
+    assert clips and set(clips) == {0.5} and len(clips) == steps[1] + steps[2]

@@ -1,0 +1,93 @@
+"""``--mode demo``: flag precedence, dataset reuse, and (slow) the whole pipeline end to end, twice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from octa3d.cli import parse_config
+from octa3d.config import to_argv
+from octa3d.errors import ConfigError
+from octa3d.stages.demo import DEMO_DEFAULTS, STAGE_DEFAULTS, _data_root, demo_classes, ensure_data, stage_config
+
+
+def user(*args: str):
+    """The configuration of ``python main.py --mode demo ARGS``."""
+    return parse_config(["--mode", "demo", *args])[0]
+
+
+def test_user_flags_override_demo_defaults(tmp_path):
+    cfg = stage_config("train", user("--epochs", "2", "--model", "resnet18"), "/d")
+    assert cfg.run.mode == "train" and cfg.train.epochs == 2 and cfg.model.model == "resnet18"
+    assert cfg.run.overwrite and cfg.exp_name == "demo" and cfg.data.data_root == "/d"
+    assert cfg.argv[-2:] == ("--mode", "train") and DEMO_DEFAULTS["overwrite"] is True
+    # the recorded command reproduces the stage's configuration
+    again = parse_config(list(cfg.argv))[0]
+    assert again.train.epochs == 2 and again.model.model == "resnet18" and again.data.data_root == "/d"
+    assert {"epochs", "model", "data_root", "cam", "overwrite"} <= cfg.explicit
+
+    ae = stage_config("ae_pretrain", user(), "/d")
+    assert ae.train.epochs == STAGE_DEFAULTS["ae_pretrain"]["epochs"]  # stage defaults differ ...
+    ae = stage_config("ae_pretrain", user("--epochs", "2"), "/d")
+    assert ae.train.epochs == 2  # ... and a user's flag applies to every stage
+    test = stage_config("test", user(), "/d")
+    assert test.eval.cam_layer == "features.block3.act"  # the demo's layer for cnn at 32^3
+    test = stage_config("test", user("--cam-layer", "features.block4.act"), "/d")
+    assert test.eval.cam_layer == "features.block4.act"
+    root, explicit = _data_root(user("--runs-dir", str(tmp_path)))
+    assert root == str(tmp_path / "demo" / "data") and not explicit
+    assert _data_root(user("--data-root", str(tmp_path / "mine"))) == (str(tmp_path / "mine"), True)
+
+
+def test_to_argv_round_trips_values():
+    values = {"epochs": 3, "input_size": [32, 48, 32], "overwrite": True, "amp": False, "cam_layer": "layer3"}
+    cfg = parse_config(to_argv(values))[0]
+    assert cfg.train.epochs == 3 and cfg.preprocess.input_size == [32, 48, 32] and cfg.run.overwrite
+    assert cfg.train.amp is False and cfg.eval.cam_layer == "layer3"
+
+
+def test_demo_classes_follow_the_task():
+    assert demo_classes(stage_config("prepare", user())) == ("NORMAL", "CNV")
+    assert demo_classes(stage_config("prepare", user("--positive", "DR,CSC"))) == ("NORMAL", "DR", "CSC")
+    assert demo_classes(stage_config("prepare", user("--task", "multi"))) == ("NORMAL", "AMD", "CNV", "CSC")
+    assert demo_classes(stage_config("prepare", user("--task", "multi", "--classes", "NORMAL,RVO"))) == (
+        "NORMAL", "RVO")
+    with pytest.raises(ConfigError, match="XYZ"):
+        demo_classes(stage_config("prepare", user("--task", "multi", "--classes", "NORMAL,XYZ")))
+
+
+def test_dataset_is_generated_once_and_reused(tmp_path):
+    root = tmp_path / "data"
+    args = ["--n-subjects", "2", "--shape", "8,16,8"]
+    cfg = stage_config("prepare", user(*args), str(root))
+    assert ensure_data(cfg, str(root), False) == "generated"
+    marker = json.loads((root / "synthetic.json").read_text())
+    assert marker["complete"] and marker["classes"] == ["NORMAL", "CNV"]
+    assert ensure_data(cfg, str(root), False) == "reused"
+    cfg3 = stage_config("prepare", user("--n-subjects", "3", "--shape", "8,16,8"), str(root))
+    assert ensure_data(cfg3, str(root), False) == "generated"  # other settings: regenerated in place
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.csv").write_text("subject,label,path\n")
+    assert ensure_data(cfg, str(mine), True) == "user data"  # never generated over a user's dataset
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_twice(tmp_path, capsys):
+    from octa3d.cli import main
+
+    argv = ["--mode", "demo", "--runs-dir", str(tmp_path / "runs"), "--n-subjects", "12", "--shape", "16,32,16",
+            "--input-size", "16", "--epochs", "2", "--bootstrap", "50", "--cam-layer", "features.block3.act"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "demo finished" in out and "balanced accuracy" in out and "tensorboard --logdir" in out
+    run = tmp_path / "runs" / "demo"
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    assert metrics["class_names"] == ["NORMAL", "CNV"] and metrics["n_subjects"] == 4
+    assert len(list((run / "test" / "cams").glob("*_cam.nii.gz"))) == 4
+    assert (run / "ae_pretrain" / "checkpoints" / "best.pt").is_file()
+    assert "localization" in metrics  # CNV eyes carry lesion masks
+    # a second `make demo`: data reused, every stage re-run into a fresh folder
+    assert main(argv) == 0
+    assert "(reused)" in capsys.readouterr().out

@@ -1,0 +1,58 @@
+"""``--mode prepare``: splits written once into the run folder, reused, re-made only with --overwrite."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from octa3d.config import Config
+from octa3d.data.synthetic import generate
+from octa3d.errors import ConfigError, DataError
+from octa3d.stages import prepare
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("prep") / "data"
+    generate(root, 12, (8, 16, 8), seed=1, classes=("NORMAL", "DR"))
+    return root
+
+
+def config(data_root: Path, runs: Path) -> Config:
+    cfg = Config()
+    cfg.data.data_root, cfg.run.runs_dir, cfg.run.exp, cfg.run.mode = str(data_root), str(runs), "e", "prepare"
+    cfg.argv = ("--mode", "prepare", "--exp", "e")
+    return cfg
+
+
+def test_writes_splits_and_run_folder(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = config(data_root, tmp_path / "runs")
+    sp = prepare.run(cfg)
+    out = capsys.readouterr().out
+    assert f"Splits of experiment 'e' (12 subjects) in {tmp_path / 'runs' / 'e' / 'splits'}" in out
+    assert "NORMAL" in out and "test" in out
+    folder = tmp_path / "runs" / "e"
+    assert {p.name for p in folder.iterdir()} >= {"config.yaml", "command.txt", "environment.txt", "splits"}
+    assert "--mode prepare --exp e" in (folder / "command.txt").read_text(encoding="utf-8")
+    doc = json.loads((folder / "splits" / "split.json").read_text(encoding="utf-8"))
+    assert doc["class_names"] == sp.class_names and sorted(sp.train + sp.val + sp.test) == sorted(sp.labels)
+    assert prepare.run(cfg).test == sp.test  # a second run reuses the splits
+
+
+def test_changed_settings_need_overwrite(data_root: Path, tmp_path: Path) -> None:
+    cfg = config(data_root, tmp_path / "runs")
+    first = prepare.run(cfg)
+    cfg.data.test_fraction = 0.5
+    with pytest.raises(ConfigError, match="--test-fraction was 0.3"):
+        prepare.run(cfg)
+    cfg.run.overwrite = True
+    again = prepare.run(cfg)
+    assert len(again.test) > len(first.test)
+
+
+def test_no_data_leaves_no_run_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no data at"):
+        prepare.run(config(tmp_path / "nothing", tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()

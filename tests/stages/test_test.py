@@ -1,0 +1,238 @@
+"""``--mode test``: metrics against hand-computed values, bootstrap CIs, checkpoint resolution, the leakage guard
+and the stage's outputs on a tiny generated experiment (untrained model: the plumbing, not the score)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from octa3d import checkpoint
+from octa3d.cli import parse_config
+from octa3d.checkpoint import CheckpointError
+from octa3d.errors import ConfigError, LeakageError
+from octa3d.metrics import bootstrap_ci, evaluation_metrics, fast_scores
+from octa3d.checkpoint import find_checkpoints
+
+# ------------------------------------------------------------------------------------ fixed binary example
+#   true:  0    0    0    0    0    1    1    1     1    1
+#   P(1): .1   .2   .3   .6   .4   .8   .7   .45   .9   .35   -> TN 4, FP 1, FN 2, TP 3
+Y2 = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+P1 = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.8, 0.7, 0.45, 0.9, 0.35])
+PROBS2 = np.stack([1 - P1, P1], axis=1)
+
+# ------------------------------------------------------------------------------------ fixed 3-class example
+#   true 0 0 1 1 2 2, predicted 0 1 1 1 2 0  ->  confusion [[1,1,0],[0,2,0],[1,0,1]]
+Y3 = np.array([0, 0, 1, 1, 2, 2])
+PRED3 = np.array([0, 1, 1, 1, 2, 0])
+PROBS3 = np.full((6, 3), 0.2)
+PROBS3[np.arange(6), PRED3] = 0.6
+
+
+def test_binary_metrics_match_hand_computation():
+    m = evaluation_metrics(Y2, PROBS2, ["NORMAL", "DR"])
+    assert m["confusion_matrix"] == [[4, 1], [2, 3]]
+    assert m["sensitivity"] == pytest.approx(3 / 5)
+    assert m["specificity"] == pytest.approx(4 / 5)
+    assert m["accuracy"] == pytest.approx(0.7)
+    assert m["balanced_accuracy"] == pytest.approx(0.7)
+    # kappa: po = 0.7, pe = (5*6 + 5*4) / 100 = 0.5
+    assert m["kappa"] == pytest.approx(0.4)
+    # AUC: 22 of the 25 (positive, negative) pairs are ordered correctly
+    assert m["auc"] == pytest.approx(22 / 25)
+    pc = m["per_class"]
+    assert pc["DR"]["precision"] == pytest.approx(3 / 4) and pc["DR"]["recall"] == pytest.approx(0.6)
+    assert pc["DR"]["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert pc["NORMAL"]["precision"] == pytest.approx(4 / 6) and pc["NORMAL"]["recall"] == pytest.approx(0.8)
+    assert pc["NORMAL"]["f1"] == pytest.approx(2 * (4 / 6) * 0.8 / (4 / 6 + 0.8))
+    assert m["f1_macro"] == pytest.approx((pc["DR"]["f1"] + pc["NORMAL"]["f1"]) / 2)
+    assert pc["DR"]["support"] == 5
+
+
+def test_multiclass_metrics_match_hand_computation():
+    m = evaluation_metrics(Y3, PROBS3, ["NORMAL", "DR", "CNV"])
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    # po = 4/6, pe = (2*2 + 2*3 + 2*1) / 36 = 1/3  ->  kappa = (2/3 - 1/3) / (2/3)
+    assert m["kappa"] == pytest.approx(0.5)
+    assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
+    pc = m["per_class"]
+    assert [pc[c]["precision"] for c in ("NORMAL", "DR", "CNV")] == pytest.approx([0.5, 2 / 3, 1.0])
+    assert [pc[c]["recall"] for c in ("NORMAL", "DR", "CNV")] == pytest.approx([0.5, 1.0, 0.5])
+    assert [pc[c]["f1"] for c in ("NORMAL", "DR", "CNV")] == pytest.approx([0.5, 0.8, 2 / 3])
+    assert m["f1_macro"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert "sensitivity" not in m  # binary only
+
+
+@pytest.mark.parametrize("k,missing", [(2, None), (3, None), (4, 3)])
+def test_fast_bootstrap_scores_equal_sklearn(k, missing):
+    rng = np.random.default_rng(k)
+    y = rng.integers(0, k, 40)
+    if missing is not None:
+        y[y == missing] = 0  # a class absent from y_true: OvR AUC over the classes present
+    probs = rng.dirichlet(np.ones(k), 40).round(1)  # rounding makes ties
+    probs /= probs.sum(1, keepdims=True)
+    ref = evaluation_metrics(y, probs, [f"c{i}" for i in range(k)])
+    fast = fast_scores(y, probs)
+    for key in ("accuracy", "balanced_accuracy", "f1_macro", "kappa", "auc", "sensitivity", "specificity"):
+        if key in ref:
+            assert fast[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+def test_bootstrap_ci_is_deterministic_and_contains_the_estimate():
+    point = evaluation_metrics(Y2, PROBS2, ["NORMAL", "DR"])
+    a = bootstrap_ci(Y2, PROBS2, 500, seed=7)
+    b = bootstrap_ci(Y2, PROBS2, 500, seed=7)
+    c = bootstrap_ci(Y2, PROBS2, 500, seed=8)
+    assert a == b
+    assert a != c
+    for key in ("accuracy", "balanced_accuracy", "auc", "f1_macro", "sensitivity", "specificity"):
+        lo, hi = a[key]
+        assert lo <= point[key] <= hi, key
+        assert 0 <= lo < hi <= 1, key
+    assert a["n_valid"]["accuracy"] == 500
+    assert 0 < a["n_valid"]["auc"] <= 500  # resamples with one class only have no AUC
+    assert bootstrap_ci(Y2, PROBS2, 0, seed=7) == {}
+
+
+# ------------------------------------------------------------------------------------ tiny experiment
+def _args(root: Path, *extra: str) -> list[str]:
+    return ["--data-root", str(root / "data"), "--runs-dir", str(root / "runs"), "--exp", "e", "--model", "cnn",
+            "--input-size", "16", "--batch-size", "4", "--bootstrap", "50", "--cam", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """12 synthetic eyes (NORMAL/CNV, 16x32x16), splits, and an untrained cnn saved as train/best.pt."""
+    from octa3d.stages.prepare import run as prepare
+    from octa3d.data.synthetic import generate
+    from octa3d.model import create_model
+
+    root = tmp_path_factory.mktemp("exp")
+    generate(root / "data", 12, (16, 32, 16), seed=0, classes=("NORMAL", "CNV"))
+    cfg, _ = parse_config(_args(root, "--mode", "prepare"))
+    sp = prepare(cfg)
+    model = create_model("cnn", "3d", 1, 2)
+    checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", model,
+                           checkpoint.model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
+    return root
+
+
+def _fresh(experiment: Path, tmp_path: Path) -> Path:
+    """A private copy of the experiment (tests modify splits/checkpoints)."""
+    dst = tmp_path / "copy"
+    shutil.copytree(experiment, dst, ignore=lambda d, names: ["data"] if Path(d) == experiment else [])
+    # a link: the split settings record the *resolved* data root, which stays the same
+    (dst / "data").symlink_to(experiment / "data")
+    return dst
+
+
+def test_test_stage_outputs(experiment, tmp_path, capsys):
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    # --input-size 24 must be ignored: the checkpoint says 16
+    cfg, _ = parse_config(_args(root, "--mode", "test", "--input-size", "24"))
+    m = run(cfg)
+    out = root / "runs" / "e" / "test"
+    for f in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "config.yaml"):
+        assert (out / f).is_file(), f
+    assert not (out / "cams").exists()  # --cam none
+    assert any((out / "tensorboard").iterdir())
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["input_shape"] == [16, 16, 16]
+    assert doc["n_subjects"] == 4 and doc["class_names"] == ["NORMAL", "CNV"]
+    for key in ("accuracy", "balanced_accuracy", "auc", "f1_macro", "sensitivity", "specificity"):
+        assert key in doc["ci95"], key
+    pred = pd.read_csv(out / "predictions.csv", dtype={"subject": str})
+    assert list(pred.columns[:4]) == ["subject", "label", "p_NORMAL", "p_CNV"]
+    assert np.allclose(pred[["p_NORMAL", "p_CNV"]].sum(1), 1, atol=1e-4)
+    test_ids = pd.read_csv(root / "runs" / "e" / "splits" / "test.csv", dtype={"subject": str})["subject"]
+    assert set(pred["subject"]) == set(test_ids)
+    text = capsys.readouterr().out
+    assert "balanced accuracy" in text and "metrics.json" in text
+    assert not math.isnan(m["accuracy"])
+
+
+def test_checkpoint_config_takes_preprocessing_from_the_checkpoint(experiment):
+    from octa3d.checkpoint import checkpoint_config
+
+    ckpt = checkpoint.load_checkpoint(experiment / "runs" / "e" / "train" / "checkpoints" / "best.pt", "classifier")
+    cfg, _ = parse_config(["--runs-dir", str(experiment / "runs"), "--exp", "e", "--mode", "test", "--model",
+                           "resnet18", "--input-size", "64", "--modality", "OCT", "--slab-depth", "0.9",
+                           "--bootstrap", "7"])
+    ecfg = checkpoint_config(cfg, ckpt)
+    assert ecfg.input_shape == (16, 16, 16) and ecfg.model.model == "cnn" and ecfg.data.modality == "OCTA"
+    assert ecfg.preprocess.slab_depth == 0.5 and not ecfg.preprocess.augment
+    assert ecfg.data.data_root == str(experiment / "data")  # --data-root left at its default: the checkpoint's
+    assert ecfg.eval.bootstrap == 7 and ecfg.run_dir == experiment / "runs" / "e"
+    cfg.data.data_root = "/elsewhere"
+    assert checkpoint_config(cfg, ckpt).data.data_root == "/elsewhere"
+
+
+def test_test_refuses_training_subjects(experiment, tmp_path):
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    splits = root / "runs" / "e" / "splits"
+    test = pd.read_csv(splits / "test.csv", dtype=str)
+    train = pd.read_csv(splits / "train.csv", dtype=str)
+    pd.concat([train, test.iloc[:1]]).to_csv(splits / "train.csv", index=False)  # a test subject also trained
+    cfg, _ = parse_config(_args(root, "--mode", "test"))
+    with pytest.raises(LeakageError, match=test.iloc[0]["subject"]):
+        run(cfg)
+    assert not (root / "runs" / "e" / "test" / "metrics.json").exists()
+
+
+def test_test_refuses_autoencoder_extra_data(experiment, tmp_path):
+    """Scans that pretrained the encoder (--ae-extra-data, recorded in ae_pretrain/config.yaml) are not test data."""
+    from octa3d.config import to_yaml
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    ae_cfg, _ = parse_config(_args(root, "--mode", "ae_pretrain", "--ae-extra-data", str(root / "data")))
+    (root / "runs" / "e" / "ae_pretrain").mkdir()
+    (root / "runs" / "e" / "ae_pretrain" / "config.yaml").write_text(to_yaml(ae_cfg))
+    cfg, _ = parse_config(_args(root, "--mode", "test"))
+    with pytest.raises(LeakageError, match="test refused"):
+        run(cfg)
+
+
+def test_fold_ensemble_and_missing_checkpoint(experiment, tmp_path):
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    train = root / "runs" / "e" / "train"
+    best = train / "checkpoints" / "best.pt"
+    for k in (0, 1):
+        (train / f"fold-{k}" / "checkpoints").mkdir(parents=True)
+        shutil.copy(best, train / f"fold-{k}" / "checkpoints" / "best.pt")
+    shutil.rmtree(train / "checkpoints")
+    sid = pd.read_csv(root / "runs" / "e" / "splits" / "test.csv", dtype=str)["subject"].iloc[-1]
+    args = _args(root, "--mode", "test", "--cam", "gradcam", "--cam-layer", "features.block3.act",
+                 "--cam-subjects", sid)
+    cfg, _ = parse_config(args)
+    assert [n for n, _ in find_checkpoints(cfg)] == ["fold-0", "fold-1"]
+    m = run(cfg)
+    assert m["ensemble"] and set(m["folds"]) == {"fold-0", "fold-1"}
+    out = root / "runs" / "e" / "test"
+    assert (out / "predictions_fold-1.csv").is_file()
+    # CAM of the ensemble (maps of both folds averaged) for the one requested subject only
+    assert m["cam"]["n_models"] == 2 and m["cam"]["n_subjects"] == 1
+    assert sorted(f.name for f in (out / "cams").iterdir()) == [f"{sid}_cam.nii.gz", f"{sid}_input.nii.gz",
+                                                                 f"{sid}_review.png"]
+    bad, _ = parse_config(_args(root, "--mode", "test", "--cam", "gradcam", "--cam-subjects", "nobody"))
+    with pytest.raises(ConfigError, match="nobody"):
+        run(bad)
+    # identical folds: the ensemble equals each fold
+    assert m["folds"]["fold-0"]["auc"] == pytest.approx(m["auc"], nan_ok=True)
+    shutil.rmtree(train / "fold-1" / "checkpoints")
+    with pytest.raises(CheckpointError, match="fold-1"):
+        find_checkpoints(cfg)
+    cfg2, _ = parse_config(_args(root, "--mode", "test", "--exp", "nothing-here"))
+    with pytest.raises(CheckpointError, match="--mode train"):
+        find_checkpoints(cfg2)

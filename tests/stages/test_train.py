@@ -1,0 +1,260 @@
+"""Supervised training: learning, resume equality, freeze schedule, early stopping, TensorBoard, failures, DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from octa3d.stages import train as train_mod
+from octa3d.cli import parse_config
+from octa3d.checkpoint import load_checkpoint
+from octa3d.errors import DataError
+from octa3d.optim import FocalLoss, class_weights
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_blob_dataset(root: Path, n: int = 24, shape=(12, 24, 12), seed: int = 0) -> Path:
+    """Manifest of .npy volumes: DR eyes carry a bright blob, NORMAL eyes none (an easy task)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    (root / "vols").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label = "DR" if i % 2 else "NORMAL"
+        v = rng.integers(20, 60, shape).astype(np.uint8)
+        v[:, 8:16] += 60  # a "retina" band
+        if label == "DR":
+            z, x = rng.integers(1, shape[0] - 5), rng.integers(1, shape[2] - 5)
+            v[z:z + 4, 9:14, x:x + 4] = 250
+        np.save(root / "vols" / f"s{i:02d}.npy", v)
+        rows.append({"subject": f"s{i:02d}", "label": label, "path": f"vols/s{i:02d}.npy"})
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def blob_root(tmp_path_factory) -> Path:
+    return make_blob_dataset(tmp_path_factory.mktemp("blobs"), n=32)
+
+
+def cfg_for(root: Path, runs: Path, exp: str, *extra: str):
+    argv = ["--mode", "train", "--data-root", str(root), "--runs-dir", str(runs), "--exp", exp,
+            "--dim", "3d", "--model", "cnn", "--input-size", "16", "--slab-depth", "1.0", "--batch-size", "4",
+            "--epochs", "3", "--lr", "3e-3", "--warmup-epochs", "0", "--val-fraction", "0.25",
+            "--deterministic", "--init", "random", *extra]
+    return parse_config(argv)[0], argv
+
+
+def test_loss_falls_and_validation_beats_chance(blob_root, tmp_path):
+    # 24^3 and enough optimiser steps: at 16^3 with a dozen steps the last BatchNorm (1 voxel x 4 samples)
+    # keeps eval-mode statistics far from the batch statistics (a small-batch BatchNorm effect, not a bug).
+    cfg, argv = cfg_for(blob_root, tmp_path, "learn", "--epochs", "6", "--patience", "0", "--input-size", "24")
+    summary = train_mod.run(cfg)
+    hist = pd.read_csv(tmp_path / "learn" / "train" / "history.csv")
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
+    assert summary["mean"]["balanced_accuracy"] >= 0.75 and summary["mean"]["auc"] >= 0.8
+    ck = load_checkpoint(tmp_path / "learn" / "train" / "checkpoints" / "best.pt", kind="classifier")
+    assert ck["class_names"] == ["NORMAL", "DR"] and ck["input_shape"] == [24, 24, 24]
+    # TensorBoard: the per-epoch scalar tags are in the event file
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "learn" / "train" / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"loss/train", "loss/val", "val/accuracy", "val/balanced_accuracy", "val/auc", "val/f1_macro",
+            "lr"} <= tags
+    assert len(ea.Scalars("val/auc")) == 6
+
+
+def test_resume_after_kill_equals_uninterrupted_run(blob_root, tmp_path):
+    cfg, argv = cfg_for(blob_root, tmp_path, "full")
+    train_mod.run(cfg)
+    cfg, argv = cfg_for(blob_root, tmp_path, "killed", "--max-steps", "6")  # mid-epoch 2 (4 steps per epoch)
+    assert train_mod.run(cfg)["stopped_at_step"] == 6
+    assert load_checkpoint(tmp_path / "killed" / "train" / "checkpoints" / "last.pt")["epoch"] == 1
+    cfg, argv = cfg_for(blob_root, tmp_path, "killed", "--resume")
+    train_mod.run(cfg)
+    a = load_checkpoint(tmp_path / "full" / "train" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "train" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3
+    for k in a["state_dict"]:
+        assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+    assert a["metrics"] == b["metrics"]
+    ha = pd.read_csv(tmp_path / "full" / "train" / "history.csv").drop(columns="seconds")
+    hb = pd.read_csv(tmp_path / "killed" / "train" / "history.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(ha, hb)
+    # resuming a finished run changes nothing
+    cfg, argv = cfg_for(blob_root, tmp_path, "killed", "--resume")
+    train_mod.run(cfg)
+    assert load_checkpoint(tmp_path / "killed" / "train" / "checkpoints" / "last.pt")["epoch"] == 3
+
+
+def test_freeze_schedule_freezes_exactly_the_encoder_then_unfreezes():
+    from octa3d.config import Config
+    from octa3d.model import create_model, get_spec
+
+    cfg = Config()
+    cfg.model.model = "cnn"
+    cfg.train.freeze_epochs = 2
+    model = create_model("cnn", 3, 1, 2)
+    spec = get_spec("cnn")
+    schedule = train_mod.FreezeSchedule(model, cfg, torch.device("cpu"))
+    for epoch, frozen in ((0, True), (1, True), (2, False)):
+        schedule(epoch)
+        assert schedule.frozen is frozen
+        for name, p in model.named_parameters():
+            expect = not frozen or spec.is_head_key(name)
+            assert p.requires_grad is expect, (epoch, name)
+
+
+def test_freeze_encoder_keeps_encoder_weights(blob_root, tmp_path):
+    cfg, argv = cfg_for(blob_root, tmp_path, "frozen", "--freeze-encoder", "--epochs", "2")
+    torch.manual_seed(cfg.run.seed)
+    train_mod.run(cfg)
+    from octa3d.model import create_model, get_spec
+    from octa3d.utils.seed import seed_everything
+
+    seed_everything(cfg.run.seed)
+    fresh = create_model("cnn", 3, 1, 2).state_dict()  # same seed -> same initial weights
+    ck = load_checkpoint(tmp_path / "frozen" / "train" / "checkpoints" / "last.pt")
+    spec = get_spec("cnn")
+    enc = [k for k in fresh if spec.is_encoder_key(k)]
+    head = [k for k in fresh if spec.is_head_key(k) and fresh[k].is_floating_point()]
+    assert enc and all(torch.equal(fresh[k], ck["state_dict"][k]) for k in enc)  # incl. BN running stats
+    assert any(not torch.equal(fresh[k], ck["state_dict"][k]) for k in head)
+
+
+def test_early_stopping_ends_training(blob_root, tmp_path):
+    # a frozen encoder (BatchNorm in eval mode) and a negligible learning rate: the score cannot improve
+    cfg, argv = cfg_for(blob_root, tmp_path, "early", "--epochs", "6", "--patience", "1", "--lr", "1e-12",
+                        "--freeze-encoder")
+    train_mod.run(cfg)
+    hist = pd.read_csv(tmp_path / "early" / "train" / "history.csv")
+    assert len(hist) < 6
+    assert load_checkpoint(tmp_path / "early" / "train" / "checkpoints" / "last.pt")["finished"] is True
+
+
+def test_nan_loss_stops_with_epoch_step_and_subjects(blob_root, tmp_path, monkeypatch):
+    class NanLoss(torch.nn.Module):
+        def forward(self, logits, y):
+            return logits.sum() * float("nan")
+
+    monkeypatch.setattr(train_mod, "build_loss", lambda cfg, w, reduction="mean": NanLoss())
+    cfg, argv = cfg_for(blob_root, tmp_path, "nan")
+    with pytest.raises(DataError, match=r"epoch 1, step 0 \(subjects s\d\d"):
+        train_mod.run(cfg)
+
+
+def test_class_absent_from_training_split():
+    with pytest.raises(DataError, match="no training samples"):
+        class_weights([0, 0, 2], 3)
+
+
+def test_focal_loss_reduces_to_ce_at_gamma_zero():
+    logits, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    focal = FocalLoss(gamma=0.0)
+    assert torch.allclose(focal(logits, y), torch.nn.functional.cross_entropy(logits, y))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_PREDICT = """
+import os, sys
+import torch
+import torch.distributed as tdist
+from octa3d.stages import train as train_mod
+from octa3d.data.datasets import EpochSampler
+from octa3d.engine import Precision, predict
+
+tdist.init_process_group("gloo")
+rank, world = tdist.get_rank(), tdist.get_world_size()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 3))
+xs = torch.randn(7, 8)
+items = [{"image": xs[i], "label": torch.tensor(i % 3), "subject": f"s{i}", "patch": -1} for i in range(7)]
+
+
+class DS(torch.utils.data.Dataset):
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, key):
+        return items[key[0]]
+
+
+loader = torch.utils.data.DataLoader(DS(), batch_size=2, sampler=EpochSampler(7, False, 0, rank, world))
+ids, y, p, _ = predict(model, loader, Precision(torch.device("cpu"), None, None))
+if rank == 0:
+    torch.save({"ids": ids, "y": torch.tensor(y), "p": torch.tensor(p)}, sys.argv[1])
+tdist.destroy_process_group()
+"""
+
+
+def _torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_ddp_validation_gathers_each_subject_once(tmp_path):
+    """2 gloo ranks (7 samples: one rank gets a padded repeat) give exactly the single-process predictions."""
+    script = tmp_path / "ddp_predict.py"
+    script.write_text(DDP_PREDICT)
+    outs = {}
+    for world in (1, 2):
+        res = _torchrun(world, str(script), str(tmp_path / f"w{world}.pt"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs[world] = torch.load(tmp_path / f"w{world}.pt", weights_only=False)
+    assert outs[1]["ids"] == outs[2]["ids"] == [f"s{i}" for i in range(7)]
+    assert torch.equal(outs[1]["y"], outs[2]["y"]) and torch.allclose(outs[1]["p"], outs[2]["p"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train(blob_root, tmp_path):
+    res = _torchrun(2, str(ROOT / "main.py"), "--mode", "train", "--data-root", str(blob_root), "--runs-dir",
+                    str(tmp_path), "--exp", "ddp", "--model", "cnn", "--input-size", "16", "--slab-depth", "1.0",
+                    "--epochs", "2", "--batch-size", "2", "--init", "random", "--device", "cpu")
+    assert res.returncode == 0, res.stderr[-3000:]
+    hist = pd.read_csv(tmp_path / "ddp" / "train" / "history.csv")
+    assert len(hist) == 2 and (tmp_path / "ddp" / "train" / "checkpoints" / "best.pt").exists()
+
+
+def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
+    import json
+
+    cfg, argv = cfg_for(blob_root, tmp_path, "cv", "--folds", "2", "--epochs", "1")
+    summary = train_mod.run(cfg)
+    out = tmp_path / "cv" / "train"
+    for k in (0, 1):
+        assert (out / f"fold-{k}" / "checkpoints" / "best.pt").exists()
+        assert (tmp_path / "cv" / "splits" / f"fold-{k}" / "val.csv").exists()
+    saved = json.loads((out / "summary.json").read_text())
+    assert set(saved["folds"]) == {"fold-0", "fold-1"} and set(saved["mean"]) == set(saved["sd"])
+    assert saved["mean"] == summary["mean"]
+
+
+def test_channels_last_path_trains(blob_root, tmp_path):
+    cfg, argv = cfg_for(blob_root, tmp_path, "cl", "--channels-last", "--epochs", "1")
+    train_mod.run(cfg)
+    assert (tmp_path / "cl" / "train" / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_compile_path_trains(blob_root, tmp_path):
+    cfg, argv = cfg_for(blob_root, tmp_path, "comp", "--compile", "--epochs", "1")
+    train_mod.run(cfg)
+    ck = load_checkpoint(tmp_path / "comp" / "train" / "checkpoints" / "last.pt")
+    assert not any(k.startswith("_orig_mod") for k in ck["state_dict"])  # saved unwrapped
