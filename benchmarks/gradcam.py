@@ -201,8 +201,6 @@ def main(args: list[str] | None = None) -> dict:
 
     setup_logging("WARNING")
     logging.getLogger("octa3d").setLevel(logging.WARNING)
-    # the registered cnn layer is coarse at these sizes (2^3 map at 32^3): its warning would repeat every export
-    logging.getLogger("octa3d.cam").setLevel(logging.ERROR)
     cases = QUICK if ns.quick else FULL
     n = ns.subjects or (3 if ns.quick else 8)
     repeat = ns.repeat or (1 if ns.quick else 2)
