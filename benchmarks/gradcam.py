@@ -81,13 +81,17 @@ def _items(case: Case, work: Path, n: int) -> tuple[Any, Any, list[Any], list[st
     from octa3d.data.splits import labelled_subjects
     from octa3d.data.synthetic import generate
     from octa3d.cam import cam_items_from_cache
+    from octa3d.model import get_spec
 
     data = work / f"data-{'x'.join(map(str, case.shape))}"
     if not data.exists():
         generate(data, n, case.shape, seed=0, classes=("NORMAL", "CNV"))
     cfg, _ = parse_config(["--mode", "test", "--data-root", str(data), "--runs-dir", str(work / "runs"),
                            "--exp", f"cam-{case.model}{case.size}", "--model", case.model,
-                           "--input-size", str(case.size), "--batch-size", str(case.batch), "--cam", "gradcam"])
+                           "--input-size", str(case.size), "--batch-size", str(case.batch), "--cam", "gradcam",
+                           # one layer (medcam explains one): the model's registered layer, as before the
+                           # adaptive default (benchmarks/cam_quality.py compares layers)
+                           "--cam-layer", get_spec(case.model).cam_layer])
     subjects, label_map, label_of = labelled_subjects(cfg)
     subjects = subjects[:n]
     handler = DataHandler(cfg, label_map)

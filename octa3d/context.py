@@ -13,7 +13,7 @@ import yaml
 
 from octa3d.config import Config, from_dict
 from octa3d.data.sources import discover_unlabelled
-from octa3d.data.splits import guard, labelled_subjects, load_or_make_splits
+from octa3d.data.splits import existing_splits, guard, labelled_subjects, load_or_make_splits
 from octa3d.errors import ConfigError, DataError
 from octa3d.utils import dist
 from octa3d.utils.runs import init_run
@@ -42,13 +42,19 @@ class StageContext:
 
 
 def setup_stage(cfg: Config) -> StageContext:
-    """Distributed init, seeding, discovery, run folder and splits (created on first use)."""
+    """Distributed init, seeding, discovery, run folder and splits (created on first use).
+
+    The run folder is created (or its config/command refreshed) only after the data was discovered and validated
+    and the experiment's existing splits, if any, were found to match the settings: a wrong ``--data-root`` or a
+    contradicting flag leaves no new or changed experiment behind.
+    """
     device = dist.init_from_env(cfg.run.device)
     seed_everything(cfg.run.seed, cfg.train.deterministic)
     if device.type == "cuda" and not cfg.train.deterministic:
         torch.backends.cudnn.benchmark = True
     subjects, label_map, label_of = labelled_subjects(cfg)
     if dist.is_main():
+        existing_splits(cfg)  # ConfigError before the run folder is touched
         init_run(cfg)
         splits = load_or_make_splits(cfg, subjects, label_map, label_of)
     dist.barrier()

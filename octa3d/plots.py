@@ -256,7 +256,8 @@ def _box_width(rows: float, cols: float, lo: float = 0.5, hi: float = 2.5) -> in
 
 
 def review_figure_3d(volume: np.ndarray, cam: np.ndarray, depth_axis: int, title: str,
-                     mask: np.ndarray | None = None, spacing: Sequence[float] | None = None) -> np.ndarray:
+                     mask: np.ndarray | None = None, spacing: Sequence[float] | None = None,
+                     no_map: str | None = None) -> np.ndarray:
     """En-face maximum projection with the CAM overlaid, plus the two B-scans through the CAM peak.
 
     Args:
@@ -268,20 +269,26 @@ def review_figure_3d(volume: np.ndarray, cam: np.ndarray, depth_axis: int, title
         mask: optional lesion mask (same shape): its outline is drawn in lime.
         spacing: voxel size per array axis (NumPy order); gives the en-face view its physical aspect ratio
             (B-scans keep a stretched depth axis, as OCT viewers show them).
+        no_map: why there is no evidence map (an empty/constant map): the sheet says so in its title and shows
+            the central slices, with no peak marker, instead of slices "through" a meaningless peak.
 
     Returns:
         An RGB uint8 review sheet (:func:`review_sheet`): en-face, B-scan across axis ``a``, B-scan across axis
         ``b`` (depth vertical), colour bar.
     """
     lateral = [a for a in range(3) if a != depth_axis]
-    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    if no_map:
+        peak = tuple(s // 2 for s in cam.shape)
+        title = f"{title}\nNO EVIDENCE MAP: {no_map}"
+    else:
+        peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     sp = [1.0, 1.0, 1.0] if spacing is None else [float(v) for v in spacing]
     enface = volume.max(axis=depth_axis)
     w = _box_width(enface.shape[0] * sp[lateral[0]], enface.shape[1] * sp[lateral[1]])
     has_mask = mask is not None and bool(np.any(mask))
     name = "en-face (max projection) + CAM (max over depth)" + ("\n(lime: lesion mask)" if has_mask else "")
     panels = [(name, overlay_panel(enface, cam.max(axis=depth_axis), _PANEL_H, w,
-                                   (peak[lateral[0]], peak[lateral[1]]),
+                                   None if no_map else (peak[lateral[0]], peak[lateral[1]]),
                                    mask.max(axis=depth_axis) if has_mask else None))]
     for fixed, other in ((lateral[0], lateral[1]), (lateral[1], lateral[0])):
         idx: list[Any] = [slice(None)] * 3
@@ -292,13 +299,15 @@ def review_figure_3d(volume: np.ndarray, cam: np.ndarray, depth_axis: int, title
         if rem[0] != depth_axis:  # remaining axes in increasing order: transpose so that depth is vertical
             sl_img, sl_cam = sl_img.T, sl_cam.T
             sl_mask = None if sl_mask is None else sl_mask.T
-        panels.append((f"B-scan through the peak (axis {fixed} = {peak[fixed]})",
-                       overlay_panel(sl_img, sl_cam, _PANEL_H, int(1.2 * _PANEL_H), (peak[depth_axis], peak[other]),
-                                     sl_mask)))
+        where = "central slice" if no_map else "B-scan through the peak"
+        panels.append((f"{where} (axis {fixed} = {peak[fixed]})",
+                       overlay_panel(sl_img, sl_cam, _PANEL_H, int(1.2 * _PANEL_H),
+                                     None if no_map else (peak[depth_axis], peak[other]), sl_mask)))
     return review_sheet(panels, title, 140)
 
 
-def review_figure_2d(image: np.ndarray, cam: np.ndarray, title: str, mask: np.ndarray | None = None) -> np.ndarray:
+def review_figure_2d(image: np.ndarray, cam: np.ndarray, title: str, mask: np.ndarray | None = None,
+                     no_map: str | None = None) -> np.ndarray:
     """A 2D image beside the same image with its CAM overlaid.
 
     Args:
@@ -306,14 +315,18 @@ def review_figure_2d(image: np.ndarray, cam: np.ndarray, title: str, mask: np.nd
         cam: same shape, 0..1.
         title: sheet title.
         mask: optional lesion mask (same shape), outlined in lime.
+        no_map: why there is no evidence map (then no peak marker and the title says so).
 
     Returns:
         An RGB uint8 review sheet (:func:`review_sheet`).
     """
-    peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
+    peak = None if no_map else np.unravel_index(int(np.argmax(cam)), cam.shape)
+    if no_map:
+        title = f"{title}\nNO EVIDENCE MAP: {no_map}"
     w = _box_width(*image.shape)
     panels = [("input", overlay_panel(image, np.zeros(image.shape, np.float32), _PANEL_H, w)),
-              ("CAM overlay", overlay_panel(image, cam, _PANEL_H, w, (int(peak[0]), int(peak[1])), mask))]
+              ("CAM overlay", overlay_panel(image, cam, _PANEL_H, w,
+                                            None if peak is None else (int(peak[0]), int(peak[1])), mask))]
     return review_sheet(panels, title, 100)
 
 

@@ -7,7 +7,12 @@ crop) and written with the source :class:`~octa3d.data.subject.Geometry`, so it 
 ITK-SNAP or napari. Per subject: ``<id>_cam.nii.gz`` (float32 0..1), ``<id>_input.nii.gz`` (the scan as read; with
 two channels also ``<id>_input_<modality>.nii.gz``), ``<id>_review.png`` (en-face maximum projection with the CAM
 plus the B-scans through the CAM peak; 2D models: the image with the CAM overlaid) and central CAM slices in
-TensorBoard.
+TensorBoard. A map without evidence (all zero, constant, non-finite) is reported per subject (``status``, a
+warning naming the subject and why) and its review sheet says so instead of marking a peak.
+
+Scores: with lesion masks the pointing game and mass in the lesion (:mod:`octa3d.cam.localization`); for the first
+``--faithfulness-subjects`` subjects the deletion / insertion AUCs (:mod:`octa3d.cam.faithfulness`), which need no
+truth.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from octa3d.cam.backends import CamComputer, check_layer, minmax, resolve_cam_class
-from octa3d.cam.localization import localization, summarize
+from octa3d.cam import faithfulness
+from octa3d.cam.backends import OK, STATUS_TEXT, CamComputer, check_layer, minmax, parse_layers, resolve_cam_class
+from octa3d.cam.layers import default_layers
+from octa3d.cam.localization import localization, summarize, tolerance
 from octa3d.cam.sources import CamItem, read_mask, source_image
 from octa3d.config import Config
 from octa3d.data.nifti import write_nifti
 from octa3d.data.transforms import PreprocessRecord, to_source_space
-from octa3d.model import get_spec
 from octa3d.plots import central_slices, review_figure_2d, review_figure_3d, save_png
 from octa3d.utils.io import atomic_copy, safe_name
 
@@ -38,7 +44,8 @@ class CamExporter:
     """Compute CAMs for :class:`CamItem` batches and write the per-subject exports.
 
     Args:
-        cfg: the (checkpoint-derived) config: ``--cam``, ``--cam-layer``, ``--cam-class``, depth axis, batch size.
+        cfg: the (checkpoint-derived) config: ``--cam``, ``--cam-layer``, ``--cam-class``, depth axis, batch size,
+            ``--faithfulness-subjects``.
         models: the classifier(s); several = an ensemble (maps averaged).
         class_names: class names (file titles, ``--cam-class``).
         out_dir: folder for the files.
@@ -51,19 +58,26 @@ class CamExporter:
                  preset: Any, tb: Any = None, device: torch.device | str = "cpu") -> None:
         self.cfg, self.class_names, self.out, self.preset, self.tb = cfg, list(class_names), Path(out_dir), preset, tb
         self.device = torch.device(device)
-        self.layer = cfg.eval.cam_layer or get_spec(cfg.model.model).cam_layer
-        for m in models:
-            check_layer(m, self.layer, cfg.model.model)
+        self.models = list(models)
+        layers = parse_layers(cfg.eval.cam_layer)
+        if not layers and cfg.eval.cam != "occlusion":
+            layers = default_layers(self.models[0], cfg.model.model, cfg.input_shape, cfg.in_channels)
+        for m in self.models:
+            check_layer(m, layers, cfg.model.model)
+        self.layer = ",".join(layers) if cfg.eval.cam != "occlusion" else "(input occlusion)"
         self.target = resolve_cam_class(cfg.eval.cam_class, self.class_names)
-        self.computer = CamComputer(models, cfg.eval.cam, self.layer)
+        self.computer = CamComputer(self.models, cfg.eval.cam, layers)
         self.batch_size = max(1, cfg.train.batch_size)
+        self.faithful_left = max(0, int(cfg.eval.faithfulness_subjects))
 
     def _target(self, item: CamItem) -> int:
         return self.target if self.target is not None else int(np.argmax(item.probs))
 
-    def batches(self, items: Sequence[CamItem]) -> Iterator[tuple[list[CamItem], list[np.ndarray], float]]:
+    def batches(self, items: Sequence[CamItem]
+                ) -> Iterator[tuple[list[CamItem], list[np.ndarray], list[np.ndarray], list[str], float]]:
         """Input-space maps ``(P, *input_shape)`` of several subjects per forward pass (about ``--batch-size``
-        samples), yielded batch by batch so that memory stays bounded; with the seconds the CAM took."""
+        samples), yielded batch by batch so that memory stays bounded: ``(items, samples, maps, statuses,
+        seconds the CAM took)``."""
         i = 0
         while i < len(items):
             group, samples, counts = [], [], []
@@ -79,12 +93,13 @@ class CamExporter:
             cams = self.computer(x, targets, counts)
             seconds = time.perf_counter() - t0
             fs = self.computer.feature_shape
-            if i == len(group) and fs and min(fs) < 4:  # once, after the first batch
-                log.warning("CAM layer %s has a %s map at input size %s: the CAM is too coarse to localise "
-                            "anything; choose an earlier layer with --cam-layer", self.layer,
-                            "x".join(map(str, fs)), "x".join(map(str, x.shape[2:])))
+            if i == len(group) and fs and any(f * 16 < s for f, s in zip(fs, x.shape[2:])):  # once
+                log.warning("CAM layer %s has a %s map at input size %s: too coarse to localise a lesion; choose "
+                            "an earlier layer with --cam-layer (or leave it unset for the adaptive default)",
+                            self.layer, "x".join(map(str, fs)), "x".join(map(str, x.shape[2:])))
             bounds = np.cumsum([0, *counts])
-            yield group, [cams[a:b] for a, b in zip(bounds[:-1], bounds[1:])], seconds
+            yield (group, samples, [cams[a:b] for a, b in zip(bounds[:-1], bounds[1:])], list(self.computer.status),
+                   seconds)
 
     def to_source(self, maps: np.ndarray, record: PreprocessRecord) -> np.ndarray:
         """Map input-space maps (one per patch) onto the source image; overlapping patches are averaged."""
@@ -105,14 +120,21 @@ class CamExporter:
         return (f"{item.subject.id}: {true}predicted {pred} ({probs}); CAM of class {self.class_names[target]} "
                 f"({self.cfg.eval.cam}, layer {self.layer})")
 
-    def export_one(self, item: CamItem, maps: np.ndarray) -> dict[str, Any]:
-        """Write the NIfTI/PNG/TensorBoard exports of one subject; returns its summary (with localization)."""
+    def _tolerance(self, record: PreprocessRecord) -> tuple[int, ...]:
+        shape = record.cropped_shape if not record.patches else [b - a for a, b in record.patches[0]]
+        return tolerance(shape, record.input_shape)
+
+    def export_one(self, item: CamItem, maps: np.ndarray, status: str = OK) -> dict[str, Any]:
+        """Write the NIfTI/PNG/TensorBoard exports of one subject; returns its summary (status, peak,
+        localization)."""
         rec, name = item.record, safe_name(item.subject.id)
         target = self._target(item)
         geo = rec.geometry
         # full-size scans: the float32 CAM (410 MB at 400x640x400) is written before the scan is read, so that
         # ITK's copy of it and the scan are never in memory together
         cam = self.to_source(maps, rec)
+        if status == OK and not cam.any():  # evidence only outside the crop: nothing left in the source geometry
+            status = "empty"
         files = {"cam": write_nifti(cam, geo, self.out / f"{name}_cam.nii.gz")}
         image = source_image(self.preset, item.subject, rec)
         files["input"] = write_nifti(image[0], geo, self.out / f"{name}_input.nii.gz")
@@ -123,50 +145,103 @@ class CamExporter:
                 dst = self.out / f"{name}_input_{tag}.nii.gz"
                 files[f"input_{tag}"] = atomic_copy(files["input"], dst) if c == 0 else write_nifti(image[c], geo, dst)
         mask = read_mask(item.subject, rec)
+        no_map = None if status == OK else STATUS_TEXT.get(status, status)
+        if no_map:
+            log.warning("subject %s: the %s map of class %s is %s; exported with cam_status '%s' (no peak)",
+                        item.subject.id, self.cfg.eval.cam, self.class_names[target], no_map, status)
         title = self._title(item, target)
         # the scan as read (uint8 stays uint8): the figures convert only the slices they show
         if cam.ndim == 3:
             sheet = review_figure_3d(image[-1], cam, self.cfg.preprocess.depth_axis, title, mask,
-                                     spacing=geo.spacing[::-1])
+                                     spacing=geo.spacing[::-1], no_map=no_map)
         else:
-            sheet = review_figure_2d(image[-1], cam, title, mask)
+            sheet = review_figure_2d(image[-1], cam, title, mask, no_map=no_map)
         files["review"] = save_png(sheet, self.out / f"{name}_review.png")
         if self.tb is not None:
             self.tb.add_image(f"cam/{name}", central_slices(cam, image[-1]), 0)
-        out: dict[str, Any] = {"target": self.class_names[target], "files": {k: str(v) for k, v in files.items()},
-                               "peak": [int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]}
-        loc = localization(cam, mask) if mask is not None else None
+        out: dict[str, Any] = {"target": self.class_names[target], "status": status,
+                               "files": {k: str(v) for k, v in files.items()},
+                               "peak": ([int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
+                                        if status == OK else None)}
+        loc = localization(cam, mask, self._tolerance(rec), ok=status == OK) if mask is not None else None
         if loc is not None:
             out["localization"] = loc
         return out
 
+    def _faithfulness(self, item: CamItem, samples: np.ndarray, maps: np.ndarray, status: str
+                      ) -> dict[str, float] | None:
+        """Deletion / insertion AUCs for the first ``--faithfulness-subjects`` subjects with an evidence map."""
+        if self.faithful_left <= 0 or status != OK:
+            return None
+        self.faithful_left -= 1
+        return faithfulness.deletion_insertion(self.models, samples, maps, self._target(item), self.device,
+                                               seed=self.cfg.run.seed)
+
     def export(self, items: Sequence[CamItem]) -> dict[str, Any]:
-        """CAMs of every item (batched), their files, and the localization summary per true class.
+        """CAMs of every item (batched), their files, and the score summaries.
 
         Returns:
-            ``{"cam": {backend, layer, target, n_subjects, seconds_per_volume, folder}, "subjects": {...},
-            "localization": {"per_class": {class: {n, pointing_game, mass_inside, lesion_fraction}},
-            "per_subject": {...}}}`` (localization only when lesion masks exist).
+            ``{"cam": {backend, layer, target, n_subjects, status_counts, seconds_per_volume, folder, ...},
+            "subjects": {id: {status, peak, files, localization?}}, "localization": ... (with lesion masks),
+            "faithfulness": ... (deletion / insertion AUCs)}``.
         """
         self.out.mkdir(parents=True, exist_ok=True)
         per_subject: dict[str, Any] = {}
-        seconds = 0.0
-        for group, maps, sec in self.batches(items):
+        faithful: dict[str, dict[str, float]] = {}
+        seconds, faithful_s, t_start = 0.0, 0.0, time.perf_counter()
+        for group, samples, maps, statuses, sec in self.batches(items):
             seconds += sec
-            for item, m in zip(group, maps):
-                per_subject[item.subject.id] = self.export_one(item, m)
+            for item, x, m, st in zip(group, samples, maps, statuses):
+                per_subject[item.subject.id] = self.export_one(item, m, st)
+                t0 = time.perf_counter()
+                scores = self._faithfulness(item, x, m, per_subject[item.subject.id]["status"])
+                faithful_s += time.perf_counter() - t0
+                if scores is not None:
+                    faithful[item.subject.id] = scores
                 log.debug("CAM of %s written", item.subject.id)
+        counts: dict[str, int] = {}
+        for v in per_subject.values():
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
         report: dict[str, Any] = {
             "cam": {"backend": self.cfg.eval.cam, "layer": self.layer,
                     "target": "predicted class" if self.target is None else self.class_names[self.target],
-                    "n_subjects": len(items), "n_models": len(self.computer._cams),
+                    "n_subjects": len(items), "n_models": self.computer.n_members, "status_counts": counts,
                     "feature_shape": list(self.computer.feature_shape or []),
-                    "seconds_per_volume": seconds / max(1, len(items)), "folder": str(self.out)},
+                    "seconds_per_volume": seconds / max(1, len(items)),
+                    "export_seconds_per_volume": (time.perf_counter() - t_start - faithful_s) / max(1, len(items)),
+                    "folder": str(self.out)},
             "subjects": per_subject}
         loc_rows = {sid: dict(v["localization"], true=self.class_names[it.true] if it.true is not None else None)
                     for it, (sid, v) in zip(items, per_subject.items()) if "localization" in v}
         if loc_rows:
-            report["localization"] = summarize(loc_rows)
-        log.info("CAM (%s, layer %s): %d subject(s), %.2f s per volume, files in %s", self.cfg.eval.cam, self.layer,
-                 len(items), report["cam"]["seconds_per_volume"], self.out)
+            report["localization"] = summarize(loc_rows, self._tolerance(items[0].record))
+        if faithful:
+            report["faithfulness"] = faithfulness.summarize(faithful)
+        bad = len(items) - counts.get(OK, 0)
+        log.info("CAM (%s, layer %s): %d subject(s)%s, %.2f s per volume, files in %s", self.cfg.eval.cam,
+                 self.layer, len(items), f", {bad} without evidence map" if bad else "",
+                 report["cam"]["seconds_per_volume"], self.out)
         return report
+
+
+def score_lines(m: dict[str, Any]) -> list[str]:
+    """Printable lines of the map scores in a metrics dictionary (status, localisation, faithfulness)."""
+    cam = m.get("cam")
+    if not cam:
+        return []
+    counts = cam.get("status_counts", {})
+    bad = {k: v for k, v in counts.items() if k != "ok"}
+    lines = [f"  evidence maps: {cam['backend']} on {cam['layer']}, {cam['n_subjects']} subjects"
+             + (f"; WITHOUT evidence: {', '.join(f'{v} {k}' for k, v in bad.items())} (see cam_status in "
+                f"predictions.csv)" if bad else "")]
+    loc = m.get("localization") or {}
+    tol = "x".join(map(str, loc.get("tolerance_voxels") or []))
+    for cls, v in loc.get("per_class", {}).items():
+        lines.append(f"  {cls} ({v['n']} with lesion masks): pointing game {v['pointing_game']:.2f} (tolerance "
+                     f"{tol} voxels; exact {v['pointing_game_exact']:.2f}), map mass in lesion {v['mass_inside']:.3f}"
+                     f" = {v['mass_ratio']:.1f}x chance ({v['lesion_fraction']:.4f})")
+    f = m.get("faithfulness")
+    if f:
+        lines.append(f"  deletion AUC {f['deletion_auc']:.3f} (random order {f['deletion_auc_random']:.3f}, lower "
+                     f"is better), insertion AUC {f['insertion_auc']:.3f} ({f['n']} subjects)")
+    return lines

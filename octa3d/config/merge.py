@@ -162,6 +162,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--max-steps {t.max_steps}: must be >= 0 (0 = no limit)")
     if t.accum_steps < 1 or t.clip_grad < 0 or not 0 <= t.label_smoothing < 1:
         raise ConfigError("--accum-steps must be >= 1, --clip-grad >= 0, --label-smoothing in [0, 1)")
+    if cfg.eval.faithfulness_subjects < 0:
+        raise ConfigError("--faithfulness-subjects must be >= 0 (0 = off)")
     if cfg.eval.bootstrap < 0:
         raise ConfigError("--bootstrap must be >= 0")
     if cfg.synth.n_subjects < 1:

@@ -85,6 +85,8 @@ class PreprocessConfig:
     clip_percentiles: list[float] = opt([0.5, 99.5], "Intensity percentiles clipped before scaling to 0..1.")
     patch_size: int = opt(0, "2D: side of square patches cut from each image (0 = whole image).")
     patch_stride: int = opt(0, "2D: stride between patches (0 = --patch-size, no overlap).")
+    aspect: str = opt("pad", "2D whole images: keep the aspect ratio by zero padding to the input's (pad) or "
+                             "stretch them to it (stretch).", choices=("pad", "stretch"))
     augment: bool = opt(True, "Random flips, small affine and intensity changes on training samples.")
     cache_dir: str | None = opt(None, "Persistent cache of preprocessed samples (default: <runs-dir>/.cache).")
 
@@ -146,9 +148,15 @@ class EvalConfig:
     checkpoint: str | None = opt(None, "Model to test/explain (default: the experiment's train/checkpoints/best.pt; "
                                        "with --folds K all folds, ensembled by averaging probabilities).")
     input: str | None = opt(None, "--mode explain: one scan (any supported format or an OCTA-500 subject folder).")
-    cam: str = opt("gradcam", "Class-activation-map backend; 'none' switches CAM export off.",
-                   choices=("gradcam", "gradcam++", "medcam", "none"))
-    cam_layer: str | None = opt(None, "Module whose activations the CAM uses (default: the model's registered layer).")
+    cam: str = opt("layercam", "Evidence-map method (gradcam, gradcam++, layercam, hirescam, occlusion = MONAI "
+                               "occlusion sensitivity, medcam); 'none' switches maps off. Default chosen by "
+                               "benchmarks/cam_quality.py (README 'Evidence maps').",
+                   choices=("gradcam", "gradcam++", "layercam", "hirescam", "occlusion", "medcam", "none"))
+    cam_layer: str | None = opt(None, "Module(s) whose activations the map uses; a comma list fuses several "
+                                      "(default: adapted to the input size, no map coarser than 1/8 of the input "
+                                      "per axis).")
+    faithfulness_subjects: int = opt(8, "Subjects whose maps get deletion/insertion AUCs (forward passes: 51 per "
+                                        "subject; 0 = off).")
     cam_class: str | None = opt(None, "Class the CAM explains (name or index; default: the predicted class).")
     cam_subjects: list[str] | None = opt(None, "Comma-separated subject IDs that get CAM exports (default: all "
                                                "test subjects).")

@@ -62,6 +62,41 @@ def bmp8_header(data: bytes) -> tuple[int, int, int, bool, bytes] | None:
     return width, abs(height), offset, height < 0, data[table:table + 4 * n_colors]
 
 
+#: Bytes of a BMP file that :func:`bmp_dims` needs (file header + the start of the DIB header).
+BMP_HEAD = 34
+
+
+def bmp_dims(head: bytes, file_size: int | None = None) -> tuple[int, int, int] | str:
+    """``(width, height, bits per pixel)`` from the first :data:`BMP_HEAD` bytes of any BMP, or why not.
+
+    No pixel is read: this is the cheap check of a whole dataset's slice sizes at discovery.
+
+    Args:
+        head: the file's first bytes.
+        file_size: the file's size; when given, an uncompressed file too short for its pixels is reported.
+
+    Returns:
+        The dimensions, or a reason string (``"not a BMP file"``, ``"truncated ..."``).
+    """
+    if len(head) < 26 or head[:2] != b"BM":
+        return "not a BMP file"
+    offset, hsize = struct.unpack_from("<II", head, 10)
+    if hsize == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        width, height, _, bpp = struct.unpack_from("<HHHH", head, 18)
+        compression = 0
+    elif len(head) >= BMP_HEAD and hsize >= 40:
+        width, height, _, bpp, compression = struct.unpack_from("<iiHHI", head, 18)
+    else:
+        return "unsupported BMP header"
+    if width <= 0 or height == 0 or bpp not in (1, 4, 8, 16, 24, 32):
+        return f"invalid BMP header ({width}×{height}, {bpp} bits per pixel)"
+    if file_size is not None and compression in (0, 3):  # BI_RGB, BI_BITFIELDS: stored uncompressed
+        need = offset + (width * bpp + 31) // 32 * 4 * abs(height)
+        if file_size < need:
+            return f"truncated ({file_size} bytes, {need} needed for {width}×{abs(height)} pixels)"
+    return width, abs(height), bpp
+
+
 def palette_lut(palette: bytes) -> np.ndarray | None:
     """Gray value of every palette index, as ITK computes it for a scalar read (None: identity table)."""
     bgr = np.frombuffer(palette, np.uint8).reshape(-1, 4)[:, :3].astype(np.float64)

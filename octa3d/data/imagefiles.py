@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -68,6 +69,11 @@ def short(items: Sequence[object], limit: int = 20) -> str:
     """``"a, b, c"`` with at most ``limit`` items and a ``(+N more)`` tail (lists in error messages)."""
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that orders digit runs by value (``"9" < "10"``, ``"a2" < "a10"``)."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text) if t)
 
 
 def sitk_reason(exc: Exception) -> str:

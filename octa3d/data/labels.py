@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from octa3d.data.imagefiles import natural_key, short
 from octa3d.errors import DataError
 
 if TYPE_CHECKING:
@@ -237,3 +238,25 @@ class LabelMap:
             log.info("labels not used by --task %s (subjects excluded): %s", data_cfg.task,
                      ", ".join(f"{n} ({counts[n]})" for n in excluded))
         return label_map
+
+
+# ------------------------------------------------------------------------------------------- unlabeled
+def skip_or_raise(cfg: DataConfig, msg: str, fix: str) -> None:
+    """Stop with ``msg; fix``, or with --skip-unlabeled warn that the listed subjects are skipped."""
+    if not cfg.skip_unlabeled:
+        raise DataError(f"{msg}; {fix}")
+    log.warning("%s; skipped (--skip-unlabeled)", msg)
+
+
+def handle_unlabeled(cfg: DataConfig, no_label: list[str], no_image: list[str], where: str) -> None:
+    """Stop (listing both kinds) or, with --skip-unlabeled, warn; the caller drops the subjects."""
+    if not no_label and not no_image:
+        return
+    no_label, no_image = sorted(no_label, key=natural_key), sorted(no_image, key=natural_key)
+    parts = []
+    if no_label:
+        parts.append(f"{len(no_label)} image(s) without a label: {short(no_label)}")
+    if no_image:
+        parts.append(f"{len(no_image)} label(s) without an image: {short(no_image)}")
+    skip_or_raise(cfg, f"{where}: " + "; ".join(parts), "fix the labels/files or pass --skip-unlabeled to skip "
+                  "them")

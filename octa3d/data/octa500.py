@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from octa3d.data.identity import compile_group_regex, image_group
 from octa3d.data.imagefiles import SLICE_EXTS, file_suffix, read_info, strip_ext
 from octa3d.data.labels import read_label_table
 from octa3d.data.slices import visible
@@ -67,8 +68,13 @@ def octa500_spacing(scan_dir: str | Path, fov: str) -> tuple[float, float, float
         width, rows = read_info(slices[0]).GetSize()[:2]
     except (DataError, OSError, ValueError):
         return None
+    return fov_spacing(fov, width, rows, len(slices))
+
+
+def fov_spacing(fov: str, width: int, rows: int, n_slices: int) -> tuple[float, float, float]:
+    """SimpleITK-order spacing in mm of a stack of ``n_slices`` B-scans of ``width`` × ``rows`` pixels."""
     lateral = FOV_LATERAL_MM[fov]
-    return (lateral / width, DEPTH_MM / rows, lateral / len(slices))
+    return (lateral / width, DEPTH_MM / rows, lateral / n_slices)
 
 
 def find_mask(fov_folder: Path, sid: str) -> Path | None:
@@ -151,10 +157,13 @@ def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     An OCTA-500 folder (``.../OCTA_6mm/OCTA/<ID>``) gets the field-of-view spacing and, if present, its lesion
     mask; with ``data_cfg.modality == "OCT+OCTA"`` its sibling ``.../OCT/<ID>`` (or ``OCTA``) folder is the second
     channel. Anything else is read as one ``"image"``. The ID is the name without its scan extension; the subject
-    is unlabelled and ``meta["input"]`` holds the path.
+    is unlabelled and ``meta["input"]`` holds the path. A 2D image file gets the patient group that discovery of
+    class folders gives it (``data_cfg.group_regex`` on its file name: ``CNV-6294785-1.jpeg`` → ``6294785``), so
+    :func:`octa3d.data.splits.training_overlap` finds the patient's other images; anything else is its own group.
 
     Raises:
         DataError: the path does not exist, or the sibling folder needed for OCT+OCTA is missing.
+        ConfigError: ``data_cfg.group_regex`` is not a valid regular expression (2D image files only).
     """
     p = Path(path)
     if not p.exists():
@@ -164,6 +173,8 @@ def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     octa500 = p.is_dir() and p.parent.name in MODALITIES and fov in FOV_LATERAL_MM
     paths = _sibling_paths(p) if data_cfg.modality == "OCT+OCTA" else {"image": str(p)}
     mask = find_mask(fov_folder, p.name) if octa500 else None
-    return Subject(id=strip_ext(p.name), label=None, paths=paths,
+    group = image_group(p.name, compile_group_regex(data_cfg.group_regex)) \
+        if p.is_file() and file_suffix(p) in SLICE_EXTS else ""
+    return Subject(id=strip_ext(p.name), label=None, paths=paths, group=group,
                    spacing=octa500_spacing(p, fov) if octa500 else None,
                    mask=str(mask) if mask else None, meta={"input": str(p)})

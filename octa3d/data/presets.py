@@ -18,7 +18,7 @@ from octa3d.data.subject import Geometry, Subject
 from octa3d.data.augment import train_augmentation
 from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
                                     PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd, apply_transforms,
-                                    drop_axis, patch_grid, resize)
+                                    aspect_padding, drop_axis, patch_grid, resize)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")
@@ -48,7 +48,10 @@ class _Preset:
         try:
             return loader(subject, self.cfg.data.modality)
         except DataError as exc:
-            raise DataError(f"subject {subject.id}: {exc}") from exc
+            prefix = f"subject {subject.id}: "
+            if str(exc).startswith(prefix):  # load_subject names the subject itself: never "subject X: subject X:"
+                raise
+            raise DataError(prefix + str(exc)) from exc
 
     def read_2d(self, path: str) -> np.ndarray:
         """Read a 2D image with the injected reader (default :func:`octa3d.data.readers.read_image_2d`)."""
@@ -124,14 +127,21 @@ class Clip3DPreset(_Preset):
         return d["image"], record
 
 
+#: How a whole 2D image meets an input of another aspect ratio: ``pad`` (zeros around it, the default: images of
+#: different sizes, e.g. Kermany's 512×496 and 768×496, are all scaled undistorted) or ``stretch`` (resize each
+#: axis on its own).
+ASPECT_MODES = ("pad", "stretch")
+
+
 class Patch2DPreset(_Preset):
     """2D images: en-face projection (computed or OCTA-500 map) or a 2D image → clip/scale → input size or patches.
 
     Sources, in order: ``subject.projections[--projection]`` (an OCTA-500 map BMP) when present; otherwise the
     loaded scan: a 2D image is used as is, a volume is projected (mean over the retinal slab along the depth
-    axis) when ``--projection compute``. With ``--patch-size 0`` the image is resized to the input size;
-    otherwise it is stored at source resolution and :meth:`sample` cuts patch ``i`` of the grid
-    (:func:`patch_grid`) and resizes it to the input size at load time.
+    axis) when ``--projection compute``. With ``--patch-size 0`` the image is padded with zeros to the input's
+    aspect ratio (:func:`aspect_padding`; the record's ``pad``) and resized to the input size; otherwise it is
+    stored at source resolution and :meth:`sample` cuts patch ``i`` of the grid (:func:`patch_grid`) and resizes
+    it to the input size at load time.
     """
 
     kind = "patch2d"
@@ -146,6 +156,7 @@ class Patch2DPreset(_Preset):
                      ProjectSlabd("image", self.depth_axis)]
         self.clip = ClipScaleIntensityd("image", self.percentiles)
         self.resize = ResizeToInputd("image", self.input_shape)
+        self.aspect = p.aspect  # --aspect (validated by the config's choices)
 
     def _map_path(self, subject: Subject) -> str | None:
         return subject.projections.get(self.projection) if self.projection != "compute" else None
@@ -158,7 +169,7 @@ class Patch2DPreset(_Preset):
     def cache_settings(self) -> dict[str, Any]:
         """Adds the projection and patch settings."""
         return super().cache_settings() | {"projection": self.projection, "patch_size": self.patch_size,
-                                           "patch_stride": self.patch_stride}
+                                           "patch_stride": self.patch_stride, "aspect": self.aspect}
 
     def preprocess(self, subject: Subject) -> tuple[np.ndarray, PreprocessRecord]:
         """Load and preprocess ``subject``: float32 ``(C, *input_shape)`` — or ``(C, H, W)`` at source
@@ -195,12 +206,19 @@ class Patch2DPreset(_Preset):
         d = self.clip({"image": image})
         shape = tuple(int(n) for n in image.shape[1:])
         patches = patch_grid(shape, self.patch_size, self.patch_stride) if self.patch_size > 0 else []
+        pad: list[tuple[int, int]] = []
         if not patches:
+            if self.aspect == "pad":
+                pad = aspect_padding(shape, self.input_shape)
+                if any(a or b for a, b in pad):
+                    d["image"] = np.pad(d["image"], [(0, 0), *pad])  # zeros = the clipped low end
+                else:
+                    pad = []
             d = self.resize(d)
         record = PreprocessRecord(source=geometry.to_dict(), crop_box=[(0, n) for n in shape], cropped_shape=shape,
                                   input_shape=self.input_shape, channels=image.shape[0], kind=self.kind,
                                   retina=tuple(meta["retina"]) if meta and "retina" in meta else None,
-                                  intensity=d["intensity"], patches=patches, meta=dict(meta or {}))
+                                  intensity=d["intensity"], patches=patches, meta=dict(meta or {}), pad=pad)
         return d["image"], record
 
 

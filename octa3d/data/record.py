@@ -41,6 +41,8 @@ class PreprocessRecord:
         intensity: per-channel ``(low, high)`` clip values in source units.
         patches: 2D patch boxes in source coordinates (empty: one whole-image sample).
         meta: extras (depth axis, slab of a computed projection, volume geometry ...).
+        pad: ``(before, after)`` source pixels of zeros added to the crop box per spatial axis before resizing, so
+            that the input keeps the source's aspect ratio (whole-image 2D samples; empty: none, stretched).
     """
 
     source: dict[str, list]
@@ -53,6 +55,7 @@ class PreprocessRecord:
     intensity: list[tuple[float, float]] = field(default_factory=list)
     patches: list[list[tuple[int, int]]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    pad: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def geometry(self) -> Geometry:
@@ -76,7 +79,8 @@ class PreprocessRecord:
                 "channels": self.channels, "kind": self.kind,
                 "retina": list(self.retina) if self.retina is not None else None,
                 "intensity": [list(v) for v in self.intensity],
-                "patches": [[list(b) for b in p] for p in self.patches], "meta": self.meta}
+                "patches": [[list(b) for b in p] for p in self.patches], "meta": self.meta,
+                "pad": [list(p) for p in self.pad]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PreprocessRecord:
@@ -87,13 +91,15 @@ class PreprocessRecord:
                    kind=str(d["kind"]), retina=tuple(d["retina"]) if d.get("retina") is not None else None,
                    intensity=[(float(a), float(b)) for a, b in d.get("intensity", [])],
                    patches=[[(int(a), int(b)) for a, b in p] for p in d.get("patches", [])],
-                   meta=dict(d.get("meta", {})))
+                   meta=dict(d.get("meta", {})), pad=[(int(a), int(b)) for a, b in d.get("pad", [])])
 
 
 def to_source_space(array: np.ndarray | torch.Tensor, record: PreprocessRecord, patch: int = -1) -> np.ndarray:
     """Map an input-space array (e.g. a CAM) back onto the source scan.
 
-    Resizes to the cropped region (or to patch ``patch``'s box) and pads it into the source shape with zeros.
+    Resizes to the cropped region (or to patch ``patch``'s box) and pads it into the source shape with zeros. A
+    record with aspect padding (:attr:`PreprocessRecord.pad`) is resized to the padded region and the padding cut
+    off again: the exact inverse of the forward mapping (pad, then resize).
 
     Args:
         array: ``(*input_shape)`` or ``(C, *input_shape)``.
@@ -116,7 +122,10 @@ def to_source_space(array: np.ndarray | torch.Tensor, record: PreprocessRecord, 
         box = record.patches[patch]
     else:
         box = record.crop_box
-    region = resize(arr, [e - s for s, e in box])
+    pad = record.pad if record.pad and not record.patches else [(0, 0)] * len(box)
+    region = resize(arr, [e - s + a + b for (s, e), (a, b) in zip(box, pad)])
+    if any(a or b for a, b in pad):
+        region = region[(slice(None), *(slice(a, a + e - s) for (s, e), (a, _) in zip(box, pad)))]
     out = np.zeros((arr.shape[0], *record.geometry.shape), np.float32)
     out[(slice(None), *(slice(s, e) for s, e in box))] = region
     return out[0] if squeeze else out

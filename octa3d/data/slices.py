@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,8 @@ from octa3d.errors import DataError
 
 log = logging.getLogger("octa3d.data")
 
-# Files that file managers drop into folders; never slices.
-_JUNK = {"thumbs.db", "desktop.ini"}
+#: Files that file managers drop into folders (lower case); never slices.
+JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 
 def slice_number(path: str | Path) -> int | None:
@@ -45,7 +46,49 @@ def visible(folder: Path) -> list[Path]:
 
 def visible_files(folder: Path) -> list[Path]:
     """The files of ``folder`` a user put there: no hidden files, no ``Thumbs.db``/``desktop.ini``."""
-    return [f for f in visible(folder) if f.is_file() and f.name.lower() not in _JUNK]
+    return [f for f in visible(folder) if f.is_file() and f.name.lower() not in JUNK_FILES]
+
+
+@dataclass
+class Numbering:
+    """The slice numbers of a folder's slice files: which files carry none, which numbers repeat or are missing."""
+
+    numbers: dict  # file (as given) -> its number or None
+    unnumbered: list[str]      # names of files without a number
+    duplicates: list[str]      # "2.bmp and 2 (copy).bmp" per repeated number
+    missing: list[int]         # numbers absent between the lowest and the highest
+    span: tuple[int, int] = (0, 0)  # lowest and highest number
+
+    @property
+    def ok(self) -> bool:
+        """True when the files can be stacked: all numbered, unique and consecutive (or none numbered)."""
+        return not self.duplicates and not self.missing and (not self.unnumbered or self.all_unnumbered)
+
+    @property
+    def all_unnumbered(self) -> bool:
+        """No file carries a number: the name order is the only order there is."""
+        return len(self.unnumbered) == len(self.numbers)
+
+
+def number_slices(files: list[Path] | list[str]) -> Numbering:
+    """Check the numbering of slice files (the one rule of :func:`order_slices` and the discovery-time check).
+
+    Args:
+        files: slice files, as paths or names.
+    """
+    numbers = {f: slice_number(f) for f in files}
+    names = {f: os.path.basename(os.fspath(f)) for f in files}
+    unnumbered = sorted(names[f] for f, n in numbers.items() if n is None)
+    by_number: dict[int, list[str]] = {}
+    for f, n in numbers.items():
+        if n is not None:
+            by_number.setdefault(n, []).append(names[f])
+    if not by_number:
+        return Numbering(numbers, unnumbered, [], [])
+    dups = [" and ".join(sorted(names)) for n, names in sorted(by_number.items()) if len(names) > 1]
+    lo, hi = min(by_number), max(by_number)
+    missing = sorted(set(range(lo, hi + 1)) - set(by_number))
+    return Numbering(numbers, unnumbered, dups, missing, (lo, hi))
 
 
 def order_slices(folder: Path, files: list[Path]) -> list[Path]:
@@ -54,28 +97,22 @@ def order_slices(folder: Path, files: list[Path]) -> list[Path]:
     Raises:
         DataError: some files carry no number, a number repeats, or numbers are missing.
     """
-    numbers = {f: slice_number(f) for f in files}
-    unnumbered = sorted(f.name for f, n in numbers.items() if n is None)
-    if unnumbered and len(unnumbered) == len(files):
+    nb = number_slices(files)
+    if nb.unnumbered and nb.all_unnumbered:
         # No numbers at all: the name order is the only order there is.
         log.warning("slices in %s carry no numbers; stacking them in name order", folder)
         return sorted(files, key=lambda f: f.name)
-    if unnumbered:
-        raise DataError(f"slice folder {folder}: files without a slice number: {short(unnumbered, 10)}; name "
+    if nb.unnumbered:
+        raise DataError(f"slice folder {folder}: files without a slice number: {short(nb.unnumbered, 10)}; name "
                         "slices 1.bmp, 2.bmp, … and move other files out of the folder")
-    by_number: dict[int, list[str]] = {}
-    for f, n in numbers.items():
-        by_number.setdefault(n, []).append(f.name)  # type: ignore[arg-type]
-    dups = [" and ".join(sorted(names)) for n, names in sorted(by_number.items()) if len(names) > 1]
-    if dups:
-        raise DataError(f"slice folder {folder}: duplicate slice numbers: {short(dups, 10)}; keep one file per "
-                        "slice number")
-    lo, hi = min(by_number), max(by_number)
-    missing = sorted(set(range(lo, hi + 1)) - set(by_number))
-    if missing:
-        raise DataError(f"slice folder {folder}: missing {short(missing)} (found {len(files)} slices numbered "
+    if nb.duplicates:
+        raise DataError(f"slice folder {folder}: duplicate slice numbers: {short(nb.duplicates, 10)}; keep one file "
+                        "per slice number")
+    if nb.missing:
+        lo, hi = nb.span
+        raise DataError(f"slice folder {folder}: missing {short(nb.missing)} (found {len(files)} slices numbered "
                         f"{lo}–{hi}); restore the missing slices or renumber them consecutively")
-    return sorted(files, key=lambda f: numbers[f])  # type: ignore[arg-type,return-value]
+    return sorted(files, key=lambda f: nb.numbers[f])  # type: ignore[arg-type,return-value]
 
 
 def _check_alike(folder: Path, ordered: list[Path]) -> int:

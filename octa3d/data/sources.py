@@ -1,10 +1,11 @@
-"""Find the subjects of a dataset (no pixel data is read, only folder listings and one image header).
+"""Find the subjects of a dataset (no pixel data is read, only folder listings and image headers).
 
 Three layouts (``--source``; ``auto`` detects them with :func:`detect_source`):
 
 * ``octa500``: ``<root>/OCTA_6mm|OCTA_3mm/{OCTA,OCT}/<ID>/<n>.bmp`` + ``Text labels.xlsx`` (+ optional
   ``Projection Maps/<type>/<ID>.bmp`` and ``Lesion Masks/<ID>.nii.gz``; the layout's facts are in
-  :mod:`octa3d.data.octa500`);
+  :mod:`octa3d.data.octa500`, its discovery, which checks every eye's slice folder, in
+  :mod:`octa3d.data.octa500_scan`);
 * ``manifest``: a CSV ``subject,label,path[,group][,mask][,split]`` (a file, or ``<root>/manifest.csv``);
 * ``folders``: 2D class folders ``<root>/[train|val|test/]<CLASS>/*.png|jpg|jpeg|bmp|tif|tiff``.
 
@@ -17,18 +18,18 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from octa3d.data.imagefiles import SUPPORTED_EXTS, file_suffix, short
-from octa3d.data.labels import normalise_header, normalise_id, normalise_label, read_label_table
-from octa3d.data.octa500 import (FOVS, MODALITIES, PROJECTIONS_DIR, find_mask, fov_dir, match_projection,
-                                 octa500_labels, octa500_spacing, subject_from_path)
+from octa3d.data.identity import compile_group_regex, image_group
+from octa3d.data.imagefiles import SUPPORTED_EXTS, file_suffix, natural_key, short
+from octa3d.data.labels import (handle_unlabeled, normalise_header, normalise_id, normalise_label,
+                                read_label_table)
+from octa3d.data.octa500 import FOVS, MODALITIES, fov_dir, subject_from_path
+from octa3d.data.octa500_scan import discover_octa500, refuse_octa500_part
 from octa3d.data.slices import visible
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError
@@ -49,11 +50,6 @@ SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val
 _LAYOUTS = ("an OCTA-500 folder (OCTA_6mm/OCTA/<ID>/1.bmp …, optionally OCTA_3mm/), a manifest CSV with "
             "columns subject,label,path (a .csv file or a folder holding manifest.csv), or 2D class folders "
             "(<root>/[train|test/]<CLASS>/*.png|jpg|bmp|tif)")
-
-
-def natural_key(text: str) -> tuple:
-    """Sort key that orders digit runs by value (``"9" < "10"``, ``"a2" < "a10"``)."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", text) if t)
 
 
 def _no_data(root: Path | str) -> DataError:
@@ -101,13 +97,14 @@ def detect_source(root: str | Path) -> str:
         return "manifest"
     if {fov_dir(p, f).name for f in FOVS} & names:
         return "octa500"
+    refuse_octa500_part(p, names)
     splits = _split_dirs(p)
     for base in (list(splits.values()) or [p]):
         # Stop at the first image: Kermany-size folders hold ~100k files.
         if any(d.is_dir() and next(_iter_images(d), None) is not None for d in visible(base)):
             return "folders"
     hint = ""
-    if p.name in {fov_dir(p, f).name for f in FOVS} or set(MODALITIES) & names:
+    if set(MODALITIES) & names:
         hint = f" (this looks like one OCTA-500 field of view: point --data-root at its parent {p.parent})"
     raise DataError(f"--data-root {root}: unrecognised layout{hint}; expected {_LAYOUTS}")
 
@@ -135,7 +132,7 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
     if not root.exists() or (root.is_dir() and not visible(root)):
         raise _no_data(cfg.data_root)
     if source == "octa500":
-        subjects = _discover_octa500(cfg, dim, require_labels)
+        subjects = discover_octa500(cfg, dim, require_labels)
     elif source == "manifest":
         subjects = _discover_manifest(cfg, require_labels)
     elif source == "folders":
@@ -176,138 +173,6 @@ def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str) -> lis
     cfg = copy.deepcopy(data_cfg)
     cfg.data_root, cfg.labels, cfg.source = str(root), None, "auto"
     return discover(cfg, dim, require_labels=False)
-
-
-# ------------------------------------------------------------------------------------------- unlabeled
-def _skip_or_raise(cfg: DataConfig, msg: str, fix: str) -> None:
-    """Stop with ``msg; fix``, or with --skip-unlabeled warn that the listed subjects are skipped."""
-    if not cfg.skip_unlabeled:
-        raise DataError(f"{msg}; {fix}")
-    log.warning("%s; skipped (--skip-unlabeled)", msg)
-
-
-def _handle_unlabeled(cfg: DataConfig, no_label: list[str], no_image: list[str], where: str) -> None:
-    """Stop (listing both kinds) or, with --skip-unlabeled, warn; the caller drops the subjects."""
-    if not no_label and not no_image:
-        return
-    no_label, no_image = sorted(no_label, key=natural_key), sorted(no_image, key=natural_key)
-    parts = []
-    if no_label:
-        parts.append(f"{len(no_label)} image(s) without a label: {short(no_label)}")
-    if no_image:
-        parts.append(f"{len(no_image)} label(s) without an image: {short(no_image)}")
-    _skip_or_raise(cfg, f"{where}: " + "; ".join(parts), "fix the labels/files or pass --skip-unlabeled to skip "
-                   "them")
-
-
-# ------------------------------------------------------------------------------------------- OCTA-500
-def _id_dirs(folder: Path) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {d.name: d for d in visible(folder) if d.is_dir()}
-
-
-def _projection_maps(proj_root: Path) -> dict[str, dict[str, Path]]:
-    """Map type → eye ID → file of one FOV's ``Projection Maps`` folder."""
-    if not proj_root.is_dir():
-        return {}
-    return {tdir.name: {f.stem: f for f in visible(tdir) if f.is_file() and f.suffix.lower() in IMAGE_EXTS}
-            for tdir in visible(proj_root) if tdir.is_dir()}
-
-
-@dataclass
-class _Octa500Scan:
-    """What one pass over the FOV folders found: subjects, and the eyes left out (with why)."""
-
-    subjects: list[Subject] = field(default_factory=list)
-    incomplete: list[str] = field(default_factory=list)      # "<ID> (no OCT)": a needed modality is missing
-    no_projection: list[str] = field(default_factory=list)   # IDs without the requested projection map
-    proj_types: set[str] = field(default_factory=set)        # every map type seen, for the message
-
-
-def _scan_fov(cfg: DataConfig, fov: str, fdir: Path, labels: dict[str, str], needed: list[str],
-              use_projection: bool, found: _Octa500Scan) -> None:
-    """Add the eyes of one FOV folder to ``found`` (needed modalities, projection maps, spacing, mask)."""
-    scans = {m: _id_dirs(fdir / m) for m in MODALITIES}
-    maps = _projection_maps(fdir / PROJECTIONS_DIR)
-    found.proj_types |= set(maps)
-    ids = set().union(*(s.keys() for s in scans.values()))
-    chosen = match_projection(fdir / PROJECTIONS_DIR, cfg.projection) if use_projection else None
-    if use_projection and chosen is not None:
-        ids |= set(maps[chosen.name])
-    for sid in ids:
-        paths = {m: str(scans[m][sid]) for m in MODALITIES if sid in scans[m]}
-        lacking = [m for m in needed if m not in paths]
-        if lacking:
-            found.incomplete.append(f"{sid} (no {'/'.join(lacking)})")
-            continue
-        projections = {t: str(files[sid]) for t, files in sorted(maps.items()) if sid in files}
-        if use_projection and (chosen is None or chosen.name not in projections):
-            found.no_projection.append(sid)
-            continue
-        # A projection-map subject reads no volume; otherwise the first needed scan gives the stack's size.
-        spacing = None if use_projection else octa500_spacing(Path(paths[needed[0]]), fov)
-        mask = find_mask(fdir, sid)
-        found.subjects.append(Subject(id=sid, label=labels.get(sid), paths=paths, projections=projections,
-                                      spacing=spacing, mask=str(mask) if mask else None, meta={"fov": fov}))
-
-
-def _all_octa500_ids(root: Path) -> set[str]:
-    """Every eye ID with a scan or a projection map in any FOV folder of ``root``."""
-    ids: set[str] = set()
-    for f in FOVS:
-        for m in MODALITIES:
-            ids |= set(_id_dirs(fov_dir(root, f) / m))
-        proj_root = fov_dir(root, f) / PROJECTIONS_DIR
-        if proj_root.is_dir():
-            for tdir in (d for d in visible(proj_root) if d.is_dir()):
-                ids |= {x.stem for x in visible(tdir) if x.is_file()}
-    return ids
-
-
-def _report_left_out(cfg: DataConfig, root: Path, found: _Octa500Scan) -> None:
-    """Stop or warn (--skip-unlabeled) about eyes lacking a needed scan or the requested projection map."""
-    if found.incomplete:
-        _skip_or_raise(cfg, f"{root}: {len(found.incomplete)} subject(s) lack a scan needed by --modality "
-                            f"{cfg.modality}: {short(sorted(found.incomplete, key=natural_key))}",
-                       "add the missing folders, choose another --modality, or pass --skip-unlabeled to skip them")
-    if found.no_projection:
-        _skip_or_raise(cfg, f"{root}: {len(found.no_projection)} subject(s) have no '{cfg.projection}' projection "
-                            f"map: {short(sorted(found.no_projection, key=natural_key))} (map types available: "
-                            f"{', '.join(sorted(found.proj_types)) or 'none'})",
-                       "choose --projection from the available types, use --projection compute, or pass "
-                       "--skip-unlabeled to skip them")
-
-
-def _discover_octa500(cfg: DataConfig, dim: str, require_labels: bool = True) -> list[Subject]:
-    root = Path(cfg.data_root)
-    fovs = list(FOVS) if cfg.fov == "all" else [cfg.fov]
-    fov_dirs = {f: fov_dir(root, f) for f in fovs if fov_dir(root, f).is_dir()}
-    if not fov_dirs:
-        present = ", ".join(sorted(d.name for d in visible(root) if d.is_dir())) if root.is_dir() else "nothing"
-        raise DataError(f"{root}: no {' or '.join(fov_dir(root, f).name for f in fovs)} folder (found: {present}); "
-                        "check --data-root and --fov")
-    use_projection = dim == "2d" and cfg.projection != "compute"
-    needed = [] if use_projection else (["OCT", "OCTA"] if cfg.modality == "OCT+OCTA" else [cfg.modality])
-    try:
-        labels, label_src = octa500_labels(cfg, root, list(fov_dirs.values()))
-    except DataError:
-        if require_labels:
-            raise
-        labels, label_src = {}, "no label table"
-    found = _Octa500Scan()
-    for fov, fdir in fov_dirs.items():
-        _scan_fov(cfg, fov, fdir, labels, needed, use_projection, found)
-    _report_left_out(cfg, root, found)
-    if not require_labels:
-        return found.subjects
-    # Labels without images are judged against every FOV folder in the root, so that --fov 6mm does not
-    # report the 3mm subjects of a shared label table as missing.
-    all_ids = _all_octa500_ids(root)
-    no_label = [s.id for s in found.subjects if s.label is None]
-    no_image = [sid for sid in labels if sid not in all_ids]
-    _handle_unlabeled(cfg, no_label, no_image, f"{root} with labels from {label_src}")
-    return [s for s in found.subjects if s.label is not None]
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -376,17 +241,14 @@ def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Sub
         no_image += [sid for sid in table if sid not in {s.id for s in subjects}]
     if not require_labels:
         return subjects
-    _handle_unlabeled(cfg, no_label, no_image, f"manifest {csv}")
+    handle_unlabeled(cfg, no_label, no_image, f"manifest {csv}")
     return [s for s in subjects if s.label is not None]
 
 
 # ------------------------------------------------------------------------------------------- folders
 def _discover_folders(cfg: DataConfig) -> list[Subject]:
     root = Path(cfg.data_root)
-    try:
-        group_re = re.compile(cfg.group_regex)
-    except re.error as exc:
-        raise ConfigError(f"--group-regex {cfg.group_regex!r}: invalid regular expression ({exc})") from exc
+    group_re = compile_group_regex(cfg.group_regex)
     splits = _split_dirs(root)
     if splits:
         others = sorted(d.name for d in visible(root) if d.is_dir() and d.name.lower() not in SPLIT_DIRS)
@@ -402,8 +264,6 @@ def _discover_folders(cfg: DataConfig) -> list[Subject]:
                 log.warning("class folder %s holds no images (.png/.jpg/.jpeg/.bmp/.tif/.tiff)", cdir)
             for img in images:
                 rel = img.relative_to(root).with_suffix("").as_posix()
-                m = group_re.search(img.name)
-                group = (m.group(1) if m.groups() else m.group(0)) if m else img.stem
                 subjects.append(Subject(id=rel, label=normalise_label(cdir.name), paths={"image": str(img)},
-                                        group=group or img.stem, split=split))
+                                        group=image_group(img.name, group_re), split=split))
     return subjects

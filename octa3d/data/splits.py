@@ -2,9 +2,11 @@
 leakage guard.
 
 Splits are made over *groups* (patients): a group never spans two splits. They are stratified by class, fixed by
-``--seed``, written once to ``runs/<exp>/splits/`` and reused by every later stage of the experiment. A stage
-that would see a subject it must not see (test subjects in training, training subjects in testing) is stopped by
-:func:`guard`.
+``--seed`` (:func:`make_splits`, in :mod:`octa3d.data.stratify`), written once to ``runs/<exp>/splits/`` and reused
+by every later stage of the experiment; a stage that makes new ones outside ``--mode prepare`` says so (WARNING)
+and names the other experiments over the same data. A stage that would see a subject it must not see (test
+subjects in training, training subjects in testing) is stopped by :func:`guard`; :func:`training_overlap` tells
+whether one scan (``--input``) trained the model. Both compare the one identity of :mod:`octa3d.data.identity`.
 
 Files::
 
@@ -17,200 +19,58 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from octa3d.config import Config
+from octa3d.data.identity import IdentityIndex
+from octa3d.data.stratify import Splits, make_splits
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError, LeakageError
 from octa3d.utils.io import atomic_write_csv, atomic_write_text
+from octa3d.utils.runs import experiments_over
+
+__all__ = ["SPLIT_KEYS", "Splits", "existing_splits", "format_counts", "guard", "labelled_subjects",
+           "load_or_make_splits", "make_splits", "read_splits", "training_overlap", "write_splits"]
 
 log = logging.getLogger("octa3d.data.splits")
 
 #: Settings that define a split; a later stage with different values would silently use other subjects.
 SPLIT_KEYS = ("data_root", "source", "modality", "fov", "task", "classes", "negative", "positive",
               "test_fraction", "val_fraction", "folds", "seed")
+#: Settings that only mean something for the OCTA-500 layout: recorded as null for other sources.
+OCTA500_ONLY_KEYS = ("modality", "fov")
 
 TRAINING_STAGES = ("ae_pretrain", "train", "compress")
 TESTING_STAGES = ("test",)
 
 
-@dataclass
-class Splits:
-    """Subject IDs per split; ``folds`` holds (train, val) pairs when ``--folds K > 1``."""
+def _layout(cfg: Config) -> str | None:
+    """The data layout (``--source``, detected for ``auto``), or None when the data root cannot be inspected."""
+    if cfg.data.source != "auto":
+        return cfg.data.source
+    from octa3d.data.sources import detect_source
 
-    train: list[str]
-    val: list[str]
-    test: list[str]
-    folds: list[tuple[list[str], list[str]]] = field(default_factory=list)
-    labels: dict[str, int] = field(default_factory=dict)  # subject -> class index
-    groups: dict[str, str] = field(default_factory=dict)  # subject -> group
-    class_names: list[str] = field(default_factory=list)
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def fold(self, k: int) -> tuple[list[str], list[str]]:
-        """(train, val) subject IDs of fold ``k`` (0-based); the single split when there are no folds."""
-        if not self.folds:
-            if k != 0:
-                raise ConfigError(f"fold {k} requested but the experiment has a single train/val split")
-            return self.train, self.val
-        return self.folds[k]
-
-    @property
-    def n_folds(self) -> int:
-        """Number of train/val folds (1 for a single split)."""
-        return max(1, len(self.folds))
-
-    def non_test(self) -> set[str]:
-        """Every subject that training stages may use."""
-        return set(self.train) | set(self.val) | {s for tr, va in self.folds for s in (*tr, *va)}
+    try:
+        return detect_source(cfg.data.data_root)
+    except DataError:
+        return None
 
 
 def _split_settings(cfg: Config) -> dict[str, Any]:
+    """The settings recorded in split.json; ``modality``/``fov`` are null for manifest and class-folder data (a 2D
+    class-folder experiment has no OCTA-500 volume or field of view)."""
     d = cfg.data
     out = {k: getattr(d, k) for k in SPLIT_KEYS if hasattr(d, k)}
     out["data_root"] = str(Path(d.data_root).resolve())
     out["seed"] = cfg.run.seed
     out["dim"] = cfg.model.dim
+    if _layout(cfg) in ("folders", "manifest"):
+        out.update(dict.fromkeys(OCTA500_ONLY_KEYS))
     return out
-
-
-def _pick_groups(groups_by_class: dict[int, list[str]], fraction: float, rng: np.random.Generator,
-                 what: str, class_names: list[str]) -> set[str]:
-    """Take round(fraction * n) groups of every class (at least one, leaving at least one behind)."""
-    picked: set[str] = set()
-    for cls in sorted(groups_by_class):
-        grp = sorted(groups_by_class[cls])
-        n = len(grp)
-        k = int(round(fraction * n))
-        k = min(max(k, 1), n - 1)
-        if n < 2:
-            raise DataError(f"class {class_names[cls]} has only {n} subject group(s): at least 2 are needed to "
-                            f"put one in {what} and keep one for training; add data, merge or drop the class "
-                            f"(--classes), or lower the split fractions")
-        order = rng.permutation(n)
-        picked.update(grp[i] for i in order[:k])
-    return picked
-
-
-def _group_strata(subjects: list[Subject], label_of: dict[str, int]
-                  ) -> tuple[dict[str, list[Subject]], dict[str, int], dict[str, set[str]]]:
-    """Subjects per group, each group's stratum (class) and the dataset's own split(s) of each group.
-
-    Raises:
-        DataError: a group sits in more than one of the dataset's own train/val/test folders.
-    """
-    by_group: dict[str, list[Subject]] = defaultdict(list)
-    for s in subjects:
-        by_group[s.group].append(s)
-    # A group's stratum is its most common class (ties -> lowest index), so mixed-label patients stay whole.
-    group_class = {g: Counter(label_of[s.id] for s in ss).most_common(1)[0][0] for g, ss in by_group.items()}
-    predefined = {g: {s.split for s in ss} - {None} for g, ss in by_group.items()}
-    mixed = [g for g, sp in predefined.items() if len(sp) > 1]
-    if mixed:
-        raise DataError(f"patient group(s) {', '.join(sorted(mixed)[:10])} appear in more than one of the "
-                        f"dataset's train/val/test folders: the dataset's own split leaks patients; fix the "
-                        f"folders or --group-regex")
-    return by_group, group_class, predefined  # type: ignore[return-value]
-
-
-def _by_class(groups: list[str], group_class: dict[str, int]) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = defaultdict(list)
-    for g in groups:
-        out[group_class[g]].append(g)
-    return out
-
-
-def _test_groups(group_class: dict[str, int], predefined: dict[str, set[str]], fraction: float,
-                 rng: np.random.Generator, class_names: list[str]) -> set[str]:
-    """The hold-out groups: the dataset's own test folder if it has one, else a stratified random pick."""
-    everyone = _by_class(sorted(group_class), group_class)
-    if not any(predefined.values()):
-        return _pick_groups(everyone, fraction, rng, "the test split", class_names)
-    test_groups = {g for g, sp in predefined.items() if "test" in sp}
-    if not test_groups:  # train/val folders only: the hold-out is still drawn
-        test_groups = _pick_groups(everyone, fraction, rng, "the test split", class_names)
-    log.info("Honouring the dataset's own train/test folders (%d test groups)", len(test_groups))
-    return test_groups
-
-
-def _fold_groups(rest: list[str], group_class: dict[str, int], folds: int, seed: int,
-                 class_names: list[str]) -> list[tuple[list[str], list[str]]]:
-    """(train, val) groups of a stratified group k-fold over the non-test groups."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    counts = Counter(group_class[g] for g in rest)
-    few = [class_names[c] for c, n in counts.items() if n < folds]
-    if few:
-        raise DataError(f"--folds {folds}: class(es) {', '.join(few)} have fewer than {folds} non-test "
-                        f"subject groups; lower --folds or add data")
-    skf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed % 2**32)
-    y = [group_class[g] for g in rest]
-    return [([rest[i] for i in tr_idx], [rest[i] for i in va_idx])
-            for tr_idx, va_idx in skf.split(np.zeros(len(rest)), y, groups=rest)]
-
-
-def _val_groups(rest: list[str], group_class: dict[str, int], predefined: dict[str, set[str]], fraction: float,
-                rng: np.random.Generator, class_names: list[str]) -> set[str]:
-    """The validation groups: the dataset's own val folder if it has one, else a stratified pick (or none)."""
-    predefined_val = {g for g in rest if "val" in predefined[g]}
-    if predefined_val:
-        return predefined_val
-    if fraction > 0:
-        return _pick_groups(_by_class(rest, group_class), fraction, rng, "the validation split", class_names)
-    return set()
-
-
-def make_splits(subjects: list[Subject], label_of: dict[str, int], class_names: list[str], *,
-                test_fraction: float, val_fraction: float, folds: int, seed: int) -> Splits:
-    """Stratified, group-level train/val/test (or k-fold) split.
-
-    Args:
-        subjects: discovered subjects (already filtered to those with a class index).
-        label_of: subject ID -> class index.
-        class_names: class order.
-        test_fraction: hold-out fraction of groups per class.
-        val_fraction: validation fraction of the remaining groups per class (single split).
-        folds: K > 1 for stratified group k-fold inside the non-test groups.
-        seed: split seed.
-
-    Returns:
-        The :class:`Splits`. A dataset's own ``split`` field (2D folders with train/test) is honoured.
-
-    Raises:
-        DataError: a class has too few groups for the requested split.
-    """
-    rng = np.random.default_rng(seed)  # one stream: the test pick, then the validation pick
-    by_group, group_class, predefined = _group_strata(subjects, label_of)
-    test_groups = _test_groups(group_class, predefined, test_fraction, rng, class_names)
-    rest = sorted(set(by_group) - test_groups)
-    missing = set(range(len(class_names))) - {group_class[g] for g in rest}
-    if missing:
-        raise DataError(f"class(es) {', '.join(class_names[c] for c in sorted(missing))} have no training "
-                        f"subjects left after the hold-out split; add data or lower --test-fraction")
-
-    def ids(gs: set[str] | list[str]) -> list[str]:
-        return sorted((s.id for g in gs for s in by_group[g]), key=_natural)
-
-    result = Splits(train=[], val=[], test=ids(test_groups), labels=dict(label_of),
-                    groups={s.id: s.group for s in subjects}, class_names=list(class_names))
-    if folds > 1:
-        result.folds = [(ids(tr), ids(va)) for tr, va in _fold_groups(rest, group_class, folds, seed, class_names)]
-        result.train, result.val = result.folds[0]
-    else:
-        val_groups = _val_groups(rest, group_class, predefined, val_fraction, rng, class_names)
-        result.train, result.val = ids(sorted(set(rest) - val_groups)), ids(val_groups)
-    return result
-
-
-def _natural(s: str) -> tuple:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s))
 
 
 def _frame(ids: list[str], sp: Splits) -> pd.DataFrame:
@@ -284,6 +144,8 @@ def guard(stage: str, subject_ids: list[str] | set[str], sp: Splits, groups: dic
 
     Training stages (``ae_pretrain``, ``train``, ``compress``) may not use any test subject or any subject of a
     test patient group; the ``test`` stage may not evaluate any subject (or group) used for training/validation.
+    Subjects are compared by the normalised identity of :class:`~octa3d.data.identity.IdentityIndex` (ID, the
+    file name of a bare-name ID, patient group).
 
     Args:
         stage: stage name.
@@ -295,19 +157,39 @@ def guard(stage: str, subject_ids: list[str] | set[str], sp: Splits, groups: dic
         LeakageError: naming the overlapping subjects.
     """
     group_of = {**sp.groups, **(groups or {})}
-    used = set(subject_ids)
     if stage in TRAINING_STAGES:
         forbidden, what = set(sp.test), "hold-out test"
     elif stage in TESTING_STAGES:
         forbidden, what = sp.non_test(), "training/validation"
     else:
         raise ValueError(f"unknown stage {stage!r} for the leakage guard")
-    forbidden_groups = {group_of.get(s, s) for s in forbidden}
-    bad = sorted((used & forbidden) | {s for s in used if group_of.get(s, s) in forbidden_groups}, key=_natural)
+    bad = IdentityIndex({s: group_of.get(s, s) for s in forbidden}).matches(subject_ids, group_of)
     if bad:
         raise LeakageError(f"{stage} refused: {len(bad)} subject(s) belong to the {what} split of this experiment "
                            f"({', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}). Remove them from the input "
                            f"or use another --exp.")
+
+
+def training_overlap(splits: Splits, subject: Subject) -> str | None:
+    """Why ``subject`` (one scan, e.g. ``--input``) is not new to the experiment's model, or None.
+
+    The subject matches when it is a training/validation subject of ``splits`` (any fold), or of the same patient
+    group as one, under the one identity of :mod:`octa3d.data.identity` that :func:`guard` uses: a Kermany image
+    given by path (``CNV-6294785-1``, patient ``6294785`` via ``--group-regex``) matches the split's
+    ``CNV/CNV-6294785-1`` and every other image of patient 6294785. Hold-out test subjects do not match.
+
+    Args:
+        splits: the experiment's splits (:func:`read_splits`).
+        subject: as :func:`~octa3d.data.sources.discover` or
+            :func:`~octa3d.data.octa500.subject_from_path` build it (``id`` and ``group``).
+
+    Returns:
+        A clause for a warning (the caller names the experiment and the consequence), e.g. ``"CNV-6294785-2
+        belongs to patient group 6294785, like training/validation subject CNV/CNV-6294785-1"``, or None.
+    """
+    seen = splits.non_test()
+    index = IdentityIndex({s: splits.groups.get(s, s) for s in seen}, what="training/validation subject")
+    return index.reason(subject.id, subject.group)
 
 
 def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:
@@ -316,8 +198,8 @@ def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:
     from octa3d.data.sources import discover
 
     subjects = discover(cfg.data, cfg.model.dim)
-    present = sorted({s.label for s in subjects if s.label is not None})
-    label_map = LabelMap.build(cfg.data, present)
+    # one entry per subject: the counts in LabelMap's messages ("labels present: AMD (7), ...") are subjects
+    label_map = LabelMap.build(cfg.data, [s.label for s in subjects if s.label is not None])
     keep, label_of, dropped = [], {}, Counter()
     for s in subjects:
         idx = label_map.index(s.label) if s.label is not None else None
@@ -334,23 +216,65 @@ def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:
     return keep, label_map, label_of
 
 
+def existing_splits(cfg: Config) -> Splits | None:
+    """The experiment's splits (``runs/<exp>/splits/``), or None when it has none yet.
+
+    Stages call this before they touch the run folder, so that a refused invocation leaves it as it was.
+
+    Raises:
+        ConfigError: the splits were made with other settings (names the differing flags).
+    """
+    folder = cfg.run_dir / "splits"
+    if not (folder / "split.json").exists():
+        return None
+    sp = read_splits(folder)
+    settings = _split_settings(cfg)
+    # a setting that does not apply to this layout (null) is not compared: splits recorded before it was null match
+    diff = {k: (sp.settings.get(k), v) for k, v in settings.items()
+            if sp.settings.get(k) != v and not (v is None and k in OCTA500_ONLY_KEYS)}
+    if diff:
+        desc = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"{folder} was made with other settings ({desc}). Use the same settings, another "
+                          f"--exp, or re-split with --mode prepare --overwrite (later stages must then be "
+                          f"re-run).")
+    return sp
+
+
+def _announce_new_splits(cfg: Config, folder: Path, settings: dict[str, Any]) -> None:
+    """Say that new splits were made (a WARNING outside ``--mode prepare``: a forgotten --exp/--task/--model flag
+    starts a new experiment) and name the other experiments of the runs folder over the same data."""
+    others = experiments_over(Path(cfg.run.runs_dir), settings["data_root"], exclude=cfg.exp_name)
+
+    def differs(theirs: dict[str, Any]) -> str:
+        diff = [f"{k.replace('_', '-')} {theirs.get(k)}" for k in (*SPLIT_KEYS, "dim")
+                if k != "data_root" and theirs.get(k) != settings.get(k)
+                and not (k in OCTA500_ONLY_KEYS and None in (theirs.get(k), settings.get(k)))]
+        return ", ".join(diff) or "the same split settings"
+
+    named = "; ".join(f"'{name}' ({differs(theirs)})" for name, theirs in others.items())
+    also = (f" Other experiments over the same data in {cfg.run.runs_dir}: {named}; pass --exp NAME to continue "
+            "one of them." if others else "")
+    if cfg.run.mode == "prepare":
+        log.info("Wrote new subject-level splits to %s.%s", folder, also)
+    else:
+        log.warning("NEW EXPERIMENT '%s': --mode %s found no splits in %s and made new ones.%s", cfg.exp_name,
+                    cfg.run.mode, folder.parent, also or " If you prepared this data under another name, pass "
+                    "that --exp.")
+
+
 def load_or_make_splits(cfg: Config, subjects: list[Subject] | None = None, label_map: Any = None,
                         label_of: dict[str, int] | None = None) -> Splits:
     """Reuse ``runs/<exp>/splits/`` or create it. Every stage calls this before touching data.
+
+    Creating splits outside ``--mode prepare`` is logged as a WARNING naming the other experiments over the same
+    data root in the runs folder (a forgotten flag changes the default ``--exp``).
 
     Raises:
         ConfigError: existing splits were made with other settings (names the differing flags).
     """
     folder = cfg.run_dir / "splits"
-    settings = _split_settings(cfg)
-    if (folder / "split.json").exists():
-        sp = read_splits(folder)
-        diff = {k: (sp.settings.get(k), v) for k, v in settings.items() if sp.settings.get(k) != v}
-        if diff:
-            desc = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise ConfigError(f"{folder} was made with other settings ({desc}). Use the same settings, another "
-                              f"--exp, or re-split with --mode prepare --overwrite (later stages must then be "
-                              f"re-run).")
+    sp = existing_splits(cfg)
+    if sp is not None:
         log.info("Using the experiment's splits in %s", folder)
         return sp
     if subjects is None:
@@ -358,9 +282,9 @@ def load_or_make_splits(cfg: Config, subjects: list[Subject] | None = None, labe
     assert label_map is not None and label_of is not None
     sp = make_splits(subjects, label_of, label_map.class_names, test_fraction=cfg.data.test_fraction,
                      val_fraction=cfg.data.val_fraction, folds=cfg.data.folds, seed=cfg.run.seed)
-    sp.settings = settings
+    sp.settings = _split_settings(cfg)
     write_splits(sp, folder)
-    log.info("Wrote subject-level splits to %s", folder)
+    _announce_new_splits(cfg, folder, sp.settings)
     return sp
 
 

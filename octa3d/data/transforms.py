@@ -7,8 +7,11 @@ Deterministic part (cached on disk by :mod:`octa3d.data.datasets`), in this orde
    network sees the retina at a useful resolution instead of mostly vitreous and choroid.
 2. **Percentile clipping + scaling to 0..1** per channel (uint8 fast path: 256-bin histogram + lookup table).
 3. **Resize to the input size** (linear interpolation as ``torch.nn.functional.interpolate``, no antialias,
-   ``align_corners=False``). The slab is *stretched* to the input shape (anisotropic scaling) rather than padded:
-   padding would waste input voxels, and the anisotropy is the same for every scan of a dataset.
+   ``align_corners=False``). The 3D slab is *stretched* to the input shape (anisotropic scaling) rather than
+   padded: padding would waste input voxels, and the anisotropy is the same for every scan of a dataset. A whole
+   2D image keeps its aspect ratio: it is padded with zeros to the input's aspect first (:func:`aspect_padding`),
+   since 2D datasets mix image sizes (Kermany B-scans of 512×496 and 768×496) that a stretch would distort
+   differently.
 
 For volumes, steps 2 and 3 run fused (:func:`clip_scale_resize`): only the source planes the interpolation reads
 are converted to float, so a 400×640×400 uint8 scan never gets a full-resolution float copy.
@@ -42,8 +45,9 @@ from octa3d.data.subject import Geometry, Subject
 
 __all__ = ["PREPROCESS_VERSION", "ClipScaleIntensityd", "ClipScaleResized", "ImageReader", "Loader",
            "PreprocessRecord", "ProjectSlabd", "ResizeToInputd", "RetinalSlabCropd", "apply_transforms",
-           "channel_percentiles", "clip_scale", "clip_scale_resize", "drop_axis", "hist_percentiles",
-           "locate_retina", "patch_grid", "resize", "slab_bounds", "to_source_space", "uint8_percentiles"]
+           "aspect_padding", "channel_percentiles", "clip_scale", "clip_scale_resize", "drop_axis",
+           "hist_percentiles", "locate_retina", "patch_grid", "resize", "slab_bounds", "to_source_space",
+           "uint8_percentiles"]
 
 #: Bump when the deterministic preprocessing changes: it is part of every cache key.
 PREPROCESS_VERSION = "1"
@@ -133,6 +137,24 @@ def patch_grid(shape: Sequence[int], size: int, stride: int = 0) -> list[list[tu
     return [[ry, rx] for ry in starts[0] for rx in starts[1]]
 
 
+def aspect_padding(shape: Sequence[int], target: Sequence[int]) -> list[tuple[int, int]]:
+    """Zeros to add around an image of ``shape`` so that it has the aspect ratio of ``target`` (centred).
+
+    The padded shape is the smallest one with ``target``'s proportions that holds the image, so resizing it to
+    ``target`` scales every axis by the same factor (up to rounding to whole pixels).
+
+    Args:
+        shape: spatial shape of the image, e.g. ``(496, 768)``.
+        target: spatial shape of the network input, e.g. ``(224, 224)``.
+
+    Returns:
+        ``(before, after)`` per axis, e.g. ``[(136, 136), (0, 0)]``; all zeros when the aspects already agree.
+    """
+    scale = max(s / t for s, t in zip(shape, target))  # source pixels per input pixel along the tightest axis
+    padded = [max(int(s), int(round(t * scale))) for s, t in zip(shape, target)]
+    return [((p - s) // 2, p - s - (p - s) // 2) for s, p in zip(shape, padded)]
+
+
 
 # ---------------------------------------------------------------------------------------------- MapTransforms
 class RetinalSlabCropd(MapTransform):
@@ -198,7 +220,8 @@ class ClipScaleIntensityd(MapTransform):
 
 
 class ResizeToInputd(MapTransform):
-    """Resize to the network input size (:func:`resize`: linear, anisotropic stretch, no padding)."""
+    """Resize to the network input size (:func:`resize`: linear, anisotropic stretch; pad first with
+    :func:`aspect_padding` to keep the aspect ratio, as :class:`~octa3d.data.presets.Patch2DPreset` does)."""
 
     def __init__(self, keys: Any, spatial_size: Sequence[int], allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)

@@ -23,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from octa3d.cam import score_lines
 from octa3d.config import Config, apply_overrides, get_value, to_argv, validate
 from octa3d.data.synthetic import CLASSES, MARKER, generate
 from octa3d.errors import ConfigError
@@ -63,7 +64,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "exp": "demo", "dim": "3d", "model": "cnn", "modality": "OCTA", "task": "binary",
     "input_size": [32], "n_subjects": 72, "shape": [32, 64, 32],
     "batch_size": 8, "lr": 1e-3, "warmup_epochs": 1, "patience": 0,
-    "num_workers": 0, "bootstrap": 1000, "cam": "gradcam", "overwrite": True,
+    "num_workers": 0, "bootstrap": 1000, "overwrite": True,
 }
 
 #: Extra defaults per stage (before your settings).
@@ -76,13 +77,6 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 STAGES: tuple[str, ...] = ("prepare", "ae_pretrain", "train", "test")
 
-#: Grad-CAM layer per model at the demo's 32^3 input (unless you give --cam-layer): the registered layers give a
-#: 2^3 map at this size, too coarse to point at a lesion; an earlier stage (8^3 for cnn's block3, 4^3 for a
-#: resnet's layer3) localises the CNV tuft (cnn: pointing game ~0.5 vs ~0.002 by chance).
-DEMO_CAM_LAYERS: dict[str, str] = {"cnn": "features.block3.act", "resnet18": "layer3", "resnet34": "layer3",
-                                   "resnet50": "layer3"}
-
-
 def stage_config(stage: str, user: Config, data_root: str | None = None) -> Config:
     """The Config of one demo stage: demo defaults < stage defaults < the user's explicit settings.
 
@@ -94,10 +88,6 @@ def stage_config(stage: str, user: Config, data_root: str | None = None) -> Conf
     values.update({k: get_value(user, k) for k in sorted(user.explicit) if k != "mode"})
     cfg = Config()
     apply_overrides(cfg, values, "demo")
-    layer = DEMO_CAM_LAYERS.get(cfg.model.model)
-    if stage == "test" and cfg.eval.cam_layer is None and layer and tuple(cfg.input_shape) == (32, 32, 32):
-        values["cam_layer"] = layer
-        cfg.eval.cam_layer = layer
     cfg.run.mode = stage
     validate(cfg)
     cfg.explicit = frozenset(values) | {"mode"}
@@ -202,10 +192,7 @@ def _print_summary(metrics: dict[str, Any], base: Config, root: str, data_state:
              + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + f"); data: {root} ({data_state}) ===",
              f"Hold-out test ({metrics['n_subjects']} eyes, {' vs '.join(metrics['class_names'])}):"]
     lines += summary_lines(metrics)
-    loc = (metrics.get("localization") or {}).get("per_class", {})
-    for cls, v in loc.items():
-        lines.append(f"  Grad-CAM on {cls} eyes: pointing game {v['pointing_game']:.2f}, CAM mass in lesion "
-                     f"{v['mass_inside']:.2f} (chance {v['lesion_fraction']:.3f})")
+    lines += score_lines(metrics)
     lines += ["Where to look:",
               f"  metrics        {test_dir / 'metrics.json'}",
               f"  predictions    {test_dir / 'predictions.csv'}  (ROC: roc.png, confusion_matrix.png)"]

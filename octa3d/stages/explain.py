@@ -20,7 +20,7 @@ from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, 
 from octa3d.config import Config
 from octa3d.data.presets import build_preset
 from octa3d.data.sources import subject_from_path
-from octa3d.data.splits import read_splits
+from octa3d.data.splits import read_splits, training_overlap
 from octa3d.errors import ConfigError
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json, safe_name
@@ -29,12 +29,13 @@ from octa3d.utils.tracking import tensorboard_writer
 
 log = logging.getLogger("octa3d.explain")
 
-def _warn_if_seen(ecfg: Config, subject_id: str) -> None:
-    """Warn when the scan trained or validated the experiment's model (its prediction is then optimistic)."""
-    split_file = ecfg.run_dir / "splits" / "split.json"
-    if split_file.is_file() and subject_id in read_splits(split_file.parent).non_test():
-        log.warning("%s is a training/validation subject of experiment '%s': its prediction and CAM are "
-                    "optimistic", subject_id, ecfg.exp_name)
+def _warn_if_seen(ecfg: Config, subject: Any) -> None:
+    """Warn when the scan (or its patient) trained or validated the experiment's model: its prediction is then
+    optimistic. One identity rule for every source type (:func:`octa3d.data.splits.training_overlap`)."""
+    if (ecfg.run_dir / "splits" / "split.json").is_file():
+        reason = training_overlap(read_splits(ecfg.run_dir / "splits"), subject)
+        if reason:
+            log.warning("%s of experiment '%s': its prediction and CAM are optimistic", reason, ecfg.exp_name)
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -59,7 +60,7 @@ def run(cfg: Config) -> dict[str, Any]:
     probs = engine.predict_samples([m for *_, m in models], samples, device)
     pred = names[int(np.argmax(probs))]
     init_run(ecfg)
-    _warn_if_seen(ecfg, subject.id)
+    _warn_if_seen(ecfg, subject)
     out = stage_dir(ecfg, f"explain/{safe_name(subject.id)}")
     result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "prediction": pred,
                               "probabilities": {n: float(p) for n, p in zip(names, probs)},

@@ -9,7 +9,7 @@ import logging
 import shutil
 
 from octa3d.config import Config
-from octa3d.data.splits import Splits, format_counts, labelled_subjects, load_or_make_splits
+from octa3d.data.splits import Splits, existing_splits, format_counts, labelled_subjects, load_or_make_splits
 from octa3d.utils.runs import init_run
 
 log = logging.getLogger("octa3d.data.splits")
@@ -26,11 +26,14 @@ def run(cfg: Config) -> Splits:
         ConfigError: existing splits were made with other settings.
     """
     folder = cfg.run_dir / "splits"
+    # Discover and validate first: a wrong --data-root must neither leave an empty experiment behind nor, with
+    # --overwrite, delete the existing splits.
+    subjects, label_map, label_of = labelled_subjects(cfg)
     if (folder / "split.json").exists() and cfg.run.overwrite:
         log.warning("--overwrite: re-splitting; earlier splits in %s are replaced", folder)
         shutil.rmtree(folder)
-    # Discover before creating the run folder: a wrong --data-root must not leave an empty experiment behind.
-    subjects, label_map, label_of = labelled_subjects(cfg)
+    else:
+        existing_splits(cfg)  # other settings: ConfigError before config.yaml/command.txt are rewritten
     init_run(cfg)
     sp = load_or_make_splits(cfg, subjects, label_map, label_of)
     print(f"Splits of experiment '{cfg.exp_name}' ({len(sp.labels)} subjects) in {folder}:")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from octa3d import engine
-from octa3d.cam import CamExporter, cam_backend, cam_items_from_cache
+from octa3d.cam import CamExporter, cam_backend, cam_items_from_cache, score_lines
 from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
 from octa3d.context import guard_test_set, setup_stage
@@ -80,10 +80,19 @@ def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str,
     return metrics
 
 
+def _write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarray, names: list[str],
+                       cam_status: dict[str, str] | None = None) -> None:
+    """predictions.csv, with a ``cam_status`` column once maps were made (``not computed`` for the others)."""
+    frame = predictions_frame(ids, y, probs, names)
+    if cam_status is not None:
+        frame["cam_status"] = [cam_status.get(i, "not computed") for i in ids]
+    atomic_write_csv(out / "predictions.csv", frame)
+
+
 def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.ndarray,
                    per_model: dict[str, np.ndarray], names: list[str], metrics: dict[str, Any]) -> None:
     """predictions CSV(s), ROC and confusion-matrix PNGs, and the same in TensorBoard (rank 0)."""
-    atomic_write_csv(out / "predictions.csv", predictions_frame(ids, y, probs, names))
+    _write_predictions(out, ids, y, probs, names)
     if len(per_model) > 1:
         for n, p in per_model.items():
             atomic_write_csv(out / f"predictions_{n}.csv", predictions_frame(ids, y, p, names))
@@ -99,6 +108,19 @@ def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.
             if ci and all(math.isfinite(c) for c in ci):
                 tb.add_scalar(f"test/{k}_ci_low", ci[0], 0)
                 tb.add_scalar(f"test/{k}_ci_high", ci[1], 0)
+
+
+def _cam_scalars(tb: Any, metrics: dict[str, Any]) -> None:
+    """Map scores in TensorBoard: localisation per class, faithfulness, maps without evidence."""
+    for cls, v in (metrics.get("localization") or {}).get("per_class", {}).items():
+        tb.add_scalar(f"cam/pointing_game/{cls}", v["pointing_game"], 0)
+        tb.add_scalar(f"cam/mass_ratio/{cls}", v["mass_ratio"], 0)
+    faith = metrics.get("faithfulness") or {}
+    for k in ("deletion_auc", "insertion_auc", "deletion_auc_random"):
+        if k in faith:
+            tb.add_scalar(f"cam/{k}", faith[k], 0)
+    cam = metrics.get("cam") or {}
+    tb.add_scalar("cam/without_evidence", cam.get("n_subjects", 0) - cam.get("status_counts", {}).get("ok", 0), 0)
 
 
 def _hold_out(cfg: Config, test_ids: list[str]) -> set[str]:
@@ -160,8 +182,11 @@ def run(cfg: Config) -> dict[str, Any]:
                                device=device)
         cam_report = exporter.export(items)
         metrics["cam"] = cam_report["cam"]
-        if cam_report.get("localization"):
-            metrics["localization"] = cam_report["localization"]
+        for key in ("localization", "faithfulness"):
+            if cam_report.get(key):
+                metrics[key] = cam_report[key]
+        _write_predictions(out, ids, y, probs, names, {k: v["status"] for k, v in cam_report["subjects"].items()})
+        _cam_scalars(tb, metrics)
     tb.close()
     if dist.is_main():
         atomic_write_json(out / "metrics.json", metrics)
@@ -180,12 +205,7 @@ def print_summary(cfg: Config, m: dict[str, Any], out: Path, n: int) -> None:
     for name, fm in (m.get("folds") or {}).items():
         lines.append(f"  {name}: balanced accuracy {format_metric(fm, 'balanced_accuracy')}, AUC "
                      f"{format_metric(fm, 'auc')}")
-    loc = m.get("localization")
-    if loc:
-        for cls, v in loc.get("per_class", {}).items():
-            lines.append(f"  CAM localization {cls} ({v['n']} subjects with lesion masks): pointing game "
-                         f"{v['pointing_game']:.2f}, CAM mass inside lesion {v['mass_inside']:.2f} (lesion "
-                         f"volume fraction {v['lesion_fraction']:.3f} = chance level)")
+    lines += score_lines(m)
     lines += [f"Files in {out}/: metrics.json, predictions.csv, roc.png, confusion_matrix.png"
               + (f", cams/ ({m['cam']['n_subjects']} subjects: *_cam.nii.gz, *_input.nii.gz, *_review.png)"
                  if m.get("cam") else ""),

@@ -1,16 +1,35 @@
 """Atomic file writes: write to a temporary file in the same folder, then ``os.replace``.
 
-A crash or Ctrl-C mid-write therefore never leaves a truncated file under the final name.
+A crash or Ctrl-C mid-write therefore never leaves a truncated file under the final name. The file gets the
+permissions of any new file (``0666`` less the umask), not the ``0600`` of :func:`tempfile.mkstemp`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _create_temp(dest: Path, suffix: str) -> Path:
+    """Create an empty, uniquely named file beside ``dest`` with the permissions the umask gives any new file.
+
+    ``tempfile.mkstemp`` would create it with mode 0600, and ``os.replace`` keeps that mode: results on a shared
+    server would be unreadable to colleagues. ``os.open(..., 0o666)`` lets the kernel apply the umask, as for a
+    file written with ``open()``.
+    """
+    for _ in range(100):
+        tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp{suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file beside {dest}")
 
 
 @contextlib.contextmanager
@@ -25,9 +44,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     sfx = suffix if suffix is not None else "".join(dest.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp" + sfx, dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_temp(dest, sfx)
     try:
         yield tmp_path
         os.replace(tmp_path, dest)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import json
 import logging
 import platform
 import shlex
@@ -98,6 +99,33 @@ def init_run(cfg: Config) -> Path:
     atomic_write_text(run / "environment.txt", environment_text())
     log.info("Experiment folder: %s", run)
     return run
+
+
+def experiments_over(runs_dir: Path, data_root: str, exclude: str | None = None) -> dict[str, dict]:
+    """The experiments of ``runs_dir`` whose splits were made over ``data_root``.
+
+    Args:
+        runs_dir: the runs folder (``--runs-dir``).
+        data_root: the resolved data root, as recorded in ``splits/split.json`` settings.
+        exclude: an experiment name to leave out (the current one).
+
+    Returns:
+        Experiment name → its split settings, sorted by name; unreadable split files are skipped.
+    """
+    out: dict[str, dict] = {}
+    if not runs_dir.is_dir():
+        return out
+    for record in sorted(runs_dir.glob("*/splits/split.json")):
+        name = record.parent.parent.name
+        if name == exclude or name.startswith("."):
+            continue
+        try:
+            settings = json.loads(record.read_text(encoding="utf-8")).get("settings", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(settings, dict) and settings.get("data_root") == data_root:
+            out[name] = settings
+    return out
 
 
 def stage_dir(cfg: Config, stage: str, *, resume: bool = False) -> Path:

@@ -57,11 +57,11 @@ def _inside(peak: tuple[int, ...], box: tuple[slice, ...], tol: int = 1) -> bool
 BOXES = [(slice(2, 5), slice(3, 6), slice(2, 5)), (slice(10, 14), slice(9, 13), slice(11, 14))]
 
 
-@pytest.mark.parametrize("backend", ["gradcam", "gradcam++", "medcam"])
+@pytest.mark.parametrize("backend", ["gradcam", "gradcam++", "layercam", "hirescam", "occlusion", "medcam"])
 def test_cam_peaks_on_the_blob_with_per_sample_targets(backend):
     torch.manual_seed(0)
     net = BlobNet().eval()
-    cam = CamComputer([net], backend, "features.2")
+    cam = CamComputer([net], backend, "features.2" if backend != "occlusion" else "")
     x = blob_batch()
     maps = cam(x, torch.tensor([1, 1]))
     assert maps.shape == (2, 16, 16, 16) and maps.dtype == np.float32
@@ -72,10 +72,75 @@ def test_cam_peaks_on_the_blob_with_per_sample_targets(backend):
         # high = important: the blob is hot, the far background cold (MONAI's default would invert this)
         assert maps[i][BOXES[i]].mean() > 0.5 > maps[i][tuple(slice(0, 2) if i else slice(14, 16) for _ in
                                                                range(3))].mean()
+    assert cam.status == ["ok", "ok"]
     # mixed targets in one batch: class 0 has no positive evidence anywhere (empty map); sample 0 unaffected
     mixed = cam(x, torch.tensor([1, 0]))
     assert np.allclose(mixed[0], maps[0], atol=1e-5)
     assert np.allclose(mixed[1], 0)
+    if backend != "medcam":  # medcam rescales every map itself: its emptiness cannot be seen
+        assert cam.status == ["ok", "empty"]
+
+
+@pytest.mark.parametrize("backend", ["gradcam", "layercam", "hirescam", "occlusion"])
+def test_2d_maps_peak_on_the_blob(backend):
+    net = BlobNet(dims=2).eval()
+    x = torch.full((1, 1, 16, 16), 0.05)
+    x[0, 0, 9:13, 3:7] = 1.0
+    maps = CamComputer([net], backend, "features.2" if backend != "occlusion" else "")(x, torch.tensor([1]))
+    assert maps.shape == (1, 16, 16) and 0 <= maps.min() and maps.max() <= 1
+    assert _inside(np.unravel_index(int(np.argmax(maps[0])), (16, 16)), (slice(9, 13), slice(3, 7)))
+
+
+def test_fusion_is_the_mean_of_the_scaled_layer_maps():
+    from octa3d.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", "3d", 1, 2).eval()
+    x, t = torch.rand(2, 1, 16, 16, 16), torch.tensor([1, 0])
+    a = CamComputer([model], "layercam", "features.block1")(x, t)
+    b = CamComputer([model], "layercam", "features.block2")(x, t)
+    both = CamComputer([model], "layercam", "features.block1,features.block2")(x, t)
+    expect = minmax(torch.from_numpy((a + b) / 2).reshape(2, -1)).reshape(both.shape).numpy()
+    np.testing.assert_allclose(both, expect, atol=1e-5)
+    with pytest.raises(ConfigError, match="medcam explains one layer"):
+        CamComputer([model], "medcam", "features.block1,features.block2")
+
+
+def test_status_names_constant_and_non_finite_maps():
+    from octa3d.cam.backends import map_status
+
+    assert map_status(torch.zeros(4, 4)) == "empty"
+    assert map_status(torch.full((4, 4), 2.0)) == "constant"
+    assert map_status(torch.tensor([[1.0, float("nan")]])) == "non-finite"
+    assert map_status(torch.tensor([[0.0, 1.0]])) == "ok"
+
+
+def test_default_layers_adapt_to_the_input_size():
+    from octa3d.cam.layers import MAX_STRIDE, default_layers, feature_shapes
+    from octa3d.model import create_model, get_spec
+
+    for name in ("cnn", "resnet18"):
+        model = create_model(name, "3d", 1, 2).eval()
+        for shape in ((32, 32, 32), (64, 64, 64), (32, 64, 32)):
+            layers = default_layers(model, name, shape, 1)
+            shapes = feature_shapes(model, layers, shape, 1)
+            finest = max(shapes.values(), key=lambda s: np.prod(s))
+            assert all(f * MAX_STRIDE >= s for f, s in zip(finest, shape)), (name, shape, layers, shapes)
+            assert layers[0] != get_spec(name).cam_layer  # the registered last layer is too coarse here
+
+
+def test_deletion_and_insertion_scores_follow_a_known_answer():
+    from octa3d.cam.faithfulness import deletion_insertion
+
+    net = BlobNet().eval()
+    x = blob_batch()[:1]
+    good = np.zeros((1, 16, 16, 16), np.float32)
+    good[0][BOXES[0]] = 1.0  # the blob first: deleting it removes the evidence at once
+    bad = 1.0 - good  # the blob last
+    s_good = deletion_insertion([net], x.numpy(), good, target=1)
+    s_bad = deletion_insertion([net], x.numpy(), bad, target=1)
+    assert s_good["deletion_auc"] < s_good["deletion_auc_random"] < s_bad["deletion_auc"] + 1e-6
+    assert s_good["insertion_auc"] > s_bad["insertion_auc"]
 
 
 def test_registry_model_backward_hooks_work():
@@ -101,8 +166,15 @@ def test_helpers():
     mask = np.zeros((4, 4), np.uint8)
     mask[0:2, 0:2] = 1
     loc = localization(cam, mask)
-    assert loc == {"hit": True, "mass_inside": pytest.approx(1 / 1.5), "lesion_fraction": 0.25}
+    assert loc == {"hit": True, "hit_exact": True, "mass_inside": pytest.approx(1 / 1.5), "lesion_fraction": 0.25,
+                   "mass_ratio": pytest.approx(4 / 1.5)}
     assert localization(cam, np.zeros_like(mask)) is None
+    # tolerance: a peak one voxel beside the lesion is a hit with tolerance 1, not exactly
+    near = np.zeros((4, 4))
+    near[2, 1] = 1.0
+    assert localization(near, mask, (1, 1))["hit"] and not localization(near, mask, (1, 1))["hit_exact"]
+    assert not localization(near, mask)["hit"]
+    assert localization(cam, mask, ok=False)["hit"] is False  # a map without evidence is a miss
     with pytest.raises(ConfigError, match="--cam-layer"):
         CamExporter(_cfg(cam_layer="nope"), [BlobNet()], ["A", "B"], Path("."), None)
 
@@ -171,6 +243,26 @@ def test_nifti_export_round_trip_cropped_and_resized(tmp_path):
     assert any((tmp_path / "tb").iterdir())
 
 
+def test_empty_map_is_reported_not_drawn(tmp_path, caplog):
+    """Explaining class 0 of BlobNet has no positive evidence: the subject's status says so, a warning names it,
+    no peak is claimed, the review sheet says NO EVIDENCE MAP, and localisation counts it as a miss."""
+    src, _ = _nifti_scan(tmp_path / "scanB.nii.gz")
+    cfg = _cfg()
+    cfg.eval.cam_class = "NORMAL"
+    subject = Subject("scanB", "CNV", {"image": str(src)})
+    preset = build_preset(cfg)
+    image, record = preset.preprocess(subject)
+    with caplog.at_level("WARNING", logger="octa3d"):
+        report = CamExporter(cfg, [BlobNet()], ["NORMAL", "CNV"], tmp_path / "cams", preset).export(
+            [CamItem(subject, record, lambda: image[None], np.array([0.3, 0.7]), 1)])
+    sub = report["subjects"]["scanB"]
+    assert sub["status"] == "empty" and sub["peak"] is None
+    assert report["cam"]["status_counts"] == {"empty": 1}
+    assert "scanB" in caplog.text and "no positive evidence" in caplog.text
+    assert (tmp_path / "cams" / "scanB_review.png").read_bytes()[:8] == PNG_MAGIC
+    assert "faithfulness" not in report  # no evidence, nothing to delete in order
+
+
 def test_octa500_bmp_stack_export_and_localization(tmp_path):
     from octa3d.data.sources import discover
     from octa3d.data.synthetic import generate
@@ -194,7 +286,11 @@ def test_octa500_bmp_stack_export_and_localization(tmp_path):
         _assert_same_geometry(cam_f, Path(s.mask))
     loc = report["localization"]["per_class"]["CNV"]
     assert loc["n"] == 2 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1
+    assert loc["mass_ratio"] == pytest.approx(loc["mass_inside"] / loc["lesion_fraction"], rel=0.5)
+    assert report["localization"]["tolerance_voxels"] == [1, 1, 1]  # the retinal slab (<= 16 rows) at 16^3 input
     assert report["cam"]["backend"] == "medcam"
+    faith = report["faithfulness"]
+    assert faith["n"] == 2 and 0 <= faith["deletion_auc"] <= 1 and 0 <= faith["insertion_auc"] <= 1
 
 
 def test_2d_patch_model_export(tmp_path):

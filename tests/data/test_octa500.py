@@ -15,7 +15,7 @@ from octa3d.data.octa500 import (DEPTH_MM, FOV_LATERAL_MM, FOVS, MASKS_DIR, find
                                  subject_from_path)
 from octa3d.data.readers import load_subject
 from octa3d.data.synthetic import generate, make_volume
-from octa3d.errors import DataError
+from octa3d.errors import ConfigError, DataError
 
 SHAPE = (8, 16, 10)  # B-scans, depth rows, columns
 
@@ -83,6 +83,24 @@ def test_scan_files_and_other_folders(dataset: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros((2, 2)))
     (tmp_path / "x.npy").rename(tmp_path / "Scan.NPY")
     assert subject_from_path(tmp_path / "Scan.NPY", DataConfig()).id == "Scan"  # extensions in any case
+
+
+def test_a_2d_image_gets_the_patient_group_discovery_gives_it(tmp_path: Path) -> None:
+    """``--input CNV-6294785-1.jpeg`` is of patient 6294785, as in class-folder discovery (``--group-regex``)."""
+    from octa3d.data.sources import discover
+
+    for cls, name in (("CNV", "CNV-6294785-1.png"), ("NORMAL", "NORMAL-77-3.png"), ("NORMAL", "scan.png")):
+        (tmp_path / "data" / cls).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(sitk.GetImageFromArray(np.eye(4, dtype=np.uint8)), str(tmp_path / "data" / cls / name))
+    cfg = DataConfig(data_root=str(tmp_path / "data"))
+    for s in discover(cfg, "2d"):
+        given = subject_from_path(s.paths["image"], cfg)
+        assert given.group == s.group and given.id == s.id.split("/")[-1]
+    assert subject_from_path(tmp_path / "data" / "CNV" / "CNV-6294785-1.png", cfg).group == "6294785"
+    custom = DataConfig(group_regex=r"^([A-Z]+)-")
+    assert subject_from_path(tmp_path / "data" / "CNV" / "CNV-6294785-1.png", custom).group == "CNV"
+    with pytest.raises(ConfigError, match="--group-regex"):
+        subject_from_path(tmp_path / "data" / "CNV" / "CNV-6294785-1.png", DataConfig(group_regex="("))
 
 
 def test_errors(dataset: Path, tmp_path: Path) -> None:

@@ -296,6 +296,27 @@ def test_load_subject_errors_name_the_subject(tmp_path):
         load_subject(Subject("x", None, {"image": str(tmp_path / "gone.nii.gz")}), "OCTA")
 
 
+@pytest.mark.parametrize("dim", ["3d", "2d"])
+def test_preset_errors_name_the_subject_once(tmp_path, dim):
+    """A preset that loads a subject names it once ("subject 10003: ..."), never "subject 10003: subject 10003:";
+    errors of an injected loader that does not name the subject still get the prefix."""
+    from octa3d.config import Config
+    from octa3d.data.presets import build_preset
+
+    cfg = Config()
+    cfg.model.dim = dim
+    subject = _octa_subject(tmp_path, "10003", octa_value=0)
+    with pytest.raises(DataError) as err:
+        build_preset(cfg).preprocess(subject)
+    assert str(err.value).startswith("subject 10003: OCTA volume") and str(err.value).count("subject 10003") == 1
+
+    def loader(subject, modality):
+        raise DataError("broken file")
+
+    with pytest.raises(DataError, match="^subject 10003: broken file$"):
+        build_preset(cfg, loader=loader).preprocess(subject)
+
+
 # ------------------------------------------------------------------------------------------- BMP decoding
 def _bmp(path: Path, index: np.ndarray, palette: list[tuple[int, int, int]], top_down: bool = False) -> None:
     """An uncompressed 8-bit BMP with a BITMAPINFOHEADER and ``len(palette)`` colours (RGB tuples)."""

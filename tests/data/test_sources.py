@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,75 @@ def test_detect_source_missing_empty_unrecognised(tmp_path):
         discover(cfg(tmp_path / "data", source="octa500"))
 
 
+@pytest.mark.parametrize("level", ["OCTA_6mm", "OCTA_6mm/OCTA", "renamed"])
+def test_a_folder_inside_an_octa500_dataset_is_refused_with_its_parent(tmp_path, level):
+    """``--data-root .../OCTA_6mm`` once passed for 2D class folders ("classes" OCT and OCTA, 800 "subjects")."""
+    root = make_octa500(tmp_path / "data", "6mm", [1, 2], labels={1: "NORMAL", 2: "DR"})
+    if level == "renamed":
+        (root / "OCTA_6mm").rename(root / "fov6")
+        level = "fov6"
+    inner = root / level
+    with pytest.raises(DataError, match=f"point --data-root at (its parent )?{re.escape(str(root))} "):
+        detect_source(inner)
+    with pytest.raises(DataError, match="point --data-root at"):
+        discover(cfg(inner))
+    if level == "OCTA_6mm":
+        with pytest.raises(DataError, match=f"point --data-root at its parent {re.escape(str(root))} "):
+            discover(cfg(inner, source="octa500"))
+        assert detect_source(root) == "octa500"
+    # class folders that happen to hold images stay class folders
+    write_png(tmp_path / "k" / "OCT" / "a.png")
+    write_png(tmp_path / "k" / "OCTA" / "b.png")
+    assert detect_source(tmp_path / "k") == "folders"
+
+
 # ------------------------------------------------------------------------------------------- OCTA-500
+def test_octa500_slice_folders_checked_at_discovery_every_bad_subject_listed(tmp_path, records):
+    """Missing or repeated slice numbers, stray image files, mixed sizes and truncated files are found before any
+    stage runs, every bad eye in one error; non-image files are only a warning (the reader skips them)."""
+    root = make_octa500(tmp_path, "6mm", [1, 2, 3, 4, 5, 6, 7],
+                        labels={i: "NORMAL" if i % 2 else "DR" for i in range(1, 8)})
+    octa = root / "OCTA_6mm" / "OCTA"
+    (octa / "2" / "3.bmp").unlink()                                               # missing slice
+    (octa / "3" / "3 (copy).bmp").write_bytes((octa / "3" / "3.bmp").read_bytes())  # duplicate number
+    write_png(octa / "4" / "1.bmp", shape=(ROWS, COLS + 2))                       # mixed sizes
+    data = (octa / "5" / "2.bmp").read_bytes()
+    (octa / "5" / "2.bmp").write_bytes(data[:len(data) // 2])                     # truncated
+    write_png(octa / "6" / "preview.bmp")                                         # stray unnumbered image
+    (octa / "7" / "notes.txt").write_text("x")                                    # ignored by the reader too
+    with pytest.raises(DataError) as err:
+        discover(cfg(root))
+    msg = str(err.value)
+    assert "5 subject(s) have slice folders that cannot be read as one volume" in msg
+    lines = {ln.split(":")[0].strip(): ln for ln in msg.splitlines()[1:6]}
+    assert sorted(lines) == ["2", "3", "4", "5", "6"]
+    assert "missing slice number(s) 3 of 1–4" in lines["2"] and str(octa / "2") in lines["2"]
+    assert "duplicate slice numbers: 3 (copy).bmp and 3.bmp" in lines["3"]
+    assert f"1.bmp is {COLS + 2}×{ROWS}" in lines["4"] and f"the others {COLS}×{ROWS}" in lines["4"]
+    assert "2.bmp: truncated" in lines["5"]
+    assert "without a slice number: preview.bmp" in lines["6"]
+    assert "notes.txt" in messages(records, logging.WARNING)
+    # the OCT folders are fine: only the modality that is read is checked
+    assert len(discover(cfg(root, modality="OCT"))) == 7
+
+
+def test_octa500_oct_and_octa_of_one_eye_must_match(tmp_path):
+    root = make_octa500(tmp_path, "6mm", [1, 2], labels={1: "NORMAL", 2: "DR"})
+    (root / "OCTA_6mm" / "OCT" / "2" / f"{N_BSCANS}.bmp").unlink()
+    assert len(discover(cfg(root, modality="OCTA"))) == 2
+    with pytest.raises(DataError, match=rf"2: the OCT and OCTA scans differ: {N_BSCANS - 1} slices .* and "
+                                        rf"{N_BSCANS} slices"):
+        discover(cfg(root, modality="OCT+OCTA"))
+
+
+def test_octa500_unlabelled_broken_eye_skipped_with_skip_unlabeled(tmp_path):
+    root = make_octa500(tmp_path, "6mm", [1, 2, 3], labels={1: "NORMAL", 2: "DR"})
+    (root / "OCTA_6mm" / "OCTA" / "3" / "2.bmp").unlink()
+    assert [s.id for s in discover(cfg(root, skip_unlabeled=True))] == ["1", "2"]
+    with pytest.raises(DataError, match="3: OCTA folder"):
+        discover(cfg(root))
+
+
 def test_octa500_subjects_spacing_and_order(tmp_path):
     root = make_octa500(tmp_path, "6mm", [10, 2, 1], labels={1: "NORMAL", 2: "dr", 10: "AMD"})
     make_octa500(tmp_path, "3mm", [300], ("OCTA",))

@@ -1,12 +1,21 @@
-"""Subject-level splits: no group leakage, stratification, determinism, files, guard."""
+"""Subject-level splits: no group leakage, stratification, determinism, files, guard, the "seen in training"
+check, split settings, messages."""
 
+import json
+import logging
+import shutil
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from octa3d.config import Config
-from octa3d.data.splits import (Splits, guard, load_or_make_splits, make_splits, read_splits, write_splits)
+from octa3d.data.octa500 import subject_from_path
+from octa3d.data.splits import (Splits, guard, labelled_subjects, load_or_make_splits, make_splits, read_splits,
+                                training_overlap, write_splits)
 from octa3d.data.subject import Subject
+from octa3d.data.synthetic import generate
 from octa3d.errors import ConfigError, DataError, LeakageError
 
 CLASSES = ["NORMAL", "DR", "CNV"]
@@ -147,3 +156,131 @@ def test_splits_fold_accessor():
     assert sp.fold(0) == (["a"], ["b"])
     with pytest.raises(ConfigError):
         sp.fold(1)
+
+
+# ------------------------------------------------------------------------------------------- one identity
+def kermany(root: Path, patients: dict[str, list[int]], images: int = 2) -> Path:
+    """``root/<CLASS>/<CLASS>-<patient>-<k>.jpeg`` class folders, ``images`` B-scans per patient."""
+    import SimpleITK as sitk
+
+    for cls, ids in patients.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for p in ids:
+            for k in range(1, images + 1):
+                arr = (np.arange(48, dtype=np.uint8).reshape(6, 8) * (p % 5 + k)).astype(np.uint8)
+                sitk.WriteImage(sitk.GetImageFromArray(arr), str(root / cls / f"{cls}-{p}-{k}.png"))
+    return root
+
+
+def kermany_cfg(root: Path, runs: Path, exp: str = "k", mode: str = "prepare") -> Config:
+    cfg = Config()
+    cfg.data.data_root, cfg.data.task = str(root), "multi"
+    cfg.model.dim = "2d"
+    cfg.run.runs_dir, cfg.run.exp, cfg.run.mode = str(runs), exp, mode
+    return cfg
+
+
+def test_training_overlap_finds_a_2d_image_and_its_patient_given_by_path(tmp_path):
+    """Split files store class-folder subjects as CNV/CNV-6294785-1; one image given by path is CNV-6294785-1,
+    of patient 6294785 (the same --group-regex rule as discovery). Both it and the patient's other images match."""
+    root = kermany(tmp_path / "data", {"NORMAL": [11, 12, 13, 14], "CNV": [21, 22, 23, 24]})
+    cfg = kermany_cfg(root, tmp_path / "runs")
+    sp = load_or_make_splits(cfg)
+    assert sp.groups["CNV/CNV-21-1"] == "21"
+    trained = next(s for s in sp.train if s.startswith("CNV/"))
+    tested = next(s for s in sp.test if s.startswith("CNV/"))
+    copy = tmp_path / "elsewhere" / (Path(trained).name + ".png")            # the user's copy of the file
+    copy.parent.mkdir()
+    shutil.copy(root / (trained + ".png"), copy)
+    subject = subject_from_path(copy, cfg.data)
+    patient = sp.groups[trained]
+    assert (subject.id, subject.group) == (Path(trained).name, patient)
+    assert training_overlap(sp, subject) == (f"{subject.id} is training/validation subject {trained} (same file "
+                                             "name)")
+    sibling = Path(trained).name[:-1] + ("2" if trained.endswith("1") else "1")
+    other = Subject(sibling + "-copy", None, {"image": "x.png"}, group=patient)  # another image of the patient
+    assert f"belongs to patient group {patient}, like training/validation subject" in training_overlap(sp, other)
+    in_place = subject_from_path(root / (trained + ".png"), cfg.data)          # the file in the data root
+    assert training_overlap(sp, in_place) is not None
+    assert training_overlap(sp, subject_from_path(root / (tested + ".png"), cfg.data)) is None   # hold-out
+    # the same identity in the guard: the bare file name of a hold-out image (extra data) is refused in training
+    with pytest.raises(LeakageError, match=Path(tested).name):
+        guard("ae_pretrain", [Path(tested).name], sp, groups={Path(tested).name: "unknown"})
+
+
+def test_training_overlap_octa500_eye_folder(tmp_path):
+    root = tmp_path / "data"
+    generate(root, 8, (8, 16, 8), seed=1, classes=("NORMAL", "DR"))
+    cfg = Config()
+    cfg.data.data_root, cfg.run.runs_dir, cfg.run.exp = str(root), str(tmp_path / "runs"), "e"
+    sp = load_or_make_splits(cfg)
+    fov = next(p for p in root.iterdir() if p.name.startswith("OCTA_"))
+    seen = subject_from_path(fov / "OCTA" / sp.train[0], cfg.data)
+    assert training_overlap(sp, seen) == f"{sp.train[0]} is a training/validation subject"
+    assert training_overlap(sp, subject_from_path(fov / "OCTA" / sp.test[0], cfg.data)) is None
+
+
+def test_label_counts_in_messages_count_subjects(tmp_path):
+    root = kermany(tmp_path / "data", {"NORMAL": [11, 12, 13], "CNV": [21, 22], "DME": [31]}, images=2)
+    cfg = kermany_cfg(root, tmp_path / "runs")
+    cfg.data.classes = ["NORMAL", "DRUSEN"]
+    with pytest.raises(DataError, match=r"labels present \(CNV \(4\), DME \(2\), NORMAL \(6\)\)"):
+        labelled_subjects(cfg)
+
+
+def test_split_settings_of_2d_folders_record_no_octa500_settings(tmp_path):
+    root = kermany(tmp_path / "data", {"NORMAL": [11, 12, 13, 14], "CNV": [21, 22, 23, 24]})
+    cfg = kermany_cfg(root, tmp_path / "runs")
+    load_or_make_splits(cfg)
+    record = tmp_path / "runs" / "k" / "splits" / "split.json"
+    doc = json.loads(record.read_text())
+    assert doc["settings"]["modality"] is None and doc["settings"]["fov"] is None
+    assert doc["settings"]["dim"] == "2d" and doc["settings"]["source"] == "auto"
+    cfg.data.modality = "OCT"                                  # meaningless for class folders: not a new split
+    assert load_or_make_splits(cfg).test
+    doc["settings"].update(modality="OCTA", fov="all")         # recorded before these were null: still accepted
+    record.write_text(json.dumps(doc))
+    assert load_or_make_splits(cfg).test
+    octa = tmp_path / "octa"
+    generate(octa, 8, (8, 16, 8), seed=1, classes=("NORMAL", "DR"))
+    ocfg = Config()
+    ocfg.data.data_root, ocfg.run.runs_dir, ocfg.run.exp = str(octa), str(tmp_path / "runs"), "o"
+    load_or_make_splits(ocfg)
+    settings = json.loads((tmp_path / "runs" / "o" / "splits" / "split.json").read_text())["settings"]
+    assert (settings["modality"], settings["fov"]) == ("OCTA", "all")
+
+
+@pytest.fixture
+def split_log():
+    out: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = out.append  # type: ignore[method-assign]
+    logger = logging.getLogger("octa3d.data.splits")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield out
+    logger.removeHandler(handler)
+    logger.setLevel(old)
+
+
+def test_new_splits_outside_prepare_warn_and_name_experiments_over_the_same_data(tmp_path, split_log):
+    root = kermany(tmp_path / "data", {"NORMAL": [11, 12, 13, 14], "CNV": [21, 22, 23, 24]})
+    runs = tmp_path / "runs"
+    load_or_make_splits(kermany_cfg(root, runs, "prepared"))
+    assert not [r for r in split_log if r.levelno >= logging.WARNING]  # prepare: new splits are the point
+    assert "Wrote new subject-level splits" in split_log[-1].getMessage()
+    other_data = kermany(tmp_path / "other", {"NORMAL": [11, 12, 13, 14], "CNV": [21, 22, 23, 24]})
+    load_or_make_splits(kermany_cfg(other_data, runs, "unrelated"))
+    split_log.clear()
+    cfg = kermany_cfg(root, runs, "2d-resnet18-binary", mode="train")  # a forgotten --exp/--task
+    cfg.data.task = "binary"
+    load_or_make_splits(cfg)
+    warnings = [r.getMessage() for r in split_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "NEW EXPERIMENT '2d-resnet18-binary': --mode train found no splits" in warnings[0]
+    assert "'prepared' (task multi)" in warnings[0] and "unrelated" not in warnings[0]
+    assert "pass --exp NAME" in warnings[0]
+    split_log.clear()
+    load_or_make_splits(cfg)                                            # reused: no warning
+    assert not [r for r in split_log if r.levelno == logging.WARNING]

@@ -14,9 +14,9 @@ from octa3d.data.subject import Geometry, Subject
 from octa3d.data.presets import Clip3DPreset, Patch2DPreset
 from octa3d.data import scaling
 from octa3d.data.transforms import (ClipScaleIntensityd, PreprocessRecord, ResizeToInputd, RetinalSlabCropd,
-                                    apply_transforms, clip_scale, clip_scale_resize, drop_axis, hist_percentiles,
-                                    locate_retina, patch_grid, resize, slab_bounds, to_source_space,
-                                    uint8_percentiles)
+                                    apply_transforms, aspect_padding, clip_scale, clip_scale_resize, drop_axis,
+                                    hist_percentiles, locate_retina, patch_grid, resize, slab_bounds,
+                                    to_source_space, uint8_percentiles)
 from octa3d.errors import DataError
 
 
@@ -225,6 +225,71 @@ def test_to_source_space_patch():
     back = to_source_space(preset.sample(stored, rec, i)[0], rec, patch=i)
     assert back.shape == (40, 50)
     np.testing.assert_allclose(np.argwhere(back > 0.5).mean(axis=0), [29.5, 39.5], atol=1.0)
+
+
+# ---------------------------------------------------------------------------------------------- 2D aspect ratio
+@pytest.mark.parametrize("shape,target,pad", [((496, 512), (224, 224), [(8, 8), (0, 0)]),
+                                              ((496, 768), (224, 224), [(136, 136), (0, 0)]),
+                                              ((40, 40), (16, 16), [(0, 0), (0, 0)]),
+                                              ((30, 40), (20, 40), [(0, 0), (10, 10)]),
+                                              ((31, 40), (40, 40), [(4, 5), (0, 0)])])
+def test_aspect_padding(shape, target, pad):
+    got = aspect_padding(shape, target)
+    assert got == pad
+    padded = [n + a + b for n, (a, b) in zip(shape, got)]
+    assert padded[0] / padded[1] == pytest.approx(target[0] / target[1], rel=0.01)
+
+
+def square_blob_image(h: int, w: int) -> np.ndarray:
+    img = np.zeros((1, h, w), np.uint8)
+    img[0, h // 2 - 4:h // 2 + 4, w // 2 - 4:w // 2 + 4] = 200   # an 8x8 square in the middle
+    img[0, 0, 0] = 1
+    return img
+
+
+@pytest.mark.parametrize("h,w", [(20, 40), (40, 20), (24, 36)])
+def test_patch2d_keeps_the_aspect_ratio_by_padding(h, w):
+    """Images of other aspect ratios (Kermany 512x496 and 768x496) are padded, not stretched: a square stays
+    square in the network input, and the padding is zeros."""
+    img = square_blob_image(h, w)
+    cfg = make_cfg(dim="2d", size=(16,), clip_percentiles=[0.0, 100.0])
+    preset = Patch2DPreset(cfg, loader=fake_loader({"k": img}))
+    x, rec = preset.preprocess(Subject("k", "CNV", {"image": "k.png"}))
+    assert x.shape == (1, 16, 16) and rec.pad == aspect_padding((h, w), (16, 16)) and any(map(any, rec.pad))
+    rows, cols = np.nonzero(x[0] > 0.5)
+    assert abs((rows.max() - rows.min()) - (cols.max() - cols.min())) <= 1     # the square is not distorted
+    (a, b), (c, d) = (tuple(max(0, int(n * 16 / max(h, w)) - 1) for n in p) for p in rec.pad)  # input pixels
+    assert a + b + c + d > 0
+    assert not x[0, :a].any() and not x[0, 16 - b:].any() and not x[0, :, :c].any() and not x[0, :, 16 - d:].any()
+    back = to_source_space(x[0], rec)                                 # CAM-like map back onto the image
+    assert back.shape == (h, w)
+    np.testing.assert_allclose(np.argwhere(back > 0.5).mean(axis=0), np.argwhere(img[0] == 200).mean(axis=0),
+                               atol=0.6)
+    assert PreprocessRecord.from_dict(json.loads(json.dumps(rec.to_dict()))).pad == rec.pad
+    assert "aspect" in preset.cache_settings()
+
+
+def test_to_source_space_inverts_aspect_padding_exactly():
+    """Without resampling (input = padded size) the mapping back is the exact inverse: the source image again."""
+    img = np.random.default_rng(5).integers(0, 256, (1, 30, 40), dtype=np.uint8)
+    cfg = make_cfg(dim="2d", size=(40,), clip_percentiles=[0.0, 100.0])
+    x, rec = Patch2DPreset(cfg, loader=fake_loader({"k": img})).preprocess(Subject("k", "CNV", {"image": "k"}))
+    assert rec.pad == [(5, 5), (0, 0)] and not x[:, :5].any() and not x[:, 35:].any()
+    np.testing.assert_array_equal(to_source_space(x, rec), x[:, 5:35])
+    np.testing.assert_allclose(x[0, 5:35], (img[0] - img.min()) / (img.max() - img.min()), atol=1e-6)
+
+
+def test_square_images_and_patches_are_not_padded():
+    img = square_blob_image(32, 32)
+    x, rec = Patch2DPreset(make_cfg(dim="2d", size=(16,)), loader=fake_loader({"k": img})).preprocess(
+        Subject("k", "CNV", {}))
+    assert rec.pad == [] and "pad" in rec.to_dict()
+    _, rec = Patch2DPreset(make_cfg(dim="2d", size=(16,), patch_size=12), loader=fake_loader({"k": img[:, :20]})
+                           ).preprocess(Subject("k", "CNV", {}))
+    assert rec.pad == [] and rec.patches
+    old = rec.to_dict()
+    del old["pad"]                                                    # records cached before the field existed
+    assert PreprocessRecord.from_dict(old).pad == []
 
 
 def test_drop_axis_geometry():

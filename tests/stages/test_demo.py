@@ -25,14 +25,14 @@ def test_user_flags_override_demo_defaults(tmp_path):
     # the recorded command reproduces the stage's configuration
     again = parse_config(list(cfg.argv))[0]
     assert again.train.epochs == 2 and again.model.model == "resnet18" and again.data.data_root == "/d"
-    assert {"epochs", "model", "data_root", "cam", "overwrite"} <= cfg.explicit
+    assert {"epochs", "model", "data_root", "overwrite"} <= cfg.explicit
 
     ae = stage_config("ae_pretrain", user(), "/d")
     assert ae.train.epochs == STAGE_DEFAULTS["ae_pretrain"]["epochs"]  # stage defaults differ ...
     ae = stage_config("ae_pretrain", user("--epochs", "2"), "/d")
     assert ae.train.epochs == 2  # ... and a user's flag applies to every stage
     test = stage_config("test", user(), "/d")
-    assert test.eval.cam_layer == "features.block3.act"  # the demo's layer for cnn at 32^3
+    assert test.eval.cam_layer is None  # the adaptive default layer (octa3d.cam.layers)
     test = stage_config("test", user("--cam-layer", "features.block4.act"), "/d")
     assert test.eval.cam_layer == "features.block4.act"
     root, explicit = _data_root(user("--runs-dir", str(tmp_path)))
@@ -78,7 +78,7 @@ def test_demo_end_to_end_twice(tmp_path, capsys):
     from octa3d.cli import main
 
     argv = ["--mode", "demo", "--runs-dir", str(tmp_path / "runs"), "--n-subjects", "12", "--shape", "16,32,16",
-            "--input-size", "16", "--epochs", "2", "--bootstrap", "50", "--cam-layer", "features.block3.act"]
+            "--input-size", "16", "--epochs", "2", "--bootstrap", "50"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "demo finished" in out and "balanced accuracy" in out and "tensorboard --logdir" in out
@@ -87,7 +87,8 @@ def test_demo_end_to_end_twice(tmp_path, capsys):
     assert metrics["class_names"] == ["NORMAL", "CNV"] and metrics["n_subjects"] == 4
     assert len(list((run / "test" / "cams").glob("*_cam.nii.gz"))) == 4
     assert (run / "ae_pretrain" / "checkpoints" / "best.pt").is_file()
-    assert "localization" in metrics  # CNV eyes carry lesion masks
+    assert "localization" in metrics and "faithfulness" in metrics  # CNV eyes carry lesion masks
+    assert "pointing game" in out and "deletion AUC" in out
     # a second `make demo`: data reused, every stage re-run into a fresh folder
     assert main(argv) == 0
     assert "(reused)" in capsys.readouterr().out

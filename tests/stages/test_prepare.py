@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,4 +56,30 @@ def test_changed_settings_need_overwrite(data_root: Path, tmp_path: Path) -> Non
 def test_no_data_leaves_no_run_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no data at"):
         prepare.run(config(tmp_path / "nothing", tmp_path / "runs"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_refused_invocations_leave_the_experiment_as_it_was(data_root: Path, tmp_path: Path) -> None:
+    """Other settings, or a wrong --data-root even with --overwrite: config, command and splits unchanged."""
+    runs = tmp_path / "runs"
+    cfg = config(data_root, runs)
+    first = prepare.run(cfg)
+    folder = runs / "e"
+    files = ("config.yaml", "command.txt", "splits/split.json", "splits/test.csv")
+    before = {f: (folder / f).read_text(encoding="utf-8") for f in files}
+    cfg.data.test_fraction = 0.5
+    with pytest.raises(ConfigError):
+        prepare.run(cfg)
+    wrong = config(tmp_path / "nothing", runs)
+    wrong.run.overwrite = True
+    with pytest.raises(DataError, match="no data at"):
+        prepare.run(wrong)
+    assert {f: (folder / f).read_text(encoding="utf-8") for f in files} == before
+    assert prepare.run(config(data_root, runs)).test == first.test
+
+
+def test_a_field_of_view_folder_is_refused_before_any_run_folder(data_root: Path, tmp_path: Path) -> None:
+    fov = next(p for p in data_root.iterdir() if p.name.startswith("OCTA_"))
+    with pytest.raises(DataError, match=f"point --data-root at its parent {re.escape(str(data_root))} "):
+        prepare.run(config(fov, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()

@@ -225,6 +225,12 @@ def test_fold_ensemble_and_missing_checkpoint(experiment, tmp_path):
     assert m["cam"]["n_models"] == 2 and m["cam"]["n_subjects"] == 1
     assert sorted(f.name for f in (out / "cams").iterdir()) == [f"{sid}_cam.nii.gz", f"{sid}_input.nii.gz",
                                                                  f"{sid}_review.png"]
+    # the map's status is in predictions.csv (subjects without maps say so) and counted in metrics.json
+    pred = pd.read_csv(out / "predictions.csv", dtype={"subject": str}).set_index("subject")
+    assert pred.loc[sid, "cam_status"] in ("ok", "empty", "constant")
+    assert set(pred.drop(index=sid)["cam_status"]) == {"not computed"}
+    assert sum(m["cam"]["status_counts"].values()) == 1
+    assert "export_seconds_per_volume" in m["cam"]
     bad, _ = parse_config(_args(root, "--mode", "test", "--cam", "gradcam", "--cam-subjects", "nobody"))
     with pytest.raises(ConfigError, match="nobody"):
         run(bad)
