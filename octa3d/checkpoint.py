@@ -8,12 +8,12 @@ early-stopping state for ``--resume``. It is written atomically (optionally on a
 Other stages read models through this module only: :func:`find_checkpoints` (an experiment's ``best.pt`` or its
 fold models), :func:`load_any_model` (octa3d checkpoints and the int8 TorchScript / ONNX files of ``--mode
 compress`` with their model card), :func:`build_classifier` and :func:`checkpoint_config` (the configuration a
-model is evaluated or fine-tuned under: the checkpoint's settings merged with this invocation's explicit flags).
+model is evaluated or fine-tuned under: the checkpoint's settings merged with this invocation's explicit flags,
+an error for flags that contradict the model; it lives in :mod:`octa3d.checkpoint_settings`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from octa3d import model_card
-from octa3d.config import Config, TrainConfig, from_dict, section_fields, to_dict
+from octa3d.checkpoint_settings import checkpoint_config
+from octa3d.config import Config, to_dict
 from octa3d.errors import ConfigError, Octa3dError
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_torch_save
@@ -33,6 +34,10 @@ from octa3d.utils.seed import rng_state
 log = logging.getLogger("octa3d.checkpoint")
 
 CHECKPOINT_FORMAT = "octa3d-checkpoint-1"
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWriter", "build_classifier", "check_cam_capable",
+           "checkpoint_config", "find_checkpoints", "fold_of", "load_any_model", "load_checkpoint", "load_models",
+           "model_record", "place_models", "save_checkpoint", "unwrap"]
 
 
 class CheckpointError(Octa3dError):
@@ -338,62 +343,3 @@ def place_models(models: list[tuple[str, Path, dict[str, Any], nn.Module]], devi
     for _, _, _, model in models:
         model.to(device)
     return device
-
-
-# ---------------------------------------------------------------------------------------------------- settings
-def _saved_config(doc: dict[str, Any]) -> Config:
-    """A checkpoint's saved config; keys this octa3d version does not know (other version) are dropped."""
-    try:
-        return from_dict(doc)
-    except ConfigError as exc:
-        known = {f.name for _, f, _ in section_fields()}
-        log.warning("the checkpoint's saved configuration has settings this version does not know (%s); "
-                    "ignoring them", exc)
-        return from_dict({sec: {k: v for k, v in vals.items() if k in known}
-                          for sec, vals in doc.items() if isinstance(vals, dict)})
-
-
-def checkpoint_config(cfg: Config, ckpt: dict[str, Any], *, fine_tune: bool = False) -> Config:
-    """The configuration a checkpoint is evaluated (or fine-tuned) under.
-
-    Data, label and preprocessing settings come from the checkpoint (its saved config, overridden by its model
-    record: model, dim, modality, input size, preprocessing), so inputs are made exactly as in training. Where
-    things are and how this invocation runs (run section, cache folder, test/CAM options) come from ``cfg``; the
-    data root and label file too when given explicitly (else the checkpoint's). With ``fine_tune`` the
-    checkpoint's training augmentation and training settings are kept, except training flags given explicitly.
-
-    Args:
-        cfg: this invocation's configuration (``cfg.explicit`` names the options the user set).
-        ckpt: a loaded classifier checkpoint (or a record of :func:`load_any_model`).
-        fine_tune: keep augmentation and merge explicit training flags (``--mode compress``).
-    """
-    saved = isinstance(ckpt.get("config"), dict)
-    ecfg = _saved_config(ckpt["config"]) if saved else copy.deepcopy(cfg)
-    split_seed = ecfg.run.seed
-    ecfg.run = copy.deepcopy(cfg.run)
-    ecfg.run.exp = cfg.exp_name
-    ecfg.run.seed = split_seed  # the split check compares it; the bootstrap uses cfg.run.seed
-    ecfg.eval = copy.deepcopy(cfg.eval)
-    explicit_root = cfg.is_explicit("data_root") or cfg.data.data_root != Config().data.data_root
-    if explicit_root or not saved:
-        ecfg.data.data_root = cfg.data.data_root
-    elif ecfg.data.data_root != cfg.data.data_root:
-        log.info("Using the checkpoint's data root %s (pass --data-root to use another)", ecfg.data.data_root)
-    if cfg.data.labels:
-        ecfg.data.labels = cfg.data.labels
-    ecfg.preprocess.cache_dir = cfg.preprocess.cache_dir or str(cfg.cache_dir)
-    ecfg.model.model, ecfg.model.dim = ckpt["model_name"], ckpt["dim"]
-    ecfg.data.modality = ckpt.get("modality", ecfg.data.modality)
-    ecfg.data.task = ckpt.get("task", ecfg.data.task)
-    for key, value in (ckpt.get("preprocess") or {}).items():
-        if key != "cache_dir" and hasattr(ecfg.preprocess, key):
-            setattr(ecfg.preprocess, key, copy.deepcopy(value))
-    ecfg.preprocess.input_size = [int(s) for s in ckpt["input_shape"]]
-    ecfg.preprocess.augment = ecfg.preprocess.augment and fine_tune
-    if fine_tune:
-        ecfg.compress = copy.deepcopy(cfg.compress)
-        for f in TrainConfig.__dataclass_fields__:
-            if cfg.is_explicit(f):
-                setattr(ecfg.train, f, copy.deepcopy(getattr(cfg.train, f)))
-    ecfg.explicit, ecfg.argv = cfg.explicit, cfg.argv
-    return ecfg

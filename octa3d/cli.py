@@ -19,6 +19,7 @@ from octa3d.config import Config, apply_overrides, load_yaml, section_fields, va
 from octa3d.errors import Octa3dError
 from octa3d.stages import run_stage
 from octa3d.utils.log import setup_logging
+from octa3d.utils.tracking import cli_program
 
 log = logging.getLogger("octa3d.cli")
 
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="octa3d",
         description="octa3d: retinal disease classification from 3D OCTA/OCT volumes and 2D retinal images. "
                     "Stages: synth -> prepare -> ae_pretrain -> train -> test/explain -> compress.",
-        epilog="Example: python main.py --dim 3d --model resnet50 --mode ae_pretrain --data-root ./data",
+        epilog="Example: octa3d --mode ae_pretrain --dim 3d --model resnet50 --data-root ./data --exp my-exp "
+               "(python main.py ... is the same).",
     )
     parser.add_argument("--config", metavar="FILE.yaml",
                         help="YAML file of flag defaults (keys = flag names, flat or under section names); "
@@ -102,6 +104,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namesp
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # a bare `octa3d`: what it can do, not a prepare run on ./data
+        build_parser().print_help()
+        prog = cli_program()
+        print(f"\nNo --mode given. To start: {prog} --mode synth --data-root ./data (a synthetic dataset; skip it "
+              f"for your own data), then {prog} --mode prepare --data-root ./data --exp NAME (README 'Pipeline').")
+        return 0
     try:
         cfg, ns = parse_config(argv)
     except Octa3dError as exc:

@@ -1,14 +1,15 @@
 """Classification metrics computed from predicted *probabilities* (never AUC from hard labels).
 
 Validation (:func:`classification_metrics`) and hold-out testing (:func:`evaluation_metrics` with
-:func:`bootstrap_ci` 95 % percentile intervals over subjects) share these definitions.
+:func:`bootstrap_ci` 95 % percentile intervals, a class-stratified bootstrap of subjects or, where several
+scans share a patient, of patient groups) share these definitions.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,9 +116,99 @@ def fast_scores(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     return {key: float(v) for key, v in out.items()}
 
 
+def _group_codes(n: int, groups: Sequence[Any] | None) -> np.ndarray:
+    """Cluster index per row, numbered in order of first appearance; a missing group (None, "", NaN) is a
+    cluster of its own row."""
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} entries for {n} predictions")
+    codes: dict[Any, int] = {}
+    out = np.empty(n, dtype=np.int64)
+    for i, g in enumerate(groups):
+        missing = g is None or (isinstance(g, float) and math.isnan(g)) or (isinstance(g, str) and not g)
+        key = ("row", i) if missing else ("group", str(g))
+        out[i] = codes.setdefault(key, len(codes))
+    return out
+
+
+def resampling_units(y_true: np.ndarray, groups: Sequence[Any] | None = None) -> dict[str, Any]:
+    """What :func:`bootstrap_ci` resamples, for ``metrics.json`` and the printed header.
+
+    Args:
+        y_true: ``(N,)`` class indices.
+        groups: patient group per row (e.g. the split files' ``group`` column), or None (every row its own unit).
+
+    Returns:
+        ``unit``: ``"patient group"`` when some group holds more than one row (a cluster bootstrap), else
+        ``"subject"``; ``n_groups``: the number of units resampled; ``n_rows``; ``stratified``: True (units are
+        resampled within their class); ``units_per_class``: units per class index (a unit's class is the
+        majority label of its rows, ties to the label seen first).
+    """
+    y = np.asarray(y_true).astype(int)
+    codes = _group_codes(len(y), groups)
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    cls = _group_classes(y, codes, n_groups)
+    return {"unit": "patient group" if n_groups < len(y) else "subject", "n_groups": n_groups, "n_rows": int(len(y)),
+            "stratified": True, "units_per_class": {int(c): int((cls == c).sum()) for c in np.unique(cls)}}
+
+
+def _group_classes(y: np.ndarray, codes: np.ndarray, n_groups: int) -> np.ndarray:
+    """Class of each cluster: the majority label of its rows, ties broken by the label that appears first."""
+    if not len(y):
+        return np.zeros(0, dtype=np.int64)
+    k = int(y.max()) + 1
+    cell = codes * k + y
+    counts = np.bincount(cell, minlength=n_groups * k).reshape(n_groups, k)
+    first = np.full(n_groups * k, np.inf)
+    np.minimum.at(first, cell, np.arange(len(y), dtype=np.float64))
+    first = first.reshape(n_groups, k)
+    return np.argmin(np.where(counts == counts.max(axis=1, keepdims=True), first, np.inf), axis=1)
+
+
+def bootstrap_indices(y_true: np.ndarray, n_resamples: int, seed: int,
+                      groups: Sequence[Any] | None = None) -> Iterator[np.ndarray]:
+    """Row indices of each bootstrap resample: a stratified cluster bootstrap.
+
+    The units are the patient groups (every row its own unit without ``groups``). Within each class (a unit's
+    class: the majority label of its rows) as many units are drawn with replacement as the class has, and every
+    row of a drawn unit enters the resample: two images of one patient are in or out together, and every class
+    that labels a unit is present in every resample.
+
+    Args:
+        y_true: ``(N,)`` class indices.
+        n_resamples: number of resamples.
+        seed: NumPy generator seed (the same seed gives the same resamples).
+        groups: patient group per row, or None.
+
+    Yields:
+        ``(M,)`` int arrays of row indices (``M`` = N without groups, else the rows of the drawn units).
+    """
+    y = np.asarray(y_true).astype(int)
+    codes = _group_codes(len(y), groups)
+    n_groups = int(codes.max()) + 1 if len(codes) else 0
+    order = np.argsort(codes, kind="stable")  # rows grouped by cluster, in row order within one
+    lengths = np.bincount(codes, minlength=n_groups)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    cls = _group_classes(y, codes, n_groups)
+    strata = [np.flatnonzero(cls == c) for c in np.unique(cls)]
+    rng = np.random.default_rng(seed)
+    draws = [s[rng.integers(0, len(s), size=(n_resamples, len(s)))] for s in strata]
+    for r in range(n_resamples):
+        picked = np.concatenate([d[r] for d in draws])
+        lens = lengths[picked]
+        # rows of the picked clusters, concatenated: start of each cluster + 0..len-1
+        offsets = np.repeat(starts[picked] - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        yield order[offsets]
+
+
 def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int,
-                 level: float = 0.95) -> dict[str, Any]:
-    """Percentile bootstrap CIs over subjects (resampled with replacement).
+                 level: float = 0.95, groups: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Percentile bootstrap CIs: a stratified (cluster) bootstrap of subjects or patient groups.
+
+    Resamples come from :func:`bootstrap_indices`: whole patient groups when ``groups`` puts several rows in one
+    group (two B-scans of one patient are never split), each class resampled within itself so that no resample
+    lacks a class. :func:`resampling_units` says what was resampled (``unit``, ``n_groups``) for the report.
 
     Args:
         y_true: ``(N,)`` class indices.
@@ -125,6 +216,7 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, n_resamples: int, seed: 
         n_resamples: number of resamples (0 = none).
         seed: NumPy generator seed: the same seed gives the same intervals.
         level: confidence level.
+        groups: patient group per row (None: each row is its own unit).
 
     Returns:
         ``{metric: [low, high]}`` for :data:`CI_METRICS` (sens/spec for binary only); a metric undefined in some
@@ -134,10 +226,8 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, n_resamples: int, seed: 
     probs = np.asarray(probs, dtype=np.float64)
     if n_resamples <= 0 or len(y_true) == 0:
         return {}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y_true), size=(n_resamples, len(y_true)))
     draws: dict[str, list[float]] = {}
-    for row in idx:
+    for row in bootstrap_indices(y_true, n_resamples, seed, groups):
         for k, v in fast_scores(y_true[row], probs[row]).items():
             draws.setdefault(k, []).append(v)
     alpha = (1 - level) / 2 * 100

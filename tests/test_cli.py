@@ -90,3 +90,14 @@ def test_synth_then_prepare_make_a_run_folder(tmp_path, capsys):
     # a second prepare with other split settings is refused, naming the flag and --overwrite
     code = main(["--mode", "prepare", "--data-root", str(data), "--runs-dir", str(runs), "--seed", "3"])
     assert code == 2 and "--seed was 42" in capsys.readouterr().err
+
+
+def test_bare_octa3d_prints_help_not_a_prepare_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data here: a prepare run would fail with "no data at ./data"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/octa3d"])
+    assert main([]) == 0
+    cap = capsys.readouterr()
+    assert "usage: octa3d" in cap.out and "--mode" in cap.out and "octa3d --mode synth" in cap.out
+    assert not cap.err and not (tmp_path / "runs").exists()
+    res = subprocess.run([sys.executable, "main.py"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and "usage: octa3d" in res.stdout and "python main.py --mode synth" in res.stdout

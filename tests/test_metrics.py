@@ -3,8 +3,10 @@
 import math
 
 import numpy as np
+import pytest
 
-from octa3d.metrics import classification_metrics, confusion, roc_auc
+from octa3d.metrics import (bootstrap_ci, bootstrap_indices, classification_metrics, confusion, resampling_units,
+                            roc_auc)
 
 
 def test_binary_metrics_hand_computed():
@@ -30,3 +32,51 @@ def test_multiclass_auc_ovr_and_missing_class():
     m = classification_metrics(y, probs)
     assert m["auc"] == 1.0 and m["accuracy"] == 1.0 and m["f1_macro"] == 1.0
     assert math.isnan(roc_auc(np.array([1, 1]), probs[:2]))
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def _noisy_binary(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.array([0, 1] * (n // 2))
+    p1 = np.clip(0.5 + 0.25 * (2 * y - 1) + rng.normal(0, 0.3, n), 0.01, 0.99)
+    return y, np.stack([1 - p1, p1], axis=1)
+
+
+def test_bootstrap_resamples_whole_patient_groups_and_never_lacks_a_class():
+    # 3 classes; patients P1 (2 images, class 0), P2 (3 images, class 1), singletons; a rare class of one patient
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 0, 2, 1, 0])
+    groups = ["P1", "P1", "P2", "P2", "P2", "a", "b", "c", "P9", None, ""]
+    for rows in bootstrap_indices(y, 300, seed=3, groups=groups):
+        counts = np.bincount(rows, minlength=len(y))
+        assert counts[0] == counts[1]  # the two images of P1: in or out together, as often
+        assert counts[2] == counts[3] == counts[4]
+        assert set(y[rows]) == {0, 1, 2}  # stratified: every class in every resample
+    units = resampling_units(y, groups)
+    assert units["unit"] == "patient group" and units["n_groups"] == 8 and units["n_rows"] == 11
+    assert units["units_per_class"] == {0: 4, 1: 3, 2: 1}
+    assert resampling_units(y)["unit"] == "subject" and resampling_units(y)["n_groups"] == 11
+    # every image its own group: the same as no groups
+    assert resampling_units(y, [str(i) for i in range(11)])["unit"] == "subject"
+
+
+def test_bootstrap_without_groups_is_stratified():
+    y = np.array([0] * 10 + [1] * 2)  # unstratified, 1 in 6 resamples of 12 would have no positive
+    for rows in bootstrap_indices(y, 500, seed=0):
+        assert len(rows) == 12 and (y[rows] == 1).sum() == 2
+
+
+def test_cluster_bootstrap_gives_duplicated_images_the_width_of_one_image_per_patient():
+    """Each patient imaged twice (identical predictions): the cluster bootstrap reproduces the intervals of one
+    image per patient exactly, while resampling images independently pretends twice the data (narrower)."""
+    y, probs = _noisy_binary(30)
+    y2, probs2 = np.repeat(y, 2), np.repeat(probs, 2, axis=0)
+    groups = np.repeat([f"patient-{i}" for i in range(30)], 2)
+    one_per_patient = bootstrap_ci(y, probs, 400, seed=5)
+    cluster = bootstrap_ci(y2, probs2, 400, seed=5, groups=list(groups))
+    naive = bootstrap_ci(y2, probs2, 400, seed=5)
+    for key in ("accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity"):
+        assert cluster[key] == pytest.approx(one_per_patient[key]), key
+    width = {name: ci["balanced_accuracy"][1] - ci["balanced_accuracy"][0]
+             for name, ci in (("cluster", cluster), ("naive", naive))}
+    assert width["naive"] < 0.85 * width["cluster"]
+    assert cluster["n_valid"]["auc"] == 400  # stratified: AUC defined in every resample

@@ -287,13 +287,15 @@ class DataHandler:
     def _warm(self, items: list[tuple[Subject, int]], progress: bool) -> dict[str, int]:
         from tqdm.auto import tqdm
 
+        from octa3d.utils.tracking import progress_enabled
+
         self._register(s for s, _ in items)
         keyed = [(s, self.cache.key(s)) for s, _ in items]
         missing = [(s, k) for s, k in keyed if self.cache.lookup(k, s.id) is None]
         counts = {"hits": len(keyed) - len(missing), "misses": len(missing)}
         log.debug("cache %s: %d hits, %d misses", self.cache.root, counts["hits"], counts["misses"])
         for s, k in tqdm(missing, desc=f"preprocessing {len(missing)} subjects", unit="subject",
-                         disable=not progress or not missing, leave=False):
+                         disable=not progress or not missing or not progress_enabled(), leave=False):
             self.cache.get(s, k)
         return counts
 

@@ -154,8 +154,8 @@ def _sibling_paths(p: Path) -> dict[str, str]:
 def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     """A :class:`Subject` for one scan (``--input``): a scan file, a slice/DICOM folder, or an OCTA-500 eye folder.
 
-    An OCTA-500 folder (``.../OCTA_6mm/OCTA/<ID>``) gets the field-of-view spacing and, if present, its lesion
-    mask; with ``data_cfg.modality == "OCT+OCTA"`` its sibling ``.../OCT/<ID>`` (or ``OCTA``) folder is the second
+    An OCTA-500 folder (``.../OCTA_6mm/OCTA/<ID>``) gets the field-of-view spacing, its ``Projection Maps`` and,
+    if present, its lesion mask; with ``data_cfg.modality == "OCT+OCTA"`` its sibling ``.../OCT/<ID>`` (or ``OCTA``) folder is the second
     channel. Anything else is read as one ``"image"``. The ID is the name without its scan extension; the subject
     is unlabelled and ``meta["input"]`` holds the path. A 2D image file gets the patient group that discovery of
     class folders gives it (``data_cfg.group_regex`` on its file name: ``CNV-6294785-1.jpeg`` → ``6294785``), so
@@ -175,6 +175,9 @@ def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     mask = find_mask(fov_folder, p.name) if octa500 else None
     group = image_group(p.name, compile_group_regex(data_cfg.group_regex)) \
         if p.is_file() and file_suffix(p) in SLICE_EXTS else ""
+    maps = fov_folder / PROJECTIONS_DIR
+    projections = {d.name: str(d / f"{p.name}.bmp") for d in sorted(maps.iterdir())
+                   if d.is_dir() and (d / f"{p.name}.bmp").is_file()} if octa500 and maps.is_dir() else {}
     return Subject(id=strip_ext(p.name), label=None, paths=paths, group=group,
-                   spacing=octa500_spacing(p, fov) if octa500 else None,
+                   spacing=octa500_spacing(p, fov) if octa500 else None, projections=projections,
                    mask=str(mask) if mask else None, meta={"input": str(p)})

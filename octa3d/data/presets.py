@@ -188,8 +188,12 @@ class Patch2DPreset(_Preset):
             image, geometry = self.load(subject)
             if image.ndim == 4:
                 if self.projection != "compute":
-                    raise DataError(f"subject {subject.id} has no projection map '{self.projection}' "
-                                    f"(has: {', '.join(subject.projections) or 'none'}); use --projection compute")
+                    raise DataError(f"subject {subject.id} has no projection map '{self.projection}' (has: "
+                                    f"{', '.join(subject.projections) or 'none'}): this model reads OCTA-500 "
+                                    f"'{self.projection}' maps, not volumes. Pass the map itself (--input "
+                                    f"'<OCTA_xmm>/Projection Maps/{self.projection}/<ID>.bmp') or the OCTA-500 eye "
+                                    f"folder next to its Projection Maps, or train a model with --projection "
+                                    f"compute to use volumes")
                 image = self._check_channels(image, subject.id)
                 d = apply_transforms(self.slab, {"image": image})
                 meta = {"projection": "compute", "volume": geometry.to_dict(), "depth_axis": self.depth_axis,

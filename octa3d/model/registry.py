@@ -305,22 +305,25 @@ def create_model(
 
 
 # ---------------------------------------------------------------------- table for --list-models
-def format_model_table() -> str:
+def format_model_table(params: bool = False) -> str:
     """A plain-text table of the registered models (printed by ``main.py --list-models``).
 
-    Columns: name, dims, parameters of the 3D model with 1 input channel and 2 classes, minimum input side,
-    Grad-CAM layer, whether AE pretraining is supported.
+    Columns: name, dims, minimum input side, registered (last) CAM layer, whether AE pretraining is supported, and
+    with ``params`` the parameters of the 3D model with 1 input channel and 2 classes (building every model takes
+    seconds, so the CLI lists without them; the README's "Models" table has them).
     """
-    rows = [("name", "dims", "params (3D, 1ch, 2cls)", "min input", "CAM layer", "AE")]
+    rows = [("name", "dims", "min input", "CAM layer", "AE") + (("params (3D, 1ch, 2cls)",) if params else ())]
     for name in list_models():
         spec = _REGISTRY[name]
-        params = f"{spec.count_parameters(3) / 1e6:.2f} M" if 3 in spec.dims else "-"
-        rows.append((name, "/".join(f"{d}d" for d in spec.dims), params, str(spec.min_input), spec.cam_layer,
-                     "yes" if spec.ae_supported else "no"))
+        row = (name, "/".join(f"{d}d" for d in spec.dims), str(spec.min_input), spec.cam_layer,
+               "yes" if spec.ae_supported else "no")
+        if params:
+            row += (f"{spec.count_parameters(3) / 1e6:.2f} M" if 3 in spec.dims else "-",)
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     sized = [n for n in list_models() if _REGISTRY[n].needs_input_size]
-    if sized:  # their position embeddings grow with the input
+    if sized and params:  # their position embeddings grow with the input
         lines.append(f"({', '.join(sized)}: parameters at a 96^3 input; the input size is fixed at construction)")
     return "\n".join(lines)

@@ -29,11 +29,15 @@ from octa3d.model import build_autoencoder, encoder_state_dict
 from octa3d.optim import reconstruction_loss
 from octa3d.utils import dist
 from octa3d.utils.runs import stage_dir
-from octa3d.utils.tracking import slice_grid
+from octa3d.utils.tracking import next_command, rerun_command, slice_grid
 
 log = logging.getLogger("octa3d.ae_pretrain")
 
 STAGE = "ae_pretrain"
+#: Options the classifier must share with the autoencoder (repeated in the "Next:" hint when given).
+MODEL_FLAGS = ("dim", "model", "modality", "task", "classes", "negative", "positive", "labels", "source", "fov",
+               "projection", "input_size", "depth_axis", "slab_depth", "clip_percentiles", "patch_size",
+               "patch_stride", "cache_dir", "seed", "test_fraction", "val_fraction", "folds", "group_regex")
 
 
 class _AnyLabel:
@@ -126,14 +130,15 @@ def run(cfg: Config) -> dict[str, Any]:
             fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
             results[f"fold-{k}"] = pretrain_fold(cfg, ctx, fold_out, ctx.pick(tr_ids) + extra, ctx.pick(va_ids))
     except engine.StopTraining as stop:
-        print(f"Autoencoder pretraining {stop}; last.pt holds the last finished epoch. Continue with: python "
-              f"main.py --mode ae_pretrain --exp {cfg.exp_name} --resume")
+        print(f"Autoencoder pretraining {stop}; last.pt holds the last finished epoch. Continue with: "
+              f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
         dist.cleanup()
         return {"stopped_at_step": stop.step, **results}
     if dist.is_main():
         for name, r in results.items():
             print(f"ae_pretrain {name}: best val loss {r['best_val_loss']:.5f} at epoch {r['best_epoch']} "
                   f"({r['epochs_run']} epochs) -> {out}")
-        print(f"Next: python main.py --mode train --exp {cfg.exp_name} ... (starts from the pretrained encoder)")
+        print(f"Next: {next_command(cfg, 'train', keep=MODEL_FLAGS)} (starts from the pretrained encoder; add "
+              f"training options such as --epochs)")
     dist.cleanup()
     return results

@@ -9,6 +9,7 @@ from typing import Any
 from octa3d.config import Config
 from octa3d.data.octa500 import FOV_LATERAL_MM
 from octa3d.data.synthetic import CLASSES, generate
+from octa3d.utils.tracking import cli_program
 
 
 def run(cfg: Config) -> list[dict[str, Any]]:
@@ -36,6 +37,6 @@ def run(cfg: Config) -> list[dict[str, Any]]:
              "  classes: " + ", ".join(f"{c} {counts[c]}" for c in CLASSES if counts[c])]
     lines += [f"  volumes: {where[k]}" for k in ("octa500", "nifti") if cfg.synth.layout in (k, "both")]
     lines += [f"  lesion masks: {Path(recs[0]['paths']['mask']).parent}/",
-              f"Next: python main.py --mode prepare --data-root {root} --dim 3d"]
+              f"Next: {cli_program()} --mode prepare --data-root {root} --exp <name> --dim 3d --model <model>"]
     print("\n".join(lines))  # the CLI summary: stdout, not the log
     return recs

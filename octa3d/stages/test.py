@@ -29,7 +29,7 @@ from octa3d.context import guard_test_set, setup_stage
 from octa3d.data.datasets import DataHandler
 from octa3d.errors import ConfigError, DataError
 from octa3d.metrics import (CI_METRICS, bootstrap_ci, evaluation_metrics, format_metric, predictions_frame,
-                            summary_lines)
+                            resampling_units, summary_lines)
 from octa3d.plots import confusion_figure, roc_figure, save_figure
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv, atomic_write_json
@@ -59,14 +59,16 @@ def _predict_all(models: Models, loader: Any, precision: engine.Precision
 
 
 def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str, np.ndarray], names: list[str],
-             models: Models, ref: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json: headline metrics with bootstrap CIs, the model, and per-fold metrics of an ensemble."""
+             models: Models, ref: dict[str, Any], groups: list[str]) -> dict[str, Any]:
+    """metrics.json: headline metrics with bootstrap CIs (resampling patient groups, stratified by class), the
+    model, and per-fold metrics of an ensemble."""
     seed, n_boot = cfg.run.seed, cfg.eval.bootstrap
     metrics = evaluation_metrics(y, probs, names)
-    metrics["ci95"] = bootstrap_ci(y, probs, n_boot, seed)
+    metrics["ci95"] = bootstrap_ci(y, probs, n_boot, seed, groups=groups)
+    units = resampling_units(y, groups)
     metrics.update({"class_names": names, "positive_class": names[1] if len(names) == 2 else None,
                     "bootstrap": {"resamples": n_boot, "seed": seed, "method": "percentile", "level": 0.95,
-                                  "unit": "subject"},
+                                  "unit": units["unit"], "n_groups": units["n_groups"], "stratified": True},
                     "model": ref["model_name"], "dim": ref["dim"], "input_shape": ref["input_shape"],
                     "modality": ref["modality"], "checkpoints": {n: str(p) for n, p, *_ in models},
                     "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"],
@@ -75,7 +77,7 @@ def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str,
         metrics["folds"] = {}
         for n, *_ in models:
             fm = evaluation_metrics(y, per_model[n], names)
-            fm["ci95"] = bootstrap_ci(y, per_model[n], n_boot, seed)
+            fm["ci95"] = bootstrap_ci(y, per_model[n], n_boot, seed, groups=groups)
             metrics["folds"][n] = fm
     return metrics
 
@@ -169,7 +171,8 @@ def run(cfg: Config) -> dict[str, Any]:
              ", ".join(n for n, *_ in models), names)
     ids, y, per_model = _predict_all(models, loader, engine.Precision.for_device(device, ecfg.train.amp))
     probs = np.mean([per_model[n] for n, *_ in models], axis=0)
-    metrics = _metrics(cfg, y, probs, per_model, names, models, ref)
+    # patients, not images, are the independent units: two B-scans of one patient are resampled together
+    metrics = _metrics(cfg, y, probs, per_model, names, models, ref, [sp.groups.get(i) or i for i in ids])
     tb = tensorboard_writer(out / "tensorboard")
     if dist.is_main():
         _write_outputs(out, tb, ids, y, probs, per_model, names, metrics)
@@ -194,13 +197,20 @@ def run(cfg: Config) -> dict[str, Any]:
     return metrics
 
 
+def _ci_header(b: dict[str, Any]) -> str:
+    if not b["resamples"]:
+        return "metric (no confidence intervals: --bootstrap 0):"
+    return (f"metric (95 % bootstrap CI over {b['n_groups']} {b['unit']}s, stratified by class, {b['resamples']} "
+            f"resamples, seed {b['seed']}):")
+
+
 def print_summary(cfg: Config, m: dict[str, Any], out: Path, n: int) -> None:
     """The CLI summary: headline metrics with CIs, localization, and where the files are."""
     ens = f"ensemble of {len(m['checkpoints'])} folds" if m.get("ensemble") else next(iter(m["checkpoints"].values()))
     lines = [f"Hold-out test of experiment '{cfg.exp_name}': {n} subjects, classes {', '.join(m['class_names'])}"
              + (f" (positive: {m['positive_class']})" if m.get("positive_class") else "")
              + f"; model {m['model']} ({ens})",
-             f"metric (95 % bootstrap CI, {m['bootstrap']['resamples']} resamples, seed {m['bootstrap']['seed']}):"]
+             _ci_header(m["bootstrap"])]
     lines += summary_lines(m)
     for name, fm in (m.get("folds") or {}).items():
         lines.append(f"  {name}: balanced accuracy {format_metric(fm, 'balanced_accuracy')}, AUC "

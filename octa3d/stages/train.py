@@ -33,7 +33,7 @@ from octa3d.plots import confusion_figure
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json
 from octa3d.utils.runs import stage_dir
-from octa3d.utils.tracking import slice_grid, tensorboard_writer
+from octa3d.utils.tracking import next_command, rerun_command, slice_grid, tensorboard_writer
 
 log = logging.getLogger("octa3d.train")
 
@@ -176,6 +176,14 @@ def _hparams(out: Path, cfg: Config, start: str, best: dict[str, Any]) -> None:
     tb.close()
 
 
+def summary_line(summary: dict[str, Any], n_folds: int) -> str:
+    """Best validation scores: the value for one split, mean ± sd over folds (an sd of one value is no spread)."""
+    if n_folds == 1:
+        return "Validation (best epoch): " + "  ".join(f"{k} {summary['mean'][k]:.3f}" for k in SUMMARY_KEYS)
+    return f"Validation (best epoch per fold, mean ± sd over {n_folds} folds): " + "  ".join(
+        f"{k} {summary['mean'][k]:.3f}±{summary['sd'][k]:.3f}" for k in SUMMARY_KEYS)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Train the classifier on every fold of the experiment; writes ``train/summary.json``."""
     ctx = setup_stage(cfg)
@@ -188,8 +196,8 @@ def run(cfg: Config) -> dict[str, Any]:
             fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
             per_fold[f"fold-{k}"] = train_fold(cfg, ctx, fold_out, k)
     except engine.StopTraining as stop:
-        print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: python main.py --mode train "
-              f"--exp {cfg.exp_name} --resume")
+        print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: "
+              f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
         dist.cleanup()
         return {"stopped_at_step": stop.step, "folds": per_fold}
     summary = {"monitor": cfg.train.monitor, "folds": per_fold,
@@ -197,8 +205,7 @@ def run(cfg: Config) -> dict[str, Any]:
                "sd": {k: float(np.nanstd([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS}}
     if dist.is_main():
         atomic_write_json(out / "summary.json", summary)
-        print(f"Validation (best epoch per fold, {sp.n_folds} fold(s)): " + "  ".join(
-            f"{k} {summary['mean'][k]:.3f}±{summary['sd'][k]:.3f}" for k in SUMMARY_KEYS))
-        print(f"Checkpoints and history in {out}. Next: python main.py --mode test --exp {cfg.exp_name}")
+        print(summary_line(summary, sp.n_folds))
+        print(f"Checkpoints and history in {out}. Next: {next_command(cfg, 'test')}")
     dist.cleanup()
     return summary

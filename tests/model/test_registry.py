@@ -66,6 +66,9 @@ def test_format_model_table_lists_every_model() -> None:
         assert M.get_spec(name).cam_layer in row
         assert row.split()[-1] in ("yes", "no")
     assert next(line for line in lines if line.startswith("vit ")).split()[-1] == "no"
+    assert "params" not in lines[0]  # listing builds no model (fast); counting is opt-in
+    with_params = M.format_model_table(params=True).splitlines()
+    assert "params" in with_params[0] and next(line for line in with_params if line.startswith("cnn ")).endswith("M")
 
 
 # ---------------------------------------------------------------------- --init-from

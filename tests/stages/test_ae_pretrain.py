@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,14 @@ def cfg_for(root: Path, runs: Path, *extra: str, mode: str = "ae_pretrain"):
     return parse_config(argv)[0], argv
 
 
-def test_ae_pretrain_writes_outputs_and_learns(octa_root, tmp_path):
+def test_ae_pretrain_writes_outputs_and_learns(octa_root, tmp_path, capsys, monkeypatch):
     cfg, argv = cfg_for(octa_root, tmp_path)
+    monkeypatch.setattr(sys, "argv", ["main.py", *argv])
     res = ae_pretrain.run(cfg)
+    # the hint is the command that continues this experiment: same folders, same model settings
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Next: "))
+    assert hint.startswith(f"Next: python main.py --mode train --exp ae --runs-dir {tmp_path} --data-root {octa_root} "
+                           f"--model cnn --input-size 16 ")
     out = tmp_path / "ae" / "ae_pretrain"
     hist = pd.read_csv(out / "history.csv")
     assert list(hist["epoch"]) == [1, 2, 3]

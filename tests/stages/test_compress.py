@@ -257,3 +257,111 @@ def test_test_and_explain_accept_compressed_models(compressed, caplog):
     res = explain.run(parse_config(argv)[0])
     assert res["model_format"] == "onnx" and "cam" not in res
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ ViT: torchao
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_model("vit", "3d", 1, 2, input_size=(16, 16, 16), patch_size=8, hidden_size=48, mlp_dim=96,
+                        num_layers=2, num_heads=4)
+
+
+def test_quantization_path_follows_the_layers():
+    from octa3d.stages.compress import linear_quant
+
+    assert linear_quant.quantization_path(tiny_cnn()) == "fx"
+    assert linear_quant.quantization_path(tiny_vit()) == "torchao"
+    assert linear_quant.linear_share(tiny_vit()) > 0.5
+
+
+def test_torchao_qat_keeps_pruning_and_the_int8_file_matches(tmp_path):
+    """torchao QAT fake-quantizes every nn.Linear of a ViT (FX cannot trace it), pruning masks survive QAT, and the
+    dynamic-int8 TorchScript file reproduces the in-process int8 model and stays close to torchao's own int8."""
+    from octa3d.stages.compress import linear_quant
+
+    model, x = tiny_vit(), torch.rand(4, 1, 16, 16, 16)
+    with pytest.raises(Exception, match="cannot be prepared for FX"):
+        quantize.prepare_qat(model, "x86", x)
+    pruning.prune_step(model, "unstructured", 0.5)
+    masks = pruning.masks_of(model)
+    pruning.finalize(model)
+    prepared = linear_quant.prepare_qat(model)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert linear_quant.fake_quantized_layers(prepared) == n_linear == 9  # 2 blocks x 4 + head
+    assert pruning.apply_masks(prepared, masks) == len(masks)
+    train_steps(prepared, x, steps=3, lr=0.1)
+    pruning.finalize(prepared)
+    qat_float = linear_quant.strip_fake_quant(prepared)
+    assert linear_quant.fake_quantized_layers(qat_float) == 0
+    assert pruning.sparsity(qat_float)["weights"] == pytest.approx(0.5, abs=1e-4)  # QAT regrew nothing
+    converted = linear_quant.convert_dynamic(qat_float, "x86")
+    summary = linear_quant.quantized_summary(converted)
+    assert summary["quantized_modules"] == {"torch.ao.nn.quantized.dynamic.Linear": 9}
+    assert "torch.nn.modules.conv.Conv3d" in summary["float_modules"]  # the patch embedding stays float
+    q = quantize.int8_sparsity(converted, "x86", masks)
+    assert q["mask_violations"] == 0 and q["total"] > 0
+    with torch.no_grad():
+        ref, ours = qat_float(x), converted(x)
+        theirs = linear_quant.torchao_int8(qat_float)(x)
+    assert (ours - ref).abs().max() < 0.1 and (theirs - ref).abs().max() < 0.1
+    card = {"format": model_card.CARD_FORMAT, "quantized_engine": "x86", "record": {"class_names": ["a", "b"]},
+            "artifacts": {"m.pt": {"precision": "int8"}}}
+    export.save_torchscript(converted, x[:1], tmp_path / "m.pt", card, "x86")
+    loaded, _, is_q = load_any_model(tmp_path / "m.pt")
+    with quantize.quantized_engine("x86"), torch.no_grad():
+        torch.testing.assert_close(loaded(x), ours, atol=1e-5, rtol=0)
+    assert is_q
+
+
+@pytest.fixture(scope="module")
+def compressed_vit(tmp_path_factory):
+    """A tiny ViT (registered for this module only) trained for one epoch and compressed: the torchao path."""
+    from functools import partial
+
+    from octa3d.data.synthetic import generate
+    from octa3d.model.registry import _REGISTRY, register_model
+    from octa3d.model.vit import vit
+    from octa3d.stages import compress, train
+
+    register_model("vit-test-tiny", cam_layer="cam_grid", min_input=16, ae_supported=False, feature_size=48,
+                   stages=(("patch_embedding", "cls_token"), ("blocks", "norm")),
+                   head_prefixes=("classification_head",), needs_input_size=True)(
+        partial(vit, patch_size=8, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4))
+    try:
+        root = tmp_path_factory.mktemp("compress-vit")
+        generate(root / "data", n_subjects=24, shape=(16, 32, 16), seed=0)
+        common = ["--runs-dir", str(root / "runs"), "--exp", "vit"]
+        train.run(parse_config(["--mode", "train", "--data-root", str(root / "data"), *common, "--model",
+                                "vit-test-tiny", "--input-size", "16", "--epochs", "1", "--init", "random",
+                                "--batch-size", "4"])[0])
+        argv = ["--mode", "compress", *common, "--qat-epochs", "1", "--finetune-epochs", "1"]
+        rep = compress.run(parse_config(argv)[0])
+        yield root / "runs" / "vit" / "compress", rep
+    finally:
+        _REGISTRY.pop("vit-test-tiny", None)
+
+
+def test_vit_compress_takes_the_torchao_path_with_report_rows(compressed_vit):
+    out, rep = compressed_vit
+    doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert list(doc["models"]) == [*report_mod.VARIANTS, "torchao_int8"]
+    for name, entry in doc["models"].items():
+        assert set(report_mod.MODEL_FIELDS) <= set(entry), name
+        assert entry["latency_ms"] > 0 and entry["size_bytes"] > 0 and 0 <= entry["balanced_accuracy"] <= 1
+        assert np.asarray(entry["confusion_matrix"]).sum() == doc["test_subjects"]
+    q = doc["quantization"]
+    assert q["method"] == "torchao" and q["torchao"]["applied"] is True
+    assert q["torchao"]["fake_quantized_linear_layers"] == 9
+    assert q["quantized_modules"] == {"torch.ao.nn.quantized.dynamic.Linear": 9}
+    assert doc["pruning"]["sparsity_int8"]["mask_violations"] == 0
+    assert "qat" in {row["phase"] for row in doc["history"]}
+    assert doc["export_checks"]["model_int8.pt"]["max_abs_prob_diff"] < 1e-4
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "torchao QAT" in md and "| torchao_int8 |" in md
+    # the int8 file is an ordinary compressed model for --mode test
+    from octa3d.stages import test as test_stage
+
+    m = test_stage.run(parse_config(["--mode", "test", "--runs-dir", str(out.parent.parent), "--exp", "vit",
+                                     "--checkpoint", str(out / "model_int8.pt"), "--bootstrap", "20"])[0])
+    assert m["model_format"] == "int8"
+    assert m["balanced_accuracy"] == pytest.approx(rep["models"]["int8"]["balanced_accuracy"])

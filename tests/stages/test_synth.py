@@ -20,7 +20,7 @@ def test_run_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     recs = synth.run(cfg)
     out = capsys.readouterr().out
     assert len(recs) == 12 and "NORMAL 2" in out and "RVO 2" in out
-    assert f"python main.py --mode prepare --data-root {tmp_path / 'cli'} --dim 3d" in out
+    assert f"--mode prepare --data-root {tmp_path / 'cli'} --exp <name> --dim 3d --model <model>" in out
     assert "6mm" in out and (tmp_path / "cli" / "OCTA_6mm").is_dir()  # --fov all (the default) writes 6mm
     with pytest.raises(DataError):
         synth.run(cfg)  # refuses to write over it without --overwrite

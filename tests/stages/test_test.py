@@ -135,8 +135,10 @@ def test_test_stage_outputs(experiment, tmp_path, capsys):
     from octa3d.stages.test import run
 
     root = _fresh(experiment, tmp_path)
-    # --input-size 24 must be ignored: the checkpoint says 16
-    cfg, _ = parse_config(_args(root, "--mode", "test", "--input-size", "24"))
+    # --input-size 24 contradicts the checkpoint (16): refused, naming the model's value
+    with pytest.raises(ConfigError, match=r"--input-size 24 \(the model: 16,16,16\)"):
+        run(parse_config(_args(root, "--mode", "test", "--input-size", "24"))[0])
+    cfg, _ = parse_config(_args(root, "--mode", "test"))
     m = run(cfg)
     out = root / "runs" / "e" / "test"
     for f in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "config.yaml"):
@@ -162,9 +164,13 @@ def test_checkpoint_config_takes_preprocessing_from_the_checkpoint(experiment):
     from octa3d.checkpoint import checkpoint_config
 
     ckpt = checkpoint.load_checkpoint(experiment / "runs" / "e" / "train" / "checkpoints" / "best.pt", "classifier")
-    cfg, _ = parse_config(["--runs-dir", str(experiment / "runs"), "--exp", "e", "--mode", "test", "--model",
-                           "resnet18", "--input-size", "64", "--modality", "OCT", "--slab-depth", "0.9",
-                           "--bootstrap", "7"])
+    base = ["--runs-dir", str(experiment / "runs"), "--exp", "e", "--mode", "test", "--bootstrap", "7"]
+    # flags that contradict the trained model are errors naming the model's value, all at once
+    bad, _ = parse_config([*base, "--model", "resnet18", "--input-size", "64", "--modality", "OCT",
+                           "--slab-depth", "0.9"])
+    with pytest.raises(ConfigError, match=r"--model resnet18 \(the model: cnn\).*--slab-depth 0.9"):
+        checkpoint_config(bad, ckpt)
+    cfg, _ = parse_config(base)
     ecfg = checkpoint_config(cfg, ckpt)
     assert ecfg.input_shape == (16, 16, 16) and ecfg.model.model == "cnn" and ecfg.data.modality == "OCTA"
     assert ecfg.preprocess.slab_depth == 0.5 and not ecfg.preprocess.augment

@@ -53,11 +53,16 @@ def cfg_for(root: Path, runs: Path, exp: str, *extra: str):
     return parse_config(argv)[0], argv
 
 
-def test_loss_falls_and_validation_beats_chance(blob_root, tmp_path):
+def test_loss_falls_and_validation_beats_chance(blob_root, tmp_path, capsys, monkeypatch):
     # 24^3 and enough optimiser steps: at 16^3 with a dozen steps the last BatchNorm (1 voxel x 4 samples)
     # keeps eval-mode statistics far from the batch statistics (a small-batch BatchNorm effect, not a bug).
     cfg, argv = cfg_for(blob_root, tmp_path, "learn", "--epochs", "6", "--patience", "0", "--input-size", "24")
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/octa3d", *argv])  # run as the console script
     summary = train_mod.run(cfg)
+    out = capsys.readouterr().out
+    # one split: no "± 0.000" spread; the hint repeats the folders actually used, with the command actually run
+    assert "±" not in out and "Validation (best epoch): " in out
+    assert f"Next: octa3d --mode test --exp learn --runs-dir {tmp_path} --data-root {blob_root}" in out
     hist = pd.read_csv(tmp_path / "learn" / "train" / "history.csv")
     assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0]
     assert summary["mean"]["balanced_accuracy"] >= 0.75 and summary["mean"]["auc"] >= 0.8
@@ -242,6 +247,8 @@ def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
         assert (out / f"fold-{k}" / "checkpoints" / "best.pt").exists()
         assert (tmp_path / "cv" / "splits" / f"fold-{k}" / "val.csv").exists()
     saved = json.loads((out / "summary.json").read_text())
+    line = train_mod.summary_line(saved, 2)
+    assert "mean ± sd over 2 folds" in line and f"{saved['mean']['auc']:.3f}±{saved['sd']['auc']:.3f}" in line
     assert set(saved["folds"]) == {"fold-0", "fold-1"} and set(saved["mean"]) == set(saved["sd"])
     assert saved["mean"] == summary["mean"]
 

@@ -4,8 +4,9 @@ Why FX and not torchao: torchao 0.18's ``quantize_(model, QATConfig(...))`` fake
 ``nn.Embedding`` only (a Conv3d raises), and it does not compose with the FX path: ``prepare_qat_fx`` cannot
 symbolically trace torchao's ``FakeQuantizedLinear`` (``len(x.shape)`` on a Proxy), and with that module
 declared non-traceable the converted torchao weights (tensor subclasses) make ``torch.jit.trace`` fail. So FX
-quantizes every layer here, convolutions, the linear head and the residual adds included; see
-:data:`TORCHAO_NOTE` (written to the report).
+quantizes every layer of a convolutional network here, convolutions, the linear head and the residual adds
+included; see :data:`TORCHAO_NOTE` (written to the report). Linear-dominated networks (ViT) are quantized with
+torchao instead: :mod:`octa3d.stages.compress.linear_quant`.
 
 Flow (``prepare_qat_fx`` → train → ``eval()`` → ``convert_fx``): Conv+BN(+ReLU) are fused into QAT modules that
 fold BatchNorm into the weights; weights are fake-quantized per channel (x86) or per tensor (qnnpack) to qint8,
@@ -44,10 +45,11 @@ from octa3d.model_card import quantized_engine  # noqa: F401  (re-exported: the 
 
 log = logging.getLogger("octa3d.compress")
 
-TORCHAO_NOTE = ("torchao QAT (quantize_ with QATConfig) was not applied: in torchao 0.18 it covers nn.Linear only, "
-                "and it does not compose with the FX path used for the convolutions (prepare_qat_fx cannot trace "
-                "torchao's FakeQuantizedLinear; converted torchao tensor-subclass weights cannot be exported with "
-                "torch.jit.trace). PyTorch FX QAT quantized every layer, the linear head included.")
+TORCHAO_NOTE = ("torchao QAT (quantize_ with QATConfig) was not applied to this convolutional model: in torchao 0.18 "
+                "it covers nn.Linear only, and it does not compose with the FX path used for the convolutions "
+                "(prepare_qat_fx cannot trace torchao's FakeQuantizedLinear; converted torchao tensor-subclass "
+                "weights cannot be exported with torch.jit.trace). PyTorch FX QAT quantized every layer, the linear "
+                "head included. Linear-dominated models (ViT) take the torchao path instead.")
 
 
 class FloatMaxPool3d(nn.MaxPool3d):
@@ -131,8 +133,9 @@ def prepare_qat(model: nn.Module, backend: str, example: torch.Tensor) -> torch.
             return prepare_qat_fx(net, qmap, (example.cpu(),), prepare_custom_config=custom)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, RuntimeError ... for untraceable code
         raise Octa3dError(f"model {type(model).__name__} cannot be prepared for FX quantization-aware training "
-                          f"({type(exc).__name__}: {str(exc)[:200]}); --mode compress supports FX-traceable "
-                          f"networks such as cnn and the resnets") from exc
+                          f"({type(exc).__name__}: {str(exc)[:200]}); --mode compress quantizes FX-traceable "
+                          f"convolutional networks such as cnn and the resnets this way (and Linear-dominated "
+                          f"ones such as vit with torchao)") from exc
 
 
 def freeze_bn_stats(prepared: nn.Module) -> None:

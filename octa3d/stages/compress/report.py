@@ -18,6 +18,9 @@ VARIANTS: dict[str, str] = {
     "onnx_fp32": "pruned fp32 ONNX (model.onnx), onnxruntime",
     "onnx_int8": "static QDQ int8 ONNX (model_int8.onnx), onnxruntime",
 }
+#: The extra variant of the torchao path (Linear-dominated models), after the others.
+TORCHAO_VARIANT = ("torchao_int8", "torchao int8 model (the numerics torchao QAT simulated), PyTorch eager, in-process: "
+                                   "not exported, size = its torch.save(state_dict)")
 
 #: Fields every variant carries in report.json.
 MODEL_FIELDS = ("description", "file", "accuracy", "balanced_accuracy", "auc", "f1_macro", "size_bytes",
@@ -86,26 +89,8 @@ def markdown(rep: dict[str, Any]) -> str:
               f"--qat-epochs more epochs, so int8 can also score above fp32; `--qat-epochs 0` (calibration only) "
               f"isolates the quantization error."]
     q = rep["quantization"]
-    lines += ["", "## Which layers were quantized, by which path", "",
-              f"- **PyTorch FX QAT** (`prepare_qat_fx` → train → `convert_fx`, backend `{q['backend']}`, "
-              f"run with the `{q['runtime_engine']}` quantized engine"
-              + (" (fastest here: " + ", ".join(f"{k} {v:.1f} ms" for k, v in q["engine_latency_ms"].items()) + ")"
-                 if q.get("engine_latency_ms") else "")
-              + ") quantized, in `model_int8.pt`:"]
-    lines += [f"  - `{k}`: {v}" for k, v in q["quantized_modules"].items()]
-    if q["quantized_ops"]:
-        lines.append("  - functional int8 ops: " + ", ".join(f"`{k}` x{v}" for k, v in q["quantized_ops"].items()))
-    if q["int8_tensor_modules"]:
-        lines.append("- Weight-less layers running on int8 tensors: "
-                     + ", ".join(f"`{k}` x{v}" for k, v in q["int8_tensor_modules"].items()) + ".")
-    lines.append("- Running in float: "
-                 + (", ".join(f"`{k}` x{v}" for k, v in q["float_modules"].items()) or "no module")
-                 + f"; int8→float transitions in the graph: {q['dequantize_nodes']} (the last one before the "
-                   f"output logits).")
-    if q.get("float_max_pools"):
-        lines.append(f"- qnnpack: {q['float_max_pools']} MaxPool3d layer(s) kept in float (qnnpack has no int8 "
-                     f"max_pool3d): dequantize → pool → quantize.")
-    lines.append(f"- **torchao**: {q['torchao']['note']}")
+    lines += ["", "## Which layers were quantized, by which path", ""]
+    lines += _torchao_lines(q) if q.get("method") == "torchao" else _fx_lines(q)
     o = q["onnx_int8"]
     lines.append(f"- **onnxruntime** (`model_int8.onnx`): {o['tool']}, {o['quant_format']}, activations "
                  f"{o['activation_type']}, weights {o['weight_type']} per channel={o['per_channel']}, "
@@ -133,6 +118,51 @@ def markdown(rep: dict[str, Any]) -> str:
     lines += ["", "How to load each file without octa3d: `model_card.json` (`artifacts.<file>.usage`).", "",
               "Confusion matrices (fp32 | int8): `confusion_matrices.png`.", ""]
     return "\n".join(lines)
+
+
+def _fx_lines(q: dict[str, Any]) -> list[str]:
+    lines = [f"- **PyTorch FX QAT** (`prepare_qat_fx` → train → `convert_fx`, backend `{q['backend']}`, "
+             f"run with the `{q['runtime_engine']}` quantized engine"
+             + (" (fastest here: " + ", ".join(f"{k} {v:.1f} ms" for k, v in q["engine_latency_ms"].items()) + ")"
+                if q.get("engine_latency_ms") else "")
+             + ") quantized, in `model_int8.pt`:"]
+    lines += [f"  - `{k}`: {v}" for k, v in q["quantized_modules"].items()]
+    if q["quantized_ops"]:
+        lines.append("  - functional int8 ops: " + ", ".join(f"`{k}` x{v}" for k, v in q["quantized_ops"].items()))
+    if q["int8_tensor_modules"]:
+        lines.append("- Weight-less layers running on int8 tensors: "
+                     + ", ".join(f"`{k}` x{v}" for k, v in q["int8_tensor_modules"].items()) + ".")
+    lines.append("- Running in float: "
+                 + (", ".join(f"`{k}` x{v}" for k, v in q["float_modules"].items()) or "no module")
+                 + f"; int8→float transitions in the graph: {q['dequantize_nodes']} (the last one before the "
+                   f"output logits).")
+    if q.get("float_max_pools"):
+        lines.append(f"- qnnpack: {q['float_max_pools']} MaxPool3d layer(s) kept in float (qnnpack has no int8 "
+                     f"max_pool3d): dequantize → pool → quantize.")
+    lines.append(f"- **torchao**: {q['torchao']['note']}")
+    return lines
+
+
+def _torchao_lines(q: dict[str, Any]) -> list[str]:
+    t = q["torchao"]
+    lines = [f"- **torchao QAT** ({t['linear_weight_share']:.0%} of the conv/linear weights are `nn.Linear`): "
+             f"`quantize_(model, QATConfig({t['config'].split(':')[0]}, step=\"prepare\"))` fake-quantized "
+             f"{t['fake_quantized_linear_layers']} Linear layers ({t['config'].split(': ', 1)[-1]}) during "
+             f"--qat-epochs of fine-tuning; `QATConfig(step=\"convert\")` then returned plain Linear layers with "
+             f"the QAT-trained weights.",
+             f"- **`model_int8.pt`**: PyTorch dynamic int8 quantization of those Linear layers (per-channel int8 "
+             f"weights, activations quantized per tensor at run time), TorchScript, run with the "
+             f"`{q['runtime_engine']}` quantized engine"
+             + (" (fastest here: " + ", ".join(f"{k} {v:.1f} ms" for k, v in q["engine_latency_ms"].items()) + ")"
+                if q.get("engine_latency_ms") else "") + ":"]
+    lines += [f"  - `{k}`: {v}" for k, v in q["quantized_modules"].items()]
+    lines.append("- Running in float: "
+                 + (", ".join(f"`{k}` x{v}" for k, v in q["float_modules"].items()) or "no module")
+                 + " (and the attention's matrix products and softmax).")
+    lines.append("- **`torchao_int8` row**: torchao's own int8 model of the same weights (the numerics QAT "
+                 "simulated), evaluated in-process: torch.jit.trace cannot export its tensor-subclass weights, and "
+                 "without torch.compile its CPU kernels are slower than fp32.")
+    return lines
 
 
 def confusion_png(path: Path, class_names: list[str], cms: dict[str, Any]) -> Path:
@@ -171,12 +201,17 @@ def _variants(job: Any, fp32: Any, model: Any, exported: dict[str, Any], results
              "onnx_int8": "model_int8.onnx"}
     sparsities = {"fp32": pruning.sparsity(fp32)["weights"], "pruned": sparsity["weights"],
                   "int8": sparsity_int8["weights"], "onnx_fp32": sparsity["weights"], "onnx_int8": None}
+    if "torchao_int8" in evals:
+        blobs["torchao_int8"] = results["torchao_bytes"]
+        files["torchao_int8"] = "(in-process, not exported)"
+        sparsities["torchao_int8"] = results["torchao_sparsity"]["weights"]
+    descriptions = {**VARIANTS, TORCHAO_VARIANT[0]: TORCHAO_VARIANT[1]}
     base = evals["fp32"]
     models = {}
     for k, ev in evals.items():
         mt = ev["metrics"]
         models[k] = {
-            "description": VARIANTS[k], "file": files[k] or str(job.src),
+            "description": descriptions[k], "file": files[k] or str(job.src),
             "accuracy": mt["accuracy"], "balanced_accuracy": mt["balanced_accuracy"], "auc": mt["auc"],
             "f1_macro": mt["f1_macro"], "size_bytes": len(blobs[k]), "size_ratio": len(blobs["fp32"]) / len(blobs[k]),
             "size_zlib_bytes": measure.compressed_size(blobs[k]), "latency_ms": lat[k]["median_ms"],
@@ -201,6 +236,12 @@ def _export_checks(results: dict[str, Any], runtime_engine: str) -> dict[str, An
     }
 
 
+_PATHS = {"fx": "PyTorch FX QAT: prepare_qat_fx(get_default_qat_qconfig_mapping(backend)) -> train -> eval() -> "
+                "convert_fx",
+          "torchao": "torchao QAT: quantize_(model, QATConfig(base, step='prepare')) -> train -> QATConfig(step="
+                     "'convert') -> torch.ao quantize_dynamic(nn.Linear, per-channel int8) -> TorchScript"}
+
+
 def build(job: Any, fp32: Any, model: Any, converted: Any, exported: dict[str, Any], results: dict[str, Any],
           rounds: list[dict[str, Any]], sparsity: dict[str, Any], sparsity_int8: dict[str, Any], threads: int,
           finetune_lr: float) -> dict[str, Any]:
@@ -211,11 +252,12 @@ def build(job: Any, fp32: Any, model: Any, converted: Any, exported: dict[str, A
 
     import torch
 
-    from octa3d.stages.compress import measure, quantize
+    from octa3d.stages.compress import linear_quant, measure, quantize
 
     c, ecfg = job.cfg.compress, job.cfg
     models = _variants(job, fp32, model, exported, results, sparsity, sparsity_int8)
-    qsummary = quantize.quantized_summary(converted)
+    torchao = job.path == "torchao"
+    qsummary = (linear_quant.quantized_summary(converted) if torchao else quantize.quantized_summary(converted))
     return {
         "experiment": ecfg.exp_name, "source_checkpoint": str(job.src),
         "created": _dt.datetime.now().isoformat(timespec="seconds"), "class_names": job.names,
@@ -229,11 +271,14 @@ def build(job: Any, fp32: Any, model: Any, converted: Any, exported: dict[str, A
                     "masks_kept_through_qat": sparsity_int8["mask_violations"] in (0, None)},
         "quantization": {"backend": c.qbackend, "packing_engine": quantize.packing_engine(c.qbackend),
                          "runtime_engine": exported["runtime_engine"], "engine_latency_ms": exported["engine_ms"],
-                         "path": "PyTorch FX QAT: prepare_qat_fx(get_default_qat_qconfig_mapping(backend)) -> train "
-                                 "-> eval() -> convert_fx",
+                         "method": job.path, "path": _PATHS[job.path],
                          **qsummary, "float_max_pools": qsummary["float_modules"].get(
                              f"{quantize.FloatMaxPool3d.__module__}.FloatMaxPool3d", 0),
-                         "torchao": {"applied": False, "note": quantize.TORCHAO_NOTE},
+                         "torchao": ({"applied": True, "note": linear_quant.NOTE,
+                                      "config": linear_quant.BASE_CONFIG_TEXT,
+                                      "fake_quantized_linear_layers": job.fake_quantized,
+                                      "linear_weight_share": linear_quant.linear_share(fp32)} if torchao else
+                                     {"applied": False, "note": quantize.TORCHAO_NOTE}),
                          "onnx_int8": exported["onnx_q"]},
         "latency": {"threads": threads, "runs": measure.LATENCY_RUNS, "warmup": measure.LATENCY_WARMUP, "batch": 1,
                     "input_shape": list(job.example.shape), "per_model": results["latency"],

@@ -32,11 +32,11 @@ from octa3d.data.splits import guard
 from octa3d.errors import ConfigError, DataError
 from octa3d.metrics import classification_metrics
 from octa3d.optim import build_loss, build_optimizer, class_weights
-from octa3d.stages.compress import export, measure, pruning, quantize, report
+from octa3d.stages.compress import export, linear_quant, measure, pruning, quantize, report
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv
 from octa3d.utils.runs import stage_dir
-from octa3d.utils.tracking import progress
+from octa3d.utils.tracking import cli_program, progress
 
 log = logging.getLogger("octa3d.compress")
 
@@ -66,7 +66,7 @@ def source_checkpoint(cfg: Config) -> Path:
     if folds:
         raise ConfigError(f"experiment '{cfg.exp_name}' was trained with k-fold cross-validation; compress one "
                           f"fold's model with --checkpoint (e.g. --checkpoint {folds[0]})")
-    raise CheckpointError(f"no trained model to compress: {best} does not exist. Train it first: python main.py "
+    raise CheckpointError(f"no trained model to compress: {best} does not exist. Train it first: {cli_program()} "
                           f"--mode train --exp {cfg.exp_name} --runs-dir {cfg.run.runs_dir} (with the experiment's "
                           f"--data-root/--model/--input-size), or pass --checkpoint FILE")
 
@@ -86,6 +86,10 @@ class Job:
     calib: list[torch.Tensor]
     history: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0
+    #: "fx" (PyTorch FX QAT of the whole network) or "torchao" (Linear-dominated models: torchao QAT of the Linear
+    #: layers, see :mod:`~octa3d.stages.compress.linear_quant`).
+    path: str = "fx"
+    fake_quantized: int = 0
 
     @property
     def example(self) -> torch.Tensor:
@@ -184,6 +188,9 @@ def _prune(job: Job, model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, 
     """
     c = job.cfg.compress
     rounds: list[dict[str, Any]] = []
+    if c.prune_mode == "structured" and job.path == "torchao":
+        log.warning("--prune-mode structured prunes convolution channels only: in this Linear-dominated model that "
+                    "is the patch embedding alone (use unstructured to prune the Linear layers)")
     if c.prune_mode != "none" and c.prune_amount > 0:
         for r in range(1, c.prune_rounds + 1):
             target = pruning.cumulative_sparsity(c.prune_amount, c.prune_rounds, r)
@@ -208,8 +215,14 @@ def _record(job: Job, sparsity: dict[str, Any]) -> dict[str, Any]:
                          "prune_amount": c.prune_amount, "prune_rounds": c.prune_rounds, "sparsity": sparsity}}
 
 
-def _quantize(job: Job, model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """QAT (masks re-attached so pruned weights stay zero) or calibration, then int8 conversion."""
+def _quantize(job: Job, model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module | None]:
+    """QAT (masks re-attached so pruned weights stay zero) or calibration, then int8 conversion.
+
+    Returns:
+        The int8 model, and for the torchao path the float model with the QAT-trained weights (else None).
+    """
+    if job.path == "torchao":
+        return _quantize_linear(job, model, masks)
     c = job.cfg.compress
     prepared = quantize.prepare_qat(model, c.qbackend, job.example)
     pruning.apply_masks(prepared, masks)
@@ -221,7 +234,25 @@ def _quantize(job: Job, model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.
         else:
             _calibrate(prepared, job.loaders["calib"], job.ctx.device)
     pruning.finalize(prepared)
-    return quantize.convert(prepared, c.qbackend)
+    return quantize.convert(prepared, c.qbackend), None
+
+
+def _quantize_linear(job: Job, model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[nn.Module, nn.Module]:
+    """torchao QAT of the Linear layers, then dynamic int8 conversion (see :mod:`linear_quant`). Dynamic
+    quantization needs no calibration: with ``--qat-epochs 0`` the pruned weights are quantized as they are."""
+    c = job.cfg.compress
+    prepared = linear_quant.prepare_qat(model)
+    pruning.apply_masks(prepared, masks)
+    prepared.to(job.ctx.device)
+    job.fake_quantized = linear_quant.fake_quantized_layers(prepared)
+    log.info("torchao QAT: %d nn.Linear layers fake-quantized (%s)", job.fake_quantized,
+             linear_quant.BASE_CONFIG_TEXT.split(":")[0])
+    with quantize.quiet():
+        if c.qat_epochs > 0:
+            fine_tune(job, prepared, c.qat_epochs, "qat")
+    pruning.finalize(prepared)
+    qat_float = linear_quant.strip_fake_quant(prepared).cpu()
+    return linear_quant.convert_dynamic(qat_float, c.qbackend), qat_float
 
 
 def _export(job: Job, model: nn.Module, converted: nn.Module, sparsity: dict[str, Any],
@@ -239,7 +270,9 @@ def _export(job: Job, model: nn.Module, converted: nn.Module, sparsity: dict[str
     onnx_q = export.quantize_onnx(paths["onnx_fp32"], paths["onnx_int8"], [x.numpy() for x in job.calib])
     model_card.add_artifact(card, out / "pruned.pt", "octa3d-checkpoint", "fp32", sparsity=sparsity["weights"])
     model_card.add_artifact(card, paths["int8"], "torchscript", "int8", quantized_engine=runtime_engine,
-                            sparsity=sparsity_int8["weights"])
+                            sparsity=sparsity_int8["weights"],
+                            quantization=("torchao QAT of nn.Linear, then PyTorch dynamic int8 nn.Linear"
+                                          if job.path == "torchao" else "PyTorch FX QAT, static int8"))
     model_card.add_artifact(card, paths["onnx_fp32"], "onnx", "fp32", opset=model_card.ONNX_OPSET)
     model_card.add_artifact(card, paths["onnx_int8"], "onnx", "int8 (QDQ)", opset=model_card.ONNX_OPSET, **onnx_q)
     model_card.write_card(card, out)
@@ -247,14 +280,20 @@ def _export(job: Job, model: nn.Module, converted: nn.Module, sparsity: dict[str
 
 
 def _evaluate(job: Job, fp32: nn.Module, model: nn.Module, converted: nn.Module, exported: dict[str, Any],
-              threads: int) -> dict[str, Any]:
-    """Hold-out evaluation and latency of every variant, from the written files where there is one."""
+              threads: int, qat_float: nn.Module | None = None) -> dict[str, Any]:
+    """Hold-out evaluation and latency of every variant, from the written files where there is one (torchao's
+    own int8 model, on the torchao path, in-process: it cannot be exported to TorchScript)."""
     paths, runtime_engine, test = exported["paths"], exported["runtime_engine"], job.loaders["test"]
     with model_card.quantized_engine(runtime_engine):  # restored afterwards (loading sets the file's engine)
         int8_ts, _, _ = load_any_model(paths["int8"])
         runners: dict[str, nn.Module] = {"fp32": fp32.cpu().eval(), "pruned": model, "int8": int8_ts,
                                          "onnx_fp32": model_card.OnnxModule(paths["onnx_fp32"], threads),
                                          "onnx_int8": model_card.OnnxModule(paths["onnx_int8"], threads)}
+        extra: dict[str, Any] = {}
+        if qat_float is not None:
+            runners["torchao_int8"] = linear_quant.torchao_int8(qat_float)
+            extra = {"torchao_bytes": linear_quant.state_dict_bytes(runners["torchao_int8"]),
+                     "torchao_sparsity": pruning.sparsity(qat_float)}
         evals = {k: measure.evaluate(m, test) for k, m in runners.items()}
         pack = quantize.packing_engine(job.cfg.compress.qbackend)
         with model_card.quantized_engine(pack):  # the written file vs the in-process model, same int8 kernels
@@ -262,7 +301,7 @@ def _evaluate(job: Job, fp32: nn.Module, model: nn.Module, converted: nn.Module,
             same_kernels = measure.evaluate(torch.jit.load(str(paths["int8"]), map_location="cpu"), test)
         log.info("latency benchmark: %d models x %d runs, %d threads", len(runners), measure.LATENCY_RUNS, threads)
         lat = measure.latency(runners, job.example, threads)
-    return {"evals": evals, "inproc": inproc, "same_kernels": same_kernels, "pack": pack, "latency": lat}
+    return {"evals": evals, "inproc": inproc, "same_kernels": same_kernels, "pack": pack, "latency": lat, **extra}
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -274,16 +313,20 @@ def run(cfg: Config) -> dict[str, Any]:
     t_start = time.perf_counter()
     job = _setup(cfg)
     fp32 = build_classifier(job.ckpt, job.src, torch.device("cpu"))
+    job.path = linear_quant.quantization_path(fp32)
+    log.info("quantization path: %s (%.0f %% of the conv/linear weights are nn.Linear)",
+             "torchao QAT of the Linear layers" if job.path == "torchao" else "PyTorch FX QAT of the whole network",
+             100 * linear_quant.linear_share(fp32))
     model = copy.deepcopy(fp32).to(job.ctx.device)
     rounds, masks, sparsity = _prune(job, model)
-    converted = _quantize(job, model, masks)
+    converted, qat_float = _quantize(job, model, masks)
     sparsity_int8 = quantize.int8_sparsity(converted, job.cfg.compress.qbackend, masks)
     if job.history:
         atomic_write_csv(job.out / "history.csv", pd.DataFrame(job.history))
     model = model.cpu().eval()
     threads = measure.bench_threads()
     exported = _export(job, model, converted, sparsity, sparsity_int8, threads)
-    results = _evaluate(job, fp32, model, converted, exported, threads)
+    results = _evaluate(job, fp32, model, converted, exported, threads, qat_float)
     rep = report.build(job, fp32, model, converted, exported, results, rounds, sparsity, sparsity_int8, threads,
                        finetune_lr=job.cfg.train.lr * FINETUNE_LR_FACTOR)
     rep["seconds"] = time.perf_counter() - t_start
