@@ -18,10 +18,11 @@ Measured, in a subprocess (its own peak RSS, from ``os.wait4``; ``$OCTA3D_BENCH_
 peak RSS the imports alone reach).
 
 The explain stage reads both 400-BMP stacks, crops the retinal slab, resizes to the model's 32^3 input, predicts,
-computes the Grad-CAM and maps it back onto the 400x640x400 source geometry, then writes ``20001_cam.nii.gz``
-(float32 0..1), the input scans as NIfTI, the review PNG and TensorBoard images, and scores the CAM against the
-lesion mask. The figures are the wall time and the peak RSS of that process (target: <= 3 GB), and how far the
-peak rises above the RSS after the imports (the part of the peak the scan causes).
+computes the Grad-CAM and maps it back onto the 400x640x400 source geometry, then writes, into
+``explain/20001_OCT+OCTA_<cam>_<hash>/``, ``20001_cam.nii.gz`` (float32 0..1), the input scans as NIfTI (one per
+modality: ``20001_input_OCT.nii.gz``, ``20001_input_OCTA.nii.gz``), the review PNG and TensorBoard images, and
+scores the CAM against the lesion mask. The figures are the wall time and the peak RSS of that process (target:
+<= 3 GB), and how far the peak rises above the RSS after the imports (the part of the peak the scan causes).
 
     python -m benchmarks.explain_fullsize [--quick] [--work DIR] [--shape 400,640,400] [--out FILE.json]
 """
@@ -129,7 +130,8 @@ def main(args: list[str] | None = None) -> dict:
         if rc != 0:
             raise RuntimeError(f"explain failed (exit {rc}): {(work / 'explain.log').read_text()[-3000:]}")
         base_rss = int(hwm.read_text(encoding="utf-8")) / 1024
-        out = work / "runs" / EXP / "explain" / EYE
+        # explain/<ID>_<modality>_<cam>_<hash>/: the newest folder of this eye read through both modalities
+        out = max((work / "runs" / EXP / "explain").glob(f"{EYE}_OCT+OCTA_*"), key=lambda p: p.stat().st_mtime)
         pred: dict[str, Any] = json.loads((out / "prediction.json").read_text(encoding="utf-8"))
         written = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e6
     dims = "x".join(map(str, shape))

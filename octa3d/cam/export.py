@@ -4,11 +4,13 @@ TensorBoard slices, and localisation scores where lesion masks exist.
 Each map is computed in network-input space (for an ensemble: the mean of the fold models' maps), mapped back onto
 the source scan with :func:`octa3d.data.transforms.to_source_space` (undoing resize and slab crop; zero outside the
 crop) and written with the source :class:`~octa3d.data.subject.Geometry`, so it overlays the scan in 3D Slicer,
-ITK-SNAP or napari. Per subject: ``<id>_cam.nii.gz`` (float32 0..1), ``<id>_input.nii.gz`` (the scan as read; with
-two channels also ``<id>_input_<modality>.nii.gz``), ``<id>_review.png`` (en-face maximum projection with the CAM
-plus the B-scans through the CAM peak; 2D models: the image with the CAM overlaid) and central CAM slices in
-TensorBoard. A map without evidence (all zero, constant, non-finite) is reported per subject (``status``, a
-warning naming the subject and why) and its review sheet says so instead of marking a peak.
+ITK-SNAP or napari. Per subject: ``<id>_cam.nii.gz`` (float32 0..1), the scan as read, one file per channel named
+by its modality (``<id>_input_OCT.nii.gz``, ``<id>_input_OCTA.nii.gz``; ``<id>_input.nii.gz`` when the source does
+not say which modality it is), ``<id>_review.png`` (en-face maximum projection with the CAM plus the B-scan and
+the slow-axis section through the CAM peak, naming the modality shown, with millimetre scale bars; 2D models: the
+image with the CAM overlaid) and central CAM slices in TensorBoard. A map without evidence (all zero, constant,
+non-finite) is reported per subject (``status``, a warning naming the subject and why) and its review sheet says
+so instead of marking a peak.
 
 Scores: with lesion masks the pointing game and mass in the lesion (:mod:`octa3d.cam.localization`); for the first
 ``--faithfulness-subjects`` subjects the deletion / insertion AUCs (:mod:`octa3d.cam.faithfulness`), which need no
@@ -30,12 +32,12 @@ from octa3d.cam import faithfulness
 from octa3d.cam.backends import OK, STATUS_TEXT, CamComputer, check_layer, minmax, parse_layers, resolve_cam_class
 from octa3d.cam.layers import default_layers
 from octa3d.cam.localization import localization, summarize, tolerance
-from octa3d.cam.sources import CamItem, read_mask, source_image
+from octa3d.cam.sources import CamItem, read_mask, scan_channels, slice_files, source_image
 from octa3d.config import Config
 from octa3d.data.nifti import write_nifti
 from octa3d.data.transforms import PreprocessRecord, to_source_space
 from octa3d.plots import central_slices, review_figure_2d, review_figure_3d, save_png
-from octa3d.utils.io import atomic_copy, safe_name
+from octa3d.utils.io import safe_name
 
 log = logging.getLogger("octa3d.cam")
 
@@ -137,25 +139,29 @@ class CamExporter:
             status = "empty"
         files = {"cam": write_nifti(cam, geo, self.out / f"{name}_cam.nii.gz")}
         image = source_image(self.preset, item.subject, rec)
-        files["input"] = write_nifti(image[0], geo, self.out / f"{name}_input.nii.gz")
-        if image.shape[0] > 1:
-            mods = self.cfg.data.modality.split("+") if self.cfg.data.modality == "OCT+OCTA" else []
-            for c in range(image.shape[0]):
-                tag = mods[c] if c < len(mods) else f"c{c}"
-                dst = self.out / f"{name}_input_{tag}.nii.gz"
-                files[f"input_{tag}"] = atomic_copy(files["input"], dst) if c == 0 else write_nifti(image[c], geo, dst)
+        channels = scan_channels(item.subject, rec, self.cfg.data.modality)
+        for c, ch in enumerate(channels):  # one file per channel, named by its modality where the source says it
+            tag = safe_name(ch.modality) if ch.modality else (f"c{c}" if len(channels) > 1 else "")
+            files[f"input_{tag}" if tag else "input"] = write_nifti(
+                image[c], geo, self.out / (f"{name}_input_{tag}.nii.gz" if tag else f"{name}_input.nii.gz"))
         mask = read_mask(item.subject, rec)
         no_map = None if status == OK else STATUS_TEXT.get(status, status)
         if no_map:
             log.warning("subject %s: the %s map of class %s is %s; exported with cam_status '%s' (no peak)",
                         item.subject.id, self.cfg.eval.cam, self.class_names[target], no_map, status)
         title = self._title(item, target)
+        shown = channels[-1]  # the sheet draws the last channel (OCTA of OCT+OCTA) and names it
+        # millimetre scale bars only where the source has a physical spacing (npy, photos, BMPs: all 1.0)
+        spacing = geo.spacing[::-1] if any(v != 1.0 for v in geo.spacing) else None
         # the scan as read (uint8 stays uint8): the figures convert only the slices they show
         if cam.ndim == 3:
-            sheet = review_figure_3d(image[-1], cam, self.cfg.preprocess.depth_axis, title, mask,
-                                     spacing=geo.spacing[::-1], no_map=no_map)
+            sheet = review_figure_3d(image[-1], cam, self.cfg.preprocess.depth_axis, title, mask, spacing=spacing,
+                                     no_map=no_map, channel=shown.modality, slice_names=slice_files(shown.path))
         else:
-            sheet = review_figure_2d(image[-1], cam, title, mask, no_map=no_map)
+            proj = (rec.meta or {}).get("projection")
+            what = (f"{shown.modality or 'scan'} en-face (mean over the retinal slab)" if proj == "compute" else
+                    f"{shown.modality} projection map" if proj else shown.modality)
+            sheet = review_figure_2d(image[-1], cam, title, mask, no_map=no_map, spacing=spacing, channel=what)
         files["review"] = save_png(sheet, self.out / f"{name}_review.png")
         if self.tb is not None:
             self.tb.add_image(f"cam/{name}", central_slices(cam, image[-1]), 0)

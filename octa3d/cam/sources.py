@@ -1,16 +1,21 @@
-"""What a CAM is drawn over: the subjects to explain (:class:`CamItem`), the source image as read and its lesion
-mask, in the geometry of the subject's :class:`~octa3d.data.transforms.PreprocessRecord`."""
+"""What a CAM is drawn over: the subjects to explain (:class:`CamItem`), the source image as read, which modality
+each of its channels is (:func:`scan_channels`), the slice files of a slice-folder scan (:func:`slice_files`) and
+its lesion mask, in the geometry of the subject's :class:`~octa3d.data.transforms.PreprocessRecord`."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+from octa3d.data.imagefiles import SLICE_EXTS, file_suffix
+from octa3d.data.octa500 import MODALITIES, PROJECTIONS_DIR
+from octa3d.data.slices import number_slices, visible_files
 from octa3d.data.subject import Subject
 from octa3d.data.transforms import PreprocessRecord
 from octa3d.errors import DataError
@@ -76,6 +81,71 @@ def source_image(preset: Any, subject: Subject, record: PreprocessRecord) -> np.
         raise DataError(f"subject {subject.id}: the scan now has shape {tuple(image.shape[1:])} but was "
                         f"preprocessed at {tuple(record.geometry.shape)}; the file changed: re-run the stage")
     return image
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One channel of the image :func:`source_image` returns.
+
+    Attributes:
+        modality: what it shows (``"OCT"``, ``"OCTA"``, an OCTA-500 projection map type such as ``"OCTA(FULL)"``),
+            or None when the source does not say (a NIfTI file, a 2D photo).
+        path: the file or folder it was read from (None when not known).
+    """
+
+    modality: str | None
+    path: str | None
+
+
+def path_modality(path: Path) -> str | None:
+    """The modality an OCTA-500-layout path shows: ``.../OCTA/<ID>`` → ``OCTA``, ``.../Projection Maps/OCT(FULL)/
+    <ID>.bmp`` → ``OCT(FULL)``; None for anything else."""
+    if path.is_dir() and path.parent.name in MODALITIES:
+        return path.parent.name
+    if path.is_file() and path.parent.parent.name == PROJECTIONS_DIR:
+        return path.parent.name
+    return None
+
+
+def scan_channels(subject: Subject, record: PreprocessRecord, modality: str) -> list[Channel]:
+    """Which modality each channel of :func:`source_image` holds, in channel order (``OCT+OCTA``: OCT first).
+
+    Args:
+        subject: the subject (OCTA-500 subjects have ``OCT``/``OCTA`` paths; ``--input`` and manifest subjects one
+            ``image`` path, whose modality is known when it is an OCTA-500 eye folder or projection map).
+        record: its preprocessing record (2D projection-map models read the map, not the scan).
+        modality: the experiment's ``--modality``.
+
+    Returns:
+        One :class:`Channel` per channel of the record (modality None where the source does not say).
+    """
+    proj = (record.meta or {}).get("projection")
+    if record.kind == "patch2d" and proj and proj != "compute":
+        channels = [Channel(proj, subject.projections.get(proj))]
+    elif "image" in subject.paths:
+        path = Path(subject.paths["image"])
+        channels = [Channel(path_modality(path), str(path))]
+    else:
+        keys = ["OCT", "OCTA"] if modality == "OCT+OCTA" else [modality]
+        channels = [Channel(k, subject.paths.get(k)) for k in keys]
+    if len(channels) != record.channels:  # e.g. a colour image read as one grey channel
+        return [Channel(None, None)] * record.channels
+    return channels
+
+
+def slice_files(path: str | None) -> list[str] | None:
+    """The names of a slice-folder scan's files in stacking order (array axis 0: ``1.bmp`` … ``400.bmp`` for an
+    OCTA-500 eye), from the folder listing only; None for anything else (a file, a DICOM series)."""
+    if not path or not Path(path).is_dir():
+        return None
+    files = visible_files(Path(path))
+    slices = [f for f in files if file_suffix(f) in SLICE_EXTS]
+    if not slices or any(file_suffix(f) in ("", ".dcm", ".ima") for f in files):
+        return None
+    nb = number_slices(slices)
+    if nb.all_unnumbered:
+        return sorted(f.name for f in slices)
+    return [f.name for f in sorted(slices, key=lambda f: nb.numbers[f])] if nb.ok else None
 
 
 def read_mask(subject: Subject, record: PreprocessRecord) -> np.ndarray | None:

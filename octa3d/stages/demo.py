@@ -198,8 +198,9 @@ def _print_summary(metrics: dict[str, Any], base: Config, root: str, data_state:
               f"  predictions    {test_dir / 'predictions.csv'}  (ROC: roc.png, confusion_matrix.png)"]
     if review:
         lines.append(f"  CAM review     {review}")
-    if cam_nii and cam_nii.is_file():
-        lines.append(f"  CAM volume     {cam_nii}  (open over {str(cam_nii).replace('_cam.nii.gz', '_input.nii.gz')}"
+    if cam_nii and cam_nii.is_file():  # the scan, one file per modality: <id>_input_OCTA.nii.gz ...
+        scans = sorted(cam_nii.parent.glob(cam_nii.name.replace("_cam.nii.gz", "_input*.nii.gz")))
+        lines.append(f"  CAM volume     {cam_nii}  (open over {' or '.join(map(str, scans)) or 'the scan'}"
                      f" in 3D Slicer / ITK-SNAP / napari)")
     lines.append(f"  TensorBoard    tensorboard --logdir {base.run.runs_dir}")
     print("\n".join(lines))

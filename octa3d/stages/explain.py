@@ -3,11 +3,20 @@
 The scan (a file in any supported format, a slice/DICOM folder, or an OCTA-500 subject folder, see
 :func:`octa3d.data.sources.subject_from_path`) is preprocessed as the model was trained (settings from the
 checkpoint), predicted by the experiment's model or fold ensemble, and its map exported in the source geometry by
-:class:`octa3d.cam.CamExporter`, into ``runs/<exp>/explain/<scan>/`` with ``prediction.json``.
+:class:`octa3d.cam.CamExporter`, into ``runs/<exp>/explain/<name>/`` with ``prediction.json``.
+
+``<name>`` (:func:`output_name`) is unique per input and settings: ``<ID>[_<modality>]_<cam>_<hash>``, e.g.
+``10001_OCTA_layercam_3f9a1c0e``, where the modality names the OCTA-500 folder read (``OCT``, ``OCTA``,
+``OCT+OCTA``, or a projection map type) and the hash covers the files read, the checkpoint(s) and the CAM method,
+layer and class. Explaining the OCT and the OCTA folder of one eye, or one scan with other CAM settings, thus never
+writes into the same folder; the same command twice does, and is refused without ``--overwrite`` before the scan is
+read.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,12 +25,14 @@ import numpy as np
 
 from octa3d import engine
 from octa3d.cam import CamExporter, CamItem, cam_backend
+from octa3d.cam.sources import path_modality, scan_channels
 from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
 from octa3d.data.presets import build_preset
 from octa3d.data.sources import subject_from_path
 from octa3d.data.splits import read_splits, training_overlap
-from octa3d.errors import ConfigError
+from octa3d.data.subject import Subject
+from octa3d.errors import ConfigError, RunExistsError
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json, safe_name
 from octa3d.utils.runs import init_run, stage_dir
@@ -38,11 +49,56 @@ def _warn_if_seen(ecfg: Config, subject: Any) -> None:
             log.warning("%s of experiment '%s': its prediction and CAM are optimistic", reason, ecfg.exp_name)
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Predict ``--input`` and export its CAM into ``runs/<exp>/explain/<name>/``.
+def _input_modality(subject: Subject) -> str:
+    """The OCTA-500 modality folder(s) an ``--input`` reads (``"OCTA"``, ``"OCT+OCTA"``, ``"OCTA(FULL)"``), or ``""``
+    when the input is no OCTA-500 eye folder or projection map."""
+    if "image" not in subject.paths:
+        return "+".join(sorted(subject.paths))  # an eye's OCT and OCTA folders: "OCT+OCTA"
+    return path_modality(Path(subject.paths["image"])) or ""
+
+
+def output_name(ecfg: Config, subject: Subject, checkpoints: list[Path]) -> tuple[str, dict[str, Any]]:
+    """The folder name under ``explain/`` for this input and these settings, and the settings it stands for.
+
+    Args:
+        ecfg: the checkpoint-derived config (effective ``--cam``, ``--cam-layer``, ``--cam-class``).
+        subject: the ``--input`` subject (its files name the input; an OCT+OCTA eye read through its OCT or its
+            OCTA folder is the same input).
+        checkpoints: the model file(s).
 
     Returns:
-        ``{"subject", "probabilities", "prediction", "checkpoints", "cam"...}`` (also written as prediction.json).
+        ``(name, settings)``: ``<ID>[_<modality>]_<cam>_<hash8>`` and the dictionary hashed (recorded in
+        prediction.json).
+    """
+    cam = ecfg.eval.cam
+    settings: dict[str, Any] = {
+        "files": sorted(str(Path(p).resolve()) for p in subject.paths.values()),
+        "checkpoints": sorted(str(Path(p).resolve()) for p in checkpoints),
+        "cam": cam, "cam_layer": (ecfg.eval.cam_layer or "default") if cam != "none" else None,
+        "cam_class": (ecfg.eval.cam_class or "predicted") if cam != "none" else None}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    parts = [subject.id, _input_modality(subject), cam if cam != "none" else "no-cam", digest]
+    return safe_name("_".join(p for p in parts if p)), dict(settings, hash=digest)
+
+
+def _refuse_existing(ecfg: Config, rel: str) -> None:
+    """Refuse before any work when ``explain/<name>/`` holds results and ``--overwrite`` was not given."""
+    path = ecfg.run_dir / rel
+    if path.is_dir() and any(path.iterdir()) and not ecfg.run.overwrite:
+        raise RunExistsError(f"{path} already holds the explanation of this scan with these settings; pass "
+                             "--overwrite to replace it (other CAM settings or another scan get their own folder)")
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Predict ``--input`` and export its CAM into ``runs/<exp>/explain/<name>/`` (:func:`output_name`).
+
+    Raises:
+        RunExistsError: that folder holds results and ``--overwrite`` was not given (checked before the scan is
+            read).
+
+    Returns:
+        ``{"subject", "input", "folder", "channels", "settings", "probabilities", "prediction", "checkpoints",
+        "cam"...}`` (also written as prediction.json).
     """
     if not cfg.eval.input:
         raise ConfigError("--mode explain needs --input PATH: a scan file (NIfTI, NRRD, MHA, .npy, TIFF, DICOM "
@@ -53,6 +109,8 @@ def run(cfg: Config) -> dict[str, Any]:
     device = place_models(models, dist.init_from_env(cfg.run.device))
     names = list(ref["class_names"])
     subject = subject_from_path(cfg.eval.input, ecfg.data)
+    folder, settings = output_name(ecfg, subject, [p for _, p, *_ in models])
+    _refuse_existing(ecfg, f"explain/{folder}")  # before the scan is decoded (seconds for a full-size eye)
     preset = build_preset(ecfg)
     image, record = preset.preprocess(subject)
     patches = range(len(record.patches)) if record.patches else [-1]
@@ -61,8 +119,10 @@ def run(cfg: Config) -> dict[str, Any]:
     pred = names[int(np.argmax(probs))]
     init_run(ecfg)
     _warn_if_seen(ecfg, subject)
-    out = stage_dir(ecfg, f"explain/{safe_name(subject.id)}")
-    result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "prediction": pred,
+    out = stage_dir(ecfg, f"explain/{folder}")
+    channels = [c.modality for c in scan_channels(subject, record, ecfg.data.modality)]
+    result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "folder": str(out),
+                              "channels": channels, "settings": settings, "prediction": pred,
                               "probabilities": {n: float(p) for n, p in zip(names, probs)},
                               "checkpoints": {n: str(p) for n, p, *_ in models}, "model": ref["model_name"],
                               "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}

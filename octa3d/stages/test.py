@@ -217,7 +217,7 @@ def print_summary(cfg: Config, m: dict[str, Any], out: Path, n: int) -> None:
                      f"{format_metric(fm, 'auc')}")
     lines += score_lines(m)
     lines += [f"Files in {out}/: metrics.json, predictions.csv, roc.png, confusion_matrix.png"
-              + (f", cams/ ({m['cam']['n_subjects']} subjects: *_cam.nii.gz, *_input.nii.gz, *_review.png)"
+              + (f", cams/ ({m['cam']['n_subjects']} subjects: *_cam.nii.gz, *_input_<modality>.nii.gz, *_review.png)"
                  if m.get("cam") else ""),
               f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}"]
     print("\n".join(lines))

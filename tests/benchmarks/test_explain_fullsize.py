@@ -26,7 +26,8 @@ def test_quick_explain_fullsize_result_is_well_formed(tmp_path, capsys):
     assert "explain 40x64x40: CAM computation" in by_name
     setup = res["setup"]
     assert setup["shape"] == [40, 64, 40] and setup["modality"] == "OCT+OCTA" and setup["model"] == "cnn"
-    # the stage really ran on the generated eye: CAM, both input scans and the review sheet
-    assert {"20001_cam.nii.gz", "20001_input_OCT.nii.gz", "20001_input_OCTA.nii.gz", "20001_review.png"} <= set(
-        setup["files"])
+    # the stage really ran on the generated eye: CAM, one input scan per modality (no unnamed duplicate) and the
+    # review sheet
+    assert sorted(setup["files"]) == ["20001_cam.nii.gz", "20001_input_OCT.nii.gz", "20001_input_OCTA.nii.gz",
+                                      "20001_review.png"]
     assert "| explain_fullsize | explain 40x64x40 OCT+OCTA: peak RSS" in capsys.readouterr().out

@@ -282,8 +282,9 @@ def test_octa500_bmp_stack_export_and_localization(tmp_path):
         img = sitk.ReadImage(str(cam_f))
         assert img.GetSize() == (16, 32, 16)
         assert np.allclose(img.GetSpacing(), (6 / 16, 2 / 32, 6 / 16))  # FOV spacing of the BMP stack
-        _assert_same_geometry(cam_f, tmp_path / "cams" / f"{s.id}_input.nii.gz")
+        _assert_same_geometry(cam_f, tmp_path / "cams" / f"{s.id}_input_OCTA.nii.gz")  # the modality read
         _assert_same_geometry(cam_f, Path(s.mask))
+    assert not list((tmp_path / "cams").glob("*_input.nii.gz"))
     loc = report["localization"]["per_class"]["CNV"]
     assert loc["n"] == 2 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1
     assert loc["mass_ratio"] == pytest.approx(loc["mass_inside"] / loc["lesion_fraction"], rel=0.5)
@@ -311,6 +312,76 @@ def test_2d_patch_model_export(tmp_path):
     peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
     assert 28 <= peak[0] < 38 and 38 <= peak[1] < 50, peak
     assert (tmp_path / "cams" / "img_review.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_two_channel_export_one_file_per_modality_and_sheet_names_it(tmp_path, monkeypatch):
+    """Issue 13 items 9 and 11: with OCT+OCTA, one input file per channel named by modality (no unnamed duplicate of
+    the OCT channel), and the review sheet is told which modality it draws, the slice files' names (B-scans
+    numbered as the files are) and the physical spacing (scale bars)."""
+    from octa3d.cam import export
+    from octa3d.data.sources import discover
+    from octa3d.data.synthetic import generate
+
+    generate(tmp_path / "data", 1, (8, 24, 8), seed=1, classes=("CNV",))
+    cfg = _cfg()
+    cfg.data.data_root, cfg.data.modality = str(tmp_path / "data"), "OCT+OCTA"
+    (s,) = discover(cfg.data, "3d")
+    preset = build_preset(cfg)
+    image, record = preset.preprocess(s)
+    seen = {}
+    real = export.review_figure_3d
+
+    def spy(volume, *a, **k):
+        seen.update(k, volume=volume)
+        return real(volume, *a, **k)
+
+    monkeypatch.setattr(export, "review_figure_3d", spy)
+    report = CamExporter(cfg, [BlobNet()], ["NORMAL", "CNV"], tmp_path / "cams", preset).export(
+        [CamItem(s, record, lambda: image[None, 1:], np.array([0.2, 0.8]), 1)])
+    names = sorted(f.name for f in (tmp_path / "cams").iterdir())
+    assert names == [f"{s.id}_cam.nii.gz", f"{s.id}_input_OCT.nii.gz", f"{s.id}_input_OCTA.nii.gz",
+                     f"{s.id}_review.png"]
+    assert set(report["subjects"][s.id]["files"]) == {"cam", "input_OCT", "input_OCTA", "review"}
+    truth = {}
+    for mod in ("OCT", "OCTA"):
+        files = sorted(Path(s.paths[mod]).glob("*.bmp"), key=lambda f: int(f.stem))
+        truth[mod] = sitk.GetArrayFromImage(sitk.ReadImage([str(f) for f in files], sitk.sitkUInt8))
+        stored = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "cams" / f"{s.id}_input_{mod}.nii.gz")))
+        assert np.array_equal(stored, truth[mod]), mod
+    assert not np.array_equal(truth["OCT"], truth["OCTA"])
+    # the sheet draws the OCTA channel and says so; B-scans are named by their files, 1.bmp first
+    assert seen["channel"] == "OCTA" and np.array_equal(seen["volume"], truth["OCTA"])
+    assert seen["slice_names"] == [f"{i}.bmp" for i in range(1, 9)]
+    assert np.allclose(seen["spacing"], (6 / 8, 2 / 24, 6 / 8))  # mm per array axis: scale bars
+
+
+def test_scan_channels_and_slice_files(tmp_path):
+    """Which modality each exported channel holds, for every kind of source; slice files in stacking order."""
+    from octa3d.cam.sources import scan_channels, slice_files
+    from octa3d.data.record import PreprocessRecord
+
+    def rec(channels=1, kind="clip3d", meta=None):
+        return PreprocessRecord(source={}, crop_box=[], cropped_shape=[], input_shape=[], channels=channels,
+                                kind=kind, meta=meta or {})
+
+    eye = tmp_path / "OCTA_6mm" / "OCTA" / "10001"
+    eye.mkdir(parents=True)
+    for i in range(1, 11):
+        (eye / f"{i}.bmp").write_bytes(b"")
+    oct_s = Subject("10001", None, {"OCT": "o", "OCTA": str(eye)})
+    assert [c.modality for c in scan_channels(oct_s, rec(2), "OCT+OCTA")] == ["OCT", "OCTA"]
+    assert [c.modality for c in scan_channels(oct_s, rec(), "OCTA")] == ["OCTA"]
+    assert [c.modality for c in scan_channels(Subject("10001", None, {"image": str(eye)}), rec(), "OCT")] == ["OCTA"]
+    f = tmp_path / "scan.nii.gz"
+    f.write_bytes(b"")
+    assert [c.modality for c in scan_channels(Subject("scan", None, {"image": str(f)}), rec(), "OCTA")] == [None]
+    proj = Subject("10001", None, {"OCTA": str(eye)}, projections={"OCTA(FULL)": "p.bmp"})
+    assert scan_channels(proj, rec(kind="patch2d", meta={"projection": "OCTA(FULL)"}), "OCTA")[0].modality == \
+        "OCTA(FULL)"
+    assert slice_files(str(eye)) == [f"{i}.bmp" for i in range(1, 11)]  # numeric, not name order
+    (eye / "5.bmp").unlink()
+    assert slice_files(str(eye)) is None  # a gap: no claim about which file a B-scan is
+    assert slice_files(str(f)) is None and slice_files(None) is None
 
 
 # ------------------------------------------------------------------------------------ --mode explain

@@ -229,7 +229,7 @@ def test_fold_ensemble_and_missing_checkpoint(experiment, tmp_path):
     assert (out / "predictions_fold-1.csv").is_file()
     # CAM of the ensemble (maps of both folds averaged) for the one requested subject only
     assert m["cam"]["n_models"] == 2 and m["cam"]["n_subjects"] == 1
-    assert sorted(f.name for f in (out / "cams").iterdir()) == [f"{sid}_cam.nii.gz", f"{sid}_input.nii.gz",
+    assert sorted(f.name for f in (out / "cams").iterdir()) == [f"{sid}_cam.nii.gz", f"{sid}_input_OCTA.nii.gz",
                                                                  f"{sid}_review.png"]
     # the map's status is in predictions.csv (subjects without maps say so) and counted in metrics.json
     pred = pd.read_csv(out / "predictions.csv", dtype={"subject": str}).set_index("subject")
