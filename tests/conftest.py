@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import SimpleITK as sitk
 
 # Keep the suite predictable on 2-core CI machines (and quiet when several workers share the cores).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -25,3 +29,40 @@ def _octa3d_logs_reach_caplog():
             child.setLevel(logging.NOTSET)
     yield
     logger.propagate = before
+
+
+# ------------------------------------------------------------------------------------ scans with a real geometry
+def _nifti_scan(path: Path) -> tuple[Path, np.ndarray]:
+    """uint8 (12, 40, 14) volume with a retina band, a blob, and a non-trivial affine."""
+    rng = np.random.default_rng(0)
+    vol = rng.integers(0, 20, (12, 40, 14), dtype=np.uint8)
+    vol[:, 14:26] += 60
+    vol[2:5, 17:21, 2:5] = 250  # the lesion, inside the retinal slab
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.3, 0.05, 0.2))
+    img.SetOrigin((10.0, -5.0, 3.0))
+    img.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+    return path, vol
+
+
+def _assert_same_geometry(a: Path, b: Path) -> None:
+    na, nb = nib.load(str(a)), nib.load(str(b))
+    assert na.shape == nb.shape
+    assert np.allclose(na.affine, nb.affine, atol=1e-5)
+    sa, sb = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
+    assert sa.GetSize() == sb.GetSize()
+    assert np.allclose(sa.GetSpacing(), sb.GetSpacing()) and np.allclose(sa.GetOrigin(), sb.GetOrigin())
+    assert np.allclose(sa.GetDirection(), sb.GetDirection())
+
+
+@pytest.fixture
+def nifti_scan():
+    """``nifti_scan(path) -> (path, volume)``: a small uint8 NIfTI scan with a lesion and a non-trivial affine."""
+    return _nifti_scan
+
+
+@pytest.fixture
+def same_geometry():
+    """``same_geometry(a, b)``: assert two images share shape, affine, spacing, origin and direction."""
+    return _assert_same_geometry

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -191,32 +190,8 @@ def _cfg(size=16, dim="3d", cam="gradcam", cam_layer="features.2", **pre) -> Con
     return cfg
 
 
-def _nifti_scan(path: Path) -> tuple[Path, np.ndarray]:
-    """uint8 (12, 40, 14) volume with a retina band, a blob, and a non-trivial affine."""
-    rng = np.random.default_rng(0)
-    vol = rng.integers(0, 20, (12, 40, 14), dtype=np.uint8)
-    vol[:, 14:26] += 60
-    vol[2:5, 17:21, 2:5] = 250  # the lesion, inside the retinal slab
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.3, 0.05, 0.2))
-    img.SetOrigin((10.0, -5.0, 3.0))
-    img.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    sitk.WriteImage(img, str(path))
-    return path, vol
-
-
-def _assert_same_geometry(a: Path, b: Path) -> None:
-    na, nb = nib.load(str(a)), nib.load(str(b))
-    assert na.shape == nb.shape
-    assert np.allclose(na.affine, nb.affine, atol=1e-5)
-    sa, sb = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
-    assert sa.GetSize() == sb.GetSize()
-    assert np.allclose(sa.GetSpacing(), sb.GetSpacing()) and np.allclose(sa.GetOrigin(), sb.GetOrigin())
-    assert np.allclose(sa.GetDirection(), sb.GetDirection())
-
-
-def test_nifti_export_round_trip_cropped_and_resized(tmp_path):
-    src, vol = _nifti_scan(tmp_path / "scanA.nii.gz")
+def test_nifti_export_round_trip_cropped_and_resized(tmp_path, nifti_scan, same_geometry):
+    src, vol = nifti_scan(tmp_path / "scanA.nii.gz")
     cfg = _cfg()
     subject = Subject("scanA", "CNV", {"image": str(src)})
     preset = build_preset(cfg)
@@ -227,8 +202,8 @@ def test_nifti_export_round_trip_cropped_and_resized(tmp_path):
         [CamItem(subject, record, lambda: image[None], np.array([0.3, 0.7]), 1)])
     tb.close()
     cam_f, in_f = tmp_path / "cams" / "scanA_cam.nii.gz", tmp_path / "cams" / "scanA_input.nii.gz"
-    _assert_same_geometry(cam_f, src)
-    _assert_same_geometry(in_f, src)
+    same_geometry(cam_f, src)
+    same_geometry(in_f, src)
     cam = sitk.GetArrayFromImage(sitk.ReadImage(str(cam_f)))
     assert cam.dtype == np.float32 and cam.shape == vol.shape and 0 <= cam.min() and cam.max() <= 1
     s0, s1 = record.crop_box[1]
@@ -243,10 +218,10 @@ def test_nifti_export_round_trip_cropped_and_resized(tmp_path):
     assert any((tmp_path / "tb").iterdir())
 
 
-def test_empty_map_is_reported_not_drawn(tmp_path, caplog):
+def test_empty_map_is_reported_not_drawn(tmp_path, caplog, nifti_scan):
     """Explaining class 0 of BlobNet has no positive evidence: the subject's status says so, a warning names it,
     no peak is claimed, the review sheet says NO EVIDENCE MAP, and localisation counts it as a miss."""
-    src, _ = _nifti_scan(tmp_path / "scanB.nii.gz")
+    src, _ = nifti_scan(tmp_path / "scanB.nii.gz")
     cfg = _cfg()
     cfg.eval.cam_class = "NORMAL"
     subject = Subject("scanB", "CNV", {"image": str(src)})
@@ -263,7 +238,7 @@ def test_empty_map_is_reported_not_drawn(tmp_path, caplog):
     assert "faithfulness" not in report  # no evidence, nothing to delete in order
 
 
-def test_octa500_bmp_stack_export_and_localization(tmp_path):
+def test_octa500_bmp_stack_export_and_localization(tmp_path, same_geometry):
     from octa3d.data.sources import discover
     from octa3d.data.synthetic import generate
 
@@ -282,8 +257,8 @@ def test_octa500_bmp_stack_export_and_localization(tmp_path):
         img = sitk.ReadImage(str(cam_f))
         assert img.GetSize() == (16, 32, 16)
         assert np.allclose(img.GetSpacing(), (6 / 16, 2 / 32, 6 / 16))  # FOV spacing of the BMP stack
-        _assert_same_geometry(cam_f, tmp_path / "cams" / f"{s.id}_input_OCTA.nii.gz")  # the modality read
-        _assert_same_geometry(cam_f, Path(s.mask))
+        same_geometry(cam_f, tmp_path / "cams" / f"{s.id}_input_OCTA.nii.gz")  # the modality read
+        same_geometry(cam_f, Path(s.mask))
     assert not list((tmp_path / "cams").glob("*_input.nii.gz"))
     loc = report["localization"]["per_class"]["CNV"]
     assert loc["n"] == 2 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -18,40 +17,16 @@ from octa3d.cli import parse_config
 from octa3d.errors import RunExistsError
 
 
-def _nifti_scan(path: Path) -> tuple[Path, np.ndarray]:
-    """uint8 (12, 40, 14) volume with a retina band, a blob, and a non-trivial affine."""
-    rng = np.random.default_rng(0)
-    vol = rng.integers(0, 20, (12, 40, 14), dtype=np.uint8)
-    vol[:, 14:26] += 60
-    vol[2:5, 17:21, 2:5] = 250  # the lesion, inside the retinal slab
-    img = sitk.GetImageFromArray(vol)
-    img.SetSpacing((0.3, 0.05, 0.2))
-    img.SetOrigin((10.0, -5.0, 3.0))
-    img.SetDirection((-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    sitk.WriteImage(img, str(path))
-    return path, vol
-
-
-def _assert_same_geometry(a: Path, b: Path) -> None:
-    na, nb = nib.load(str(a)), nib.load(str(b))
-    assert na.shape == nb.shape
-    assert np.allclose(na.affine, nb.affine, atol=1e-5)
-    sa, sb = sitk.ReadImage(str(a)), sitk.ReadImage(str(b))
-    assert sa.GetSize() == sb.GetSize()
-    assert np.allclose(sa.GetSpacing(), sb.GetSpacing()) and np.allclose(sa.GetOrigin(), sb.GetOrigin())
-    assert np.allclose(sa.GetDirection(), sb.GetDirection())
-
-
 def _explain_args(tmp_path: Path, *extra: str) -> list[str]:
     return ["--mode", "explain", "--runs-dir", str(tmp_path / "runs"), "--exp", "e", "--model", "cnn",
             "--input-size", "16", "--cam-layer", "features.block3.act", *extra]
 
 
-def test_explain_single_nifti(tmp_path, capsys):
+def test_explain_single_nifti(tmp_path, capsys, nifti_scan, same_geometry):
     from octa3d.stages.explain import run
     from octa3d.model import create_model
 
-    src, vol = _nifti_scan(tmp_path / "scanA.nii.gz")
+    src, vol = nifti_scan(tmp_path / "scanA.nii.gz")
     args = _explain_args(tmp_path, "--input", str(src))
     cfg, _ = parse_config(args)
     with pytest.raises(CheckpointError, match="no trained model"):
@@ -64,8 +39,8 @@ def test_explain_single_nifti(tmp_path, capsys):
     doc = json.loads((out / "prediction.json").read_text())
     assert doc["prediction"] in ("NORMAL", "CNV")
     assert sum(doc["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-    _assert_same_geometry(out / "scanA_cam.nii.gz", src)
-    _assert_same_geometry(out / "scanA_input.nii.gz", src)  # a NIfTI does not say its modality
+    same_geometry(out / "scanA_cam.nii.gz", src)
+    same_geometry(out / "scanA_input.nii.gz", src)  # a NIfTI does not say its modality
     assert (out / "scanA_review.png").is_file() and res["cam"]["backend"] == "layercam"  # the default method
     assert res["status"] in ("ok", "empty") and "peak" in res
     assert "predicted" in capsys.readouterr().out
@@ -90,14 +65,14 @@ def _model(cfg) -> None:
                                checkpoint.model_record(cfg, ["NORMAL", "CNV"], "classifier"), epoch=1, config=cfg)
 
 
-def test_explain_refuses_an_existing_folder_before_reading_the_scan(tmp_path, monkeypatch):
+def test_explain_refuses_an_existing_folder_before_reading_the_scan(tmp_path, monkeypatch, nifti_scan):
     """Item 8: the same scan with the same settings is refused at once (no decode); other CAM settings or another
     file with the same name get folders of their own."""
     from octa3d.stages import explain
 
-    src, _ = _nifti_scan(tmp_path / "scanA.nii.gz")
+    src, _ = nifti_scan(tmp_path / "scanA.nii.gz")
     (tmp_path / "b").mkdir()
-    other, _ = _nifti_scan(tmp_path / "b" / "scanA.nii.gz")
+    other, _ = nifti_scan(tmp_path / "b" / "scanA.nii.gz")
     args = _explain_args(tmp_path, "--input", str(src), "--faithfulness-subjects", "0")
     _model(parse_config(args)[0])
     explain.run(parse_config(args)[0])
@@ -155,7 +130,7 @@ def _bmp_stack(folder: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("modality", ["OCTA", "OCT+OCTA"])
-def test_explain_octa500_eye_writes_one_input_per_modality(tmp_path, modality):
+def test_explain_octa500_eye_writes_one_input_per_modality(tmp_path, modality, same_geometry):
     """Item 9: one input NIfTI per channel, named by modality, holding that modality's scan (before: an
     ``_input.nii.gz`` that held the OCT channel even for the OCTA folder, and duplicated ``_input_OCT``)."""
     from octa3d.data.synthetic import generate
@@ -174,5 +149,5 @@ def test_explain_octa500_eye_writes_one_input_per_modality(tmp_path, modality):
     for m in mods:
         stored = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{sid}_input_{m}.nii.gz")))
         assert np.array_equal(stored, _bmp_stack(eye.parent.parent / m / sid)), m
-        _assert_same_geometry(out / f"{sid}_input_{m}.nii.gz", out / f"{sid}_cam.nii.gz")
+        same_geometry(out / f"{sid}_input_{m}.nii.gz", out / f"{sid}_cam.nii.gz")
     assert out.name.startswith(f"{sid}_{modality}_gradcam_") and res["channels"] == mods
