@@ -66,3 +66,26 @@ def nifti_scan():
 def same_geometry():
     """``same_geometry(a, b)``: assert two images share shape, affine, spacing, origin and direction."""
     return _assert_same_geometry
+
+
+@pytest.fixture
+def capture_log(request):
+    """``capture_log(name) -> list``: log records of logger ``name`` (DEBUG and up), captured on the logger itself
+    (setup_logging turns propagation off); handler and level restored after the test."""
+    def capture(name: str) -> list[logging.LogRecord]:
+        out: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = out.append  # type: ignore[method-assign]
+        logger = logging.getLogger(name)
+        old = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+
+        def restore() -> None:
+            logger.removeHandler(handler)
+            logger.setLevel(old)
+
+        request.addfinalizer(restore)
+        return out
+
+    return capture

@@ -20,18 +20,9 @@ N_BSCANS, ROWS, COLS = 4, 16, 12
 
 
 @pytest.fixture
-def records():
+def records(capture_log):
     """Log records of ``octa3d.data`` (captured on the logger itself: setup_logging turns propagation off)."""
-    out: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = out.append  # type: ignore[method-assign]
-    logger = logging.getLogger("octa3d.data")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield out
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+    return capture_log("octa3d.data")
 
 
 def messages(records, level: int) -> str:

@@ -251,17 +251,8 @@ def test_split_settings_of_2d_folders_record_no_octa500_settings(tmp_path):
 
 
 @pytest.fixture
-def split_log():
-    out: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = out.append  # type: ignore[method-assign]
-    logger = logging.getLogger("octa3d.data.splits")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield out
-    logger.removeHandler(handler)
-    logger.setLevel(old)
+def split_log(capture_log):
+    return capture_log("octa3d.data.splits")
 
 
 def test_new_splits_outside_prepare_warn_and_name_experiments_over_the_same_data(tmp_path, split_log):
