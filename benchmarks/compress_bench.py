@@ -2,12 +2,13 @@
 
 Runs the documented commands in-process (and skips the steps whose outputs already exist)::
 
-    python main.py --mode synth --data-root WORK/data --n-subjects 90 --seed 1
-    python main.py --mode train --model resnet18 --input-size 32 --epochs 8 --init random \\
-        --runs-dir WORK/runs --exp cmp --data-root WORK/data
+    (90 generated NORMAL / CNV eyes, 32x64x32, in WORK/data)
+    python main.py --mode train --model resnet18 --input-size 32 --epochs 30 --init random --lr 1e-3 \\
+        --batch-size 8 --runs-dir WORK/runs --exp cmp --data-root WORK/data
     python main.py --mode compress --runs-dir WORK/runs --exp cmp --overwrite [compress flags]
 
-and returns the report's headline figures (targets of issue 6) in the benchmarks' result format. Latency uses
+and returns the report's headline figures (targets of issue 6) in the benchmarks' result format. A comparison
+with an fp32 baseline below 0.9 balanced accuracy is reported as not meaningful instead of met or missed. Latency uses
 ``$OCTA3D_BENCH_THREADS`` threads (default 1); ratios are measured within one run.
 
     python -m benchmarks.compress_bench [--work /tmp/cmp] [--quick] [-- --prune-mode structured ...]
@@ -20,6 +21,21 @@ import logging
 from pathlib import Path
 
 from benchmarks.common import Figure, finish, result, run_stage
+
+
+#: A compressed model is compared with its fp32 baseline only when that baseline is good: on a weak one ("int8
+#: loses <= 1 pp" of 0.56) the comparison says nothing about the compression.
+MIN_BASELINE = 0.9
+
+
+def comparison(name: str, target: dict, baseline: float | None) -> Figure:
+    """One int8-vs-fp32 target as a figure; not judged (``met`` None) when the fp32 baseline is weak."""
+    unit = "pp" if name.endswith("_pp") else "x"
+    if baseline is None or baseline < MIN_BASELINE:
+        return Figure(name, target["value"], unit, None, None,
+                      f"NOT MEANINGFUL: fp32 baseline balanced accuracy {baseline} < {MIN_BASELINE} "
+                      f"(target {target['target']} not judged)")
+    return Figure(name, target["value"], unit, target["target"], target["met"], "int8 vs fp32, hold-out set")
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -35,17 +51,19 @@ def main(args: list[str] | None = None) -> dict:
     setup_logging("WARNING")
     logging.getLogger("octa3d").setLevel(logging.WARNING)
     work = Path(ns.work)
-    n, model, size, epochs = (24, "cnn", "16", "1") if ns.quick else (90, "resnet18", "32", "8")
+    n, model, size, epochs = (24, "cnn", "16", "1") if ns.quick else (90, "resnet18", "32", "30")
     if not (work / "data").exists():
-        run_stage(["--mode", "synth", "--data-root", str(work / "data"), "--n-subjects", str(n), "--seed", "1"])
+        from octa3d.data.synthetic import generate
+
+        # the demo's task (NORMAL vs CNV): one a well-trained fp32 model solves, so a loss from int8 is visible
+        generate(work / "data", n, (16, 32, 16) if ns.quick else (32, 64, 32), seed=1, classes=("NORMAL", "CNV"))
     common = ["--runs-dir", str(work / "runs"), "--exp", "cmp"]
     if not (work / "runs" / "cmp" / "train" / "checkpoints" / "best.pt").exists():
         run_stage(["--mode", "train", "--model", model, "--input-size", size, "--epochs", epochs, "--init", "random",
-                   "--data-root", str(work / "data"), *common])
+                   "--lr", "1e-3", "--batch-size", "8", "--data-root", str(work / "data"), *common])
     rep = run_stage(["--mode", "compress", *common, "--overwrite", *ns.compress_args])
-    figures = [Figure(k, t["value"],
-                      "pp" if k.endswith("_pp") else "x", t["target"], t["met"], "int8 vs fp32, hold-out set")
-               for k, t in rep["targets"].items()]
+    base = rep["models"].get("fp32", {}).get("balanced_accuracy")
+    figures = [comparison(k, t, base) for k, t in rep["targets"].items()]
     for k, v in rep["models"].items():
         figures.append(Figure(f"{k} balanced accuracy", v["balanced_accuracy"], "", note=f"{v['latency_ms']:.1f} ms, "
                               f"{v['size_bytes'] / 1e6:.1f} MB, sparsity {v['sparsity'] or 0:.2f}"))

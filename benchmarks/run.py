@@ -26,7 +26,7 @@ log = logging.getLogger("octa3d.bench")
 
 REPO = Path(__file__).resolve().parent.parent
 #: Benchmark modules in the order they run (cheap and independent first).
-BENCHMARKS = ("data_pipeline", "train_step", "gradcam", "cam_quality", "explain_fullsize", "compress_bench",
+BENCHMARKS = ("data_pipeline", "train_step", "gradcam", "cam_quality", "explain_fullsize", "recipe", "compress_bench",
               "ae_transfer")
 
 

@@ -14,8 +14,12 @@ an error for flags that contradict the model; it lives in :mod:`octa3d.checkpoin
 
 from __future__ import annotations
 
+import io
 import logging
+import pickle
+import pickletools
 import re
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -171,6 +175,59 @@ def save_checkpoint(path: Path, model: nn.Module, record: dict[str, Any], *, epo
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+# torch's weights-only unpickler refuses what it does not allow with these words (GLOBAL os.system, a class ...)
+_REFUSED = re.compile(r"unsupported global|not an allowed global|is blocked|unsupported class", re.IGNORECASE)
+
+
+def _pickle_imports(p: Path) -> list[str] | None:
+    """What the pickle(s) in ``p`` import, parsed with :mod:`pickletools` (never run); None unless well-formed.
+
+    A torch zip archive's ``data.pkl`` is parsed; a legacy file is a few pickles in a row.
+    """
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = p.read_bytes()
+        stream, found = io.BytesIO(data), []
+        for _ in range(8):  # the legacy format holds 4 pickles (magic, version, system info, the object)
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(".".join(strings[-2:]))
+                if isinstance(arg, str):
+                    strings.append(arg)
+            if stream.tell() >= len(data) or data[stream.tell():stream.tell() + 1] not in (b"\x80", b"("):
+                break
+        return found
+    except Exception:  # noqa: BLE001 - not a well-formed pickle: damaged, not refused
+        return None
+
+
+def _load_error(p: Path, exc: Exception) -> CheckpointError:
+    """A refused (possibly malicious) pickle is not a damaged file: say which one it is."""
+    imports: list[str] | None = None
+    if isinstance(exc, pickle.UnpicklingError):
+        imports = _pickle_imports(p)
+        if not _REFUSED.search(str(exc)) and not imports:  # e.g. "Unsupported operand" of random bytes
+            imports = None
+    if imports is not None:
+        allowed = ("torch.", "collections.OrderedDict", "builtins.set", "numpy.")
+        odd = [i for i in dict.fromkeys(imports) if not i.startswith(allowed)] or imports
+        what = f": it imports {', '.join(odd[:3])}" if odd else ""
+        return CheckpointError(f"checkpoint {p} refused: the file contains code/objects that weights_only loading "
+                               f"does not allow (possibly malicious{what}); nothing in it was run. Use only "
+                               "checkpoints written by octa3d from a source you trust")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(Check the documentation|$)", str(exc), re.DOTALL)
+    detail = detail.group(1) if detail else str(exc)  # torch's long weights_only preamble says nothing here
+    return CheckpointError(f"checkpoint {p} is corrupt or partially written ({type(exc).__name__}: "
+                           f"{' '.join(detail.split())[:120]}); delete it and re-run the stage (or resume from "
+                           "another checkpoint)")
+
+
 def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``).
 
@@ -179,7 +236,8 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
         kind: expected ``kind`` ("classifier"/"autoencoder"), or None to accept any.
 
     Raises:
-        CheckpointError: missing, truncated/corrupt, not an octa3d checkpoint, or of another kind.
+        CheckpointError: missing, truncated/corrupt, refused by ``weights_only`` (objects or code other than
+            tensors and containers: possibly malicious, never run), not an octa3d checkpoint, or of another kind.
     """
     p = Path(path)
     if not p.is_file():
@@ -187,9 +245,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None) -> dict[str, Any]
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated zips / bad pickles
-        raise CheckpointError(f"checkpoint {p} is corrupt or partially written ({type(exc).__name__}: "
-                              f"{str(exc)[:120]}); delete it and re-run the stage (or resume from another "
-                              f"checkpoint)") from exc
+        raise _load_error(p, exc) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{p} is not an octa3d checkpoint (for plain weight files use --init-from)")
     if kind is not None and ckpt.get("kind") != kind:

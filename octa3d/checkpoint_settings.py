@@ -174,3 +174,68 @@ def checkpoint_config(cfg: Config, ckpt: dict[str, Any], *, fine_tune: bool = Fa
                 setattr(ecfg.train, f, copy.deepcopy(getattr(cfg.train, f)))
     ecfg.explicit, ecfg.argv = cfg.explicit, cfg.argv
     return ecfg
+
+
+# ------------------------------------------------------------------------------------------------ --resume
+#: Settings of this invocation, never taken from the recorded run (where it runs, how it logs, when it stops).
+RESUME_INVOCATION = frozenset({"mode", "exp", "runs_dir", "device", "num_workers", "overwrite", "log_level",
+                               "resume", "max_steps"})
+#: Settings a resumed training may change when given explicitly: how it computes, not what. ``--epochs`` may
+#: only grow (see :func:`resumed_config`).
+RESUME_SAFE = frozenset({"compile", "channels_last", "deterministic", "cache_dir"})
+#: Sections a training run does not read (this invocation's values are kept).
+_UNUSED_BY_TRAINING = ("eval", "synth", "compress")
+#: Fields holding paths: compared as resolved paths (``./data`` and ``data`` are one folder).
+_PATH_FIELDS = frozenset({"data_root", "labels", "init_from", "ae_extra_data"})
+
+
+def _same_setting(name: str, a: Any, b: Any) -> bool:
+    if name in _PATH_FIELDS and isinstance(a, str) and isinstance(b, str):
+        from pathlib import Path
+
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return _same(a, b)
+
+
+def resumed_config(cfg: Config, recorded: dict[str, Any], where: str) -> Config:
+    """The configuration a ``--resume`` continues with: the recorded run's, plus this invocation's safe settings.
+
+    Options not given explicitly take the recorded value (``--resume`` alone continues the run as it was), except
+    :data:`RESUME_INVOCATION` (always this invocation's). Explicit options that change what the run computes are
+    refused; only :data:`RESUME_SAFE` settings and a larger ``--epochs`` are taken from ``cfg``.
+
+    Args:
+        cfg: this invocation's configuration.
+        recorded: the run's recorded configuration (its ``config.yaml`` or the checkpoint's ``config``).
+        where: the file ``recorded`` came from (named in the error).
+
+    Returns:
+        The configuration to train with and to record in config.yaml.
+
+    Raises:
+        ConfigError: explicit options differ from the recorded run (each listed as ``--flag: recorded -> new``).
+    """
+    saved = _saved_config(recorded)
+    changes = []
+    for sec, f, _ in section_fields():
+        if (sec in _UNUSED_BY_TRAINING or f.name in RESUME_SAFE | RESUME_INVOCATION
+                or not cfg.is_explicit(f.name)):
+            continue
+        mine, rec = getattr(getattr(cfg, sec), f.name), getattr(getattr(saved, sec), f.name)
+        if _same_setting(f.name, mine, rec) or (f.name == "epochs" and int(mine) > int(rec)):
+            continue
+        why = " (fewer epochs than the run was started with)" if f.name == "epochs" else ""
+        changes.append(f"{_flag(f.name)}: {_show(rec)} -> {_show(mine)}{why}")
+    if changes:
+        raise ConfigError(
+            f"--resume continues the run recorded in {where} with its own settings, and these options would change "
+            f"it: {'; '.join(changes)}. Leave them out to resume (only more --epochs, --num-workers, --device, "
+            f"--max-steps, --deterministic ... may change), or start a new run with --overwrite or another --exp")
+    out = copy.deepcopy(saved)
+    for sec in _UNUSED_BY_TRAINING:
+        setattr(out, sec, copy.deepcopy(getattr(cfg, sec)))
+    for sec, f, _ in section_fields():
+        if f.name in RESUME_INVOCATION or (cfg.is_explicit(f.name) and f.name in RESUME_SAFE | {"epochs"}):
+            setattr(getattr(out, sec), f.name, copy.deepcopy(getattr(getattr(cfg, sec), f.name)))
+    out.explicit, out.argv = cfg.explicit, cfg.argv
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import sys
 from typing import Any, get_args, get_origin
@@ -101,6 +102,21 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namesp
     return cfg, ns
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of an octa3d error as one line.
+
+    An error raised in a DataLoader worker reaches the main process re-raised by torch with the worker's whole
+    traceback in its message ("Caught DiskFullError in DataLoader worker process 0. Original Traceback ...");
+    its last line holds the original message, after the exception's qualified name.
+    """
+    text = str(exc).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1].strip()
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ns = parse_config(argv)
     except Octa3dError as exc:
-        print(f"octa3d: error: {exc}", file=sys.stderr)
+        print(f"octa3d: error: {one_line(exc)}", file=sys.stderr)
         return 2
     setup_logging(cfg.run.log_level)
     if ns.list_models:
@@ -125,7 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(cfg)
     except Octa3dError as exc:
         log.debug("stopped", exc_info=True)
-        print(f"octa3d: error: {exc}", file=sys.stderr)
+        print(f"octa3d: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # a full disk hit by a writer outside utils.io's atomic writes: still one line naming the file
+        if exc.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise
+        log.debug("stopped", exc_info=True)
+        print(f"octa3d: error: {exc.filename or 'writing output'}: the disk is full ({exc.strerror}); free some "
+              f"space (or write elsewhere with --runs-dir/--cache-dir) and rerun", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("octa3d: interrupted", file=sys.stderr)

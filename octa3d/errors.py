@@ -22,3 +22,7 @@ class LeakageError(Octa3dError):
 
 class RunExistsError(Octa3dError):
     """A stage folder already holds results and ``--overwrite`` was not given."""
+
+
+class DiskFullError(Octa3dError):
+    """A write failed because the file system is full (or the user's disk quota is spent)."""

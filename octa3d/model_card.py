@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,20 @@ def write_card(card: dict[str, Any], folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ reading
+def _check_size(path: Path, info: dict[str, Any]) -> None:
+    """Compare the file with the size its card recorded (a cut copy is named as such, before any parser runs)."""
+    want, have = info.get("bytes"), path.stat().st_size
+    if isinstance(want, int) and want != have:
+        raise CardError(f"{path} is {have} bytes but its model card records {want}: the file is truncated or was "
+                        "replaced; copy it again or re-run --mode compress")
+
+
+def _unloadable(path: Path, what: str, exc: Exception) -> CardError:
+    first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+    return CardError(f"{path} is not {what} ({type(exc).__name__}: {first[:160]}); the file is truncated or damaged: "
+                     "copy it again or re-run --mode compress")
+
+
 class OnnxModule(nn.Module):
     """An onnxruntime session behind the ``nn.Module`` call interface (CPU; ``(N, C, ...)`` → logits).
 
@@ -155,6 +170,7 @@ class OnnxModule(nn.Module):
 
 
 def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is laid out like a TorchScript archive (a zip with ``constants.pkl`` or ``code/``)."""
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
@@ -163,22 +179,38 @@ def is_torchscript(path: Path) -> bool:
 
 def embedded_card(path: Path) -> str | None:
     """The model card that :func:`save_torchscript` stored inside a TorchScript archive (``<name>/extra/``)."""
-    with zipfile.ZipFile(path) as z:
-        hits = [n for n in z.namelist() if n.endswith(f"/extra/{CARD_NAME}")]
-        return z.read(hits[0]).decode() if hits else None
+    try:
+        with zipfile.ZipFile(path) as z:
+            hits = [n for n in z.namelist() if n.endswith(f"/extra/{CARD_NAME}")]
+            return z.read(hits[0]).decode() if hits else None
+    except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        raise CardError(f"{path}: damaged archive ({exc}); the file is truncated or not a TorchScript model: copy "
+                        "it again or re-run --mode compress") from exc
 
 
 def read_card(path: Path, embedded: str | None = None) -> dict[str, Any]:
+    """The model card beside ``path`` (or the one embedded in it).
+
+    Raises:
+        CardError: no card, a card that is not JSON, or not an octa3d card.
+    """
     side = path.parent / CARD_NAME
-    if side.is_file():
-        card = json.loads(side.read_text(encoding="utf-8"))
-    elif embedded:
-        card = json.loads(embedded)
-    else:
+    try:
+        if side.is_file():
+            card = json.loads(side.read_text(encoding="utf-8"))
+        elif embedded:
+            card = json.loads(embedded)
+        else:
+            card = None
+    except (ValueError, OSError) as exc:
+        raise CardError(f"{side if side.is_file() else path}: the model card is not valid JSON ({exc}); copy "
+                        "model_card.json again from the compress folder") from exc
+    if card is None:
         raise CardError(f"{path}: no {CARD_NAME} beside it; a compressed model needs its model card "
-                              f"(classes, input shape, preprocessing) — copy it from the compress folder")
-    if card.get("format") != CARD_FORMAT:
-        raise CardError(f"{side}: not an octa3d model card (format {card.get('format')!r})")
+                        f"(classes, input shape, preprocessing) — copy it from the compress folder")
+    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        fmt = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise CardError(f"{side}: not an octa3d model card (format {fmt!r})")
     return card
 
 
@@ -186,22 +218,32 @@ def load_exported(path: Path, threads: int | None = None) -> tuple[nn.Module, di
     """Load an exported TorchScript or ONNX file with its card (see :func:`octa3d.checkpoint.load_any_model`).
 
     Raises:
-        CardError: no card beside or inside the file, or not an octa3d card.
+        CardError: no card beside or inside the file, or not an octa3d card; a file shorter or longer than its
+            card records, or one that onnxruntime / ``torch.jit.load`` cannot load (truncated, or a look-alike).
     """
     if path.suffix.lower() == ".onnx":
         card = read_card(path)
         info = card.get("artifacts", {}).get(path.name, {})
+        _check_size(path, info)
         record = {**card["record"], "artifact_format": "onnx", "artifact": info, "device": "cpu",
                   "cam_capable": False, "card": card}
         is_q = str(info.get("precision", "int8" if "int8" in path.name else "fp32")).startswith("int8")
-        return OnnxModule(path, threads).eval(), record, is_q
+        try:
+            session = OnnxModule(path, threads)
+        except Exception as exc:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise _unloadable(path, "an ONNX model onnxruntime can load", exc) from exc
+        return session.eval(), record, is_q
     card = read_card(path, embedded_card(path))
+    info = card.get("artifacts", {}).get(path.name, {})
+    _check_size(path, info)
     engine = card.get("quantized_engine", "x86")
     # int8 weights are repacked for the engine that is active while loading: set it first, and leave it set
-    with quantized_engine(engine):
-        model = torch.jit.load(str(path), map_location="cpu")
+    try:
+        with quantized_engine(engine):
+            model = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise _unloadable(path, "a TorchScript model", exc) from exc
     torch.backends.quantized.engine = engine
-    info = card.get("artifacts", {}).get(path.name, {})
     record = {**card["record"], "artifact_format": "torchscript", "artifact": info, "device": "cpu",
               "cam_capable": False, "card": card}
     return model.eval(), record, str(info.get("precision", "int8")).startswith("int8")

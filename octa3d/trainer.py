@@ -7,6 +7,7 @@ between the stages (loss target, validation, freeze schedules, extra TensorBoard
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -16,11 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from octa3d.checkpoint import CheckpointWriter, load_checkpoint, save_checkpoint
+from octa3d.checkpoint_settings import resumed_config
 from octa3d.config import Config
+from octa3d.errors import ConfigError
 from octa3d.engine import Precision, StepPolicy, train_one_epoch, wrap
 from octa3d.optim import EarlyStopping, build_optimizer, build_scheduler
+from octa3d.utils.runs import last_checkpoints, resume_folder
 from octa3d.utils.seed import set_rng_state
 from octa3d.utils.tracking import History, tensorboard_writer
 
@@ -85,11 +90,54 @@ class FitState:
     finished: bool = False
 
 
-def _resume(spec: FitSpec, state: FitState, out: Path) -> None:
-    """Restore ``state`` from ``out/checkpoints/last.pt`` (and the best epoch's metrics from best.pt)."""
-    last = out / "checkpoints" / "last.pt"
+def resume_config(cfg: Config, stage: str) -> Config:
+    """``--resume``: the configuration of the run it continues (see
+    :func:`octa3d.checkpoint_settings.resumed_config`), checked before anything is written.
+
+    The recorded settings are the resumed folder's ``config.yaml`` (else its ``last.pt``'s). More ``--epochs``
+    are refused for a run that early stopping ended (they would not train).
+
+    Raises:
+        ConfigError: options that change the run, or more epochs after early stopping.
+    """
+    folder = resume_folder(cfg, stage) if cfg.train.resume else None
+    if folder is None:
+        return cfg
+    lasts = last_checkpoints(folder)
+    record = folder / "config.yaml"
+    try:
+        doc, where = yaml.safe_load(record.read_text(encoding="utf-8")), record
+    except (OSError, yaml.YAMLError):
+        doc, where = load_checkpoint(lasts[0]).get("config"), lasts[0]
+    if not isinstance(doc, dict):
+        log.warning("--resume: no recorded settings in %s; the settings of this invocation are used", folder)
+        return cfg
+    ecfg = resumed_config(cfg, doc, str(where))
+    for last in lasts:
+        ck = load_checkpoint(last)
+        early = ck.get("early_stopping") or {}
+        stopped = early.get("patience", 0) > 0 and early.get("bad_epochs", 0) >= early.get("patience", 0)
+        if ck.get("finished") and stopped and ecfg.train.epochs > int(ck["epoch"]):
+            raise ConfigError(f"--epochs {ecfg.train.epochs}: the run in {folder} was ended by early stopping after "
+                              f"epoch {ck['epoch']} ({last}), so more epochs would not train; start a new run with "
+                              f"--overwrite or another --exp")
+    return ecfg
+
+
+def _schedule_epochs(ck: dict[str, Any] | None, cfg: Config) -> int:
+    """The learning-rate schedule's horizon: the epochs the run was started with (a resumed run with more
+    ``--epochs`` keeps it, so its first epochs are unchanged and the extra ones train at the final rate)."""
+    if ck is None:
+        return cfg.train.epochs
+    if ck.get("schedule_epochs"):
+        return int(ck["schedule_epochs"])
+    saved = (ck.get("config") or {}).get("train") or {}
+    return int(saved.get("epochs") or cfg.train.epochs)
+
+
+def _resume(spec: FitSpec, state: FitState, out: Path, ck: dict[str, Any]) -> None:
+    """Restore ``state`` from ``ck`` (``out/checkpoints/last.pt``) and the best epoch's metrics from best.pt."""
     kind = spec.record["kind"]
-    ck = load_checkpoint(last, kind=kind)
     spec.model.load_state_dict(ck["state_dict"])
     state.optimizer.load_state_dict(ck["optimizer"])
     state.scheduler.load_state_dict(ck["scheduler"])
@@ -123,29 +171,39 @@ def fit(spec: FitSpec, cfg: Config, train_loader: Any, out: Path, device: torch.
     params = spec.params or list(spec.model.parameters())
     optimizer = build_optimizer(params, cfg)
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.train.accum_steps))
-    state = FitState(optimizer, build_scheduler(optimizer, cfg, steps_per_epoch),
+    last_ckpt = out / "checkpoints" / "last.pt"
+    ck = load_checkpoint(last_ckpt, kind=spec.record["kind"]) if cfg.train.resume and last_ckpt.exists() else None
+    horizon = _schedule_epochs(ck, cfg)
+    sched_cfg = cfg
+    if horizon != cfg.train.epochs:
+        sched_cfg = copy.deepcopy(cfg)
+        sched_cfg.train.epochs = horizon
+    state = FitState(optimizer, build_scheduler(optimizer, sched_cfg, steps_per_epoch),
                      Precision.for_device(device, cfg.train.amp),
                      EarlyStopping(mode=spec.mode, patience=cfg.train.patience), History(out / "history.csv"))
-    last_ckpt = out / "checkpoints" / "last.pt"
-    if cfg.train.resume and last_ckpt.exists():
-        _resume(spec, state, out)
-        if state.finished:
+    if ck is not None:
+        _resume(spec, state, out, ck)
+        if state.finished and (state.first_epoch >= cfg.train.epochs or state.early.should_stop):
             log.info("%s already finished (epoch %d); nothing to resume", name or out, state.first_epoch)
             return FitResult(state.best_metrics, state.first_epoch)
         log.info("Resuming %s from %s after epoch %d", name or out, last_ckpt, state.first_epoch)
+        if cfg.train.epochs > horizon:
+            log.info("--epochs %d: training continues past the %d-epoch learning-rate schedule; epochs %d-%d train "
+                     "at its final rate (1 %% of --lr)", cfg.train.epochs, horizon, max(horizon, state.first_epoch) + 1,
+                     cfg.train.epochs)
     elif cfg.train.resume:
         log.warning("--resume: no %s yet; starting %s from scratch", last_ckpt, name or out)
     tb = tensorboard_writer(out / "tensorboard")
     try:
         with CheckpointWriter() as writer:  # the next epoch trains while last.pt reaches the disk
-            _epochs(spec, state, cfg, train_loader, out, params, tb, writer, steps_per_epoch)
+            _epochs(spec, state, cfg, train_loader, out, params, tb, writer, steps_per_epoch, horizon)
     finally:
         tb.close()
     return FitResult(state.best_metrics, len(state.history.rows))
 
 
 def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out: Path, params: list[torch.Tensor],
-            tb: Any, writer: CheckpointWriter, steps_per_epoch: int) -> None:
+            tb: Any, writer: CheckpointWriter, steps_per_epoch: int, horizon: int) -> None:
     """The epoch loop of :func:`fit`."""
     policy = StepPolicy.from_config(cfg)
     step = state.first_epoch * steps_per_epoch
@@ -189,7 +247,8 @@ def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out:
             state.best_metrics = dict(metrics, epoch=epoch + 1)
             # weights and record only: test/explain/compress read best.pt, --resume reads last.pt
             save_checkpoint(out / "checkpoints" / "best.pt", spec.model, record, **ck)
-        save_checkpoint(last_ckpt, spec.model, {**record, "finished": stop}, optimizer=state.optimizer,
+        save_checkpoint(last_ckpt, spec.model, {**record, "finished": stop, "schedule_epochs": horizon},
+                        optimizer=state.optimizer,
                         scheduler=state.scheduler, precision=state.precision, **ck)
         text = spec.log_line(row) if spec.log_line else f"loss {train_loss:.4f}"
         log.info("%s %d/%d  %s%s  %.1fs", spec.kind_label, epoch + 1, cfg.train.epochs, text,

@@ -1,5 +1,6 @@
 """The command line: help, config precedence, errors, stage dispatch."""
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from octa3d.cli import build_parser, main, parse_config
 from octa3d.config import section_fields
+from octa3d.errors import DiskFullError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,3 +103,59 @@ def test_bare_octa3d_prints_help_not_a_prepare_error(tmp_path, capsys, monkeypat
     assert not cap.err and not (tmp_path / "runs").exists()
     res = subprocess.run([sys.executable, "main.py"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0 and "usage: octa3d" in res.stdout and "python main.py --mode synth" in res.stdout
+
+
+@pytest.mark.parametrize("args, yaml_text, expected", [
+    (["--lr", "nan"], None, "--lr: cannot read 'nan' as float: need a finite number"),
+    (["--slab-depth", "nan"], None, "--slab-depth"),
+    (["--num-workers", "-1"], None, "--num-workers -1"),
+    (["--device", "gpu0"], None, "--device 'gpu0'"),
+    ([], "epochs: true\n", "--epochs: cannot read True"),
+    ([], "exp: [a, b]\n", "--exp: cannot read ['a', 'b']"),
+    (["--exp", "../../escaped"], None, "--exp '../../escaped': must be a plain folder name"),
+])
+def test_misuse_is_one_line_error_before_anything_is_written(tmp_path, capsys, monkeypatch, args, yaml_text,
+                                                              expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inner").mkdir()
+    argv = ["--mode", "prepare", "--runs-dir", str(tmp_path / "inner" / "runs"), *args]
+    if yaml_text:
+        (tmp_path / "c.yaml").write_text(yaml_text, encoding="utf-8")
+        argv += ["--config", str(tmp_path / "c.yaml")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["inner", *(["c.yaml"] if yaml_text else [])])
+    assert not any((tmp_path / "inner").iterdir())
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device", "runs/x/train/history.csv"),
+                                 DiskFullError("runs/x/train/history.csv: cannot write it, the disk is full")])
+def test_full_disk_during_a_stage_is_one_line(tmp_path, capsys, monkeypatch, exc):
+    import octa3d.cli as cli
+
+    def stage(_cfg):
+        raise exc
+
+    monkeypatch.setattr(cli, "run_stage", stage)
+    assert main(["--mode", "prepare", "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("octa3d: error: runs/x/train/history.csv") and "disk is full" in err
+    assert err.count("\n") == 1
+
+
+def test_an_error_from_a_dataloader_worker_is_still_one_line(tmp_path, capsys, monkeypatch):
+    """torch re-raises a worker's exception with the worker's traceback in the message: only its last line shows."""
+    import octa3d.cli as cli
+
+    msg = ("Caught DiskFullError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+           "  File \"x.py\", line 1, in f\n    raise DiskFullError(...)\n"
+           "octa3d.errors.DiskFullError: /c/ab/k.npy: cannot write it, the disk is full (no space left on device)\n")
+
+    def stage(_cfg):
+        raise DiskFullError(msg)
+
+    monkeypatch.setattr(cli, "run_stage", stage)
+    assert main(["--mode", "prepare", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err == ("octa3d: error: /c/ab/k.npy: cannot write it, the disk is full (no space "
+                                       "left on device)\n")

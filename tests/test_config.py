@@ -69,3 +69,56 @@ def test_yaml_errors(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_yaml(bad)
+
+
+@pytest.mark.parametrize("values, flag", [
+    ({"lr": "nan"}, "--lr.*finite"),
+    ({"lr": "inf"}, "--lr.*finite"),
+    ({"lr": float("nan")}, "--lr.*finite"),
+    ({"slab-depth": "nan"}, "--slab-depth.*finite"),
+    ({"prune-amount": "-inf"}, "--prune-amount.*finite"),
+    ({"clip-percentiles": "1,nan"}, "--clip-percentiles.*finite"),
+    ({"epochs": True}, "--epochs.*true/false"),  # YAML `epochs: true` is not 1
+    ({"lr": True}, "--lr.*true/false"),
+    ({"exp": ["a", "b"]}, "--exp.*list"),  # YAML `exp: [a, b]` is not the text "['a', 'b']"
+    ({"exp": True}, "--exp.*quote"),
+    ({"augment": 5}, "--augment.*true or false"),
+    ({"epochs": 2.5}, "--epochs.*whole number"),
+    ({"classes": {"a": 1}}, "--classes.*mapping"),
+])
+def test_wrong_yaml_types_are_refused(values, flag):
+    with pytest.raises(ConfigError, match=flag):
+        apply_overrides(Config(), values, "c.yaml")
+
+
+def test_numbers_in_any_notation_for_integer_fields():
+    cfg = Config()
+    apply_overrides(cfg, {"max-voxels": "2e9", "epochs": 3.0, "seed": " 7 "}, "t")
+    assert (cfg.data.max_voxels, cfg.train.epochs, cfg.run.seed) == (2_000_000_000, 3, 7)
+
+
+@pytest.mark.parametrize("change, flag", [
+    ({"exp": "../../x"}, "--exp '../../x': must be a plain folder name inside --runs-dir"),
+    ({"exp": "/tmp/x"}, "--exp.*plain folder name"),
+    ({"exp": "a/b"}, "--exp.*plain folder name"),
+    ({"exp": "a\\b"}, "--exp.*plain folder name"),
+    ({"exp": ".."}, "--exp.*plain folder name"),
+    ({"model": "../x"}, "experiment name.*plain folder name"),
+    ({"device": "gpu0"}, "--device 'gpu0': choose auto, cpu, cuda"),
+    ({"num-workers": -1}, "--num-workers -1"),
+    ({"seed": -1}, "--seed -1"),
+    ({"weight-decay": -1}, "--weight-decay"),
+    ({"input-size": "4096"}, "--input-size.*--max-voxels"),
+])
+def test_validate_rejects_run_settings(change, flag):
+    cfg = Config()
+    apply_overrides(cfg, change, "t")
+    with pytest.raises(ConfigError, match=flag):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_strings_that_validate(device):
+    cfg = Config()
+    cfg.run.device = device
+    validate(cfg)  # availability is checked when the device is resolved (utils.dist), not here

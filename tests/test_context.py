@@ -80,3 +80,57 @@ def test_a_stage_making_new_splits_warns_and_names_the_prepared_experiment(data_
     assert any("NEW EXPERIMENT '3d-resnet18-binary'" in w and "'prepared' (the same split settings)" in w
                for w in warnings), warnings
     assert (runs / "3d-resnet18-binary" / "splits" / "split.json").is_file() and ctx.splits.test
+
+
+def _extra_with_copy(src_root: Path, extra: Path, eye: str, new_id: str) -> Path:
+    """``extra``: an OCTA-500 folder holding eye ``eye`` of ``src_root`` copied under ``new_id`` (both modalities)."""
+    import shutil
+
+    for mod in ("OCTA", "OCT"):
+        shutil.copytree(fov_folder(src_root) / mod / eye, extra / "OCTA_6mm" / mod / new_id)
+    return extra
+
+
+def test_a_test_scan_copied_under_a_new_id_into_ae_extra_data_is_refused(data_root, tmp_path):
+    from octa3d.context import guard_test_set
+    from octa3d.errors import LeakageError
+
+    runs = tmp_path / "runs"
+    ctx = setup_stage(config(data_root, runs, mode="prepare"))
+    test_eye, train_eye = ctx.splits.test[0], ctx.splits.train[0]
+    extra = _extra_with_copy(data_root, tmp_path / "extra", train_eye, "90001")  # a training scan: no leak
+    cfg = config(data_root, runs, mode="test")
+    cfg.train.ae_extra_data = str(extra)
+    guard_test_set(cfg, ctx.splits.test, ctx.splits)
+    _extra_with_copy(data_root, extra, test_eye, "90002")
+    with pytest.raises(LeakageError, match=rf"test refused: 1 hold-out test scan\(s\) are also in --ae-extra-data "
+                                           rf"under another ID, byte for byte: test subject {test_eye} = extra "
+                                           rf"subject 90002 "):
+        guard_test_set(cfg, ctx.splits.test, ctx.splits, subjects=ctx.subjects)
+    with pytest.raises(LeakageError, match=f"test subject {test_eye} = extra subject 90002"):
+        guard_test_set(cfg, ctx.splits.test, ctx.splits)  # subjects discovered again
+    # recorded by ae_pretrain (its config.yaml), not given again: still checked
+    cfg.train.ae_extra_data = None
+    (runs / "e" / "ae_pretrain").mkdir()
+    (runs / "e" / "ae_pretrain" / "config.yaml").write_text(f"train:\n  ae_extra_data: {extra}\n")
+    with pytest.raises(LeakageError, match="90002"):
+        guard_test_set(cfg, ctx.splits.test, ctx.splits)
+    # ae_pretrain itself refuses before training
+    cfg = config(data_root, runs, mode="ae_pretrain")
+    cfg.train.ae_extra_data = str(extra)
+    with pytest.raises(LeakageError, match=rf"ae_pretrain refused: .*test subject {test_eye} = extra subject 90002"):
+        setup_stage(cfg)
+
+
+def test_ae_pretrain_with_a_copied_test_scan_leaves_the_prepared_experiment_untouched(data_root, tmp_path):
+    from octa3d.errors import LeakageError
+
+    runs = tmp_path / "runs"
+    ctx = setup_stage(config(data_root, runs, mode="prepare"))
+    extra = _extra_with_copy(data_root, tmp_path / "extra", ctx.splits.test[-1], "copy")
+    before = {f: (runs / "e" / f).read_text() for f in ("config.yaml", "command.txt")}
+    cfg = config(data_root, runs, mode="ae_pretrain")
+    cfg.train.ae_extra_data = str(extra)
+    with pytest.raises(LeakageError, match=f"test subject {ctx.splits.test[-1]} = extra subject copy"):
+        setup_stage(cfg)
+    assert {f: (runs / "e" / f).read_text() for f in before} == before

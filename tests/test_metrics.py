@@ -80,3 +80,45 @@ def test_cluster_bootstrap_gives_duplicated_images_the_width_of_one_image_per_pa
              for name, ci in (("cluster", cluster), ("naive", naive))}
     assert width["naive"] < 0.85 * width["cluster"]
     assert cluster["n_valid"]["auc"] == 400  # stratified: AUC defined in every resample
+
+
+def test_predictions_csv_cannot_run_formulas(tmp_path):
+    """Subject IDs and labels from users' files are text cells a spreadsheet shows, never runs; probabilities stay
+    numbers."""
+    import csv
+
+    from octa3d.metrics import predictions_frame
+    from octa3d.utils.io import atomic_write_csv, read_csv
+
+    ids = ["=HYPERLINK(\"http://evil\",\"x\")", "+1+1", "-2", "@SUM(A1)", "10001"]
+    names = ["NORMAL", "-DR"]
+    y = np.array([0, 1, 0, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.5, 0.5]])
+    frame = predictions_frame(ids, y, probs, names)
+    path = atomic_write_csv(tmp_path / "predictions.csv", frame)
+    rows = list(csv.reader(path.open(encoding="utf-8", newline="")))  # the cells a spreadsheet gets
+    assert rows[0] == ["subject", "label", "p_NORMAL", "p_-DR", "prediction", "correct"]
+    assert rows[1][0] == "'" + ids[0] and rows[2] == ["'+1+1", "'-DR", "0.2", "0.8", "'-DR", "True"]
+    assert rows[3][:4] == ["-2", "NORMAL", "0.6", "0.4"]  # a number-like ID is no formula: unchanged
+    assert rows[4][0] == "'@SUM(A1)" and rows[5][0] == "10001"
+    back = read_csv(path, dtype={"subject": str})
+    assert back["subject"].tolist() == ids and back["label"].tolist() == ["NORMAL", "-DR"] * 2 + ["NORMAL"]
+
+
+def test_multiclass_summary_shows_recall_per_class_confusion_matrix_and_calls_out_a_dead_class():
+    from octa3d.metrics import evaluation_metrics, summary_lines
+
+    names = ["NORMAL", "AMD", "CNV", "CSC"]
+    y = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    pred = np.array([0, 0, 0, 2, 2, 2, 3, 3])  # AMD never right
+    probs = np.full((8, 4), 0.1)
+    probs[np.arange(8), pred] = 0.7
+    m = evaluation_metrics(y, probs, names)
+    m["class_names"] = names
+    text = "\n".join(summary_lines(m))
+    assert "recall per class   NORMAL 1.00 (n=2), AMD 0.00 (n=2), CNV 1.00 (n=2), CSC 1.00 (n=2)" in text
+    assert "    AMD         1      0      1      0" in text  # the AMD row of the confusion matrix
+    assert "WARNING: recall 0 for AMD" in text
+    binary = evaluation_metrics(np.array([0, 1, 0, 1]), np.array([[.8, .2], [.3, .7], [.6, .4], [.4, .6]]),
+                                ["NORMAL", "CNV"])
+    assert not any("recall per class" in line for line in summary_lines(binary))

@@ -10,7 +10,9 @@ not say which modality it is), ``<id>_review.png`` (en-face maximum projection w
 the slow-axis section through the CAM peak, naming the modality shown, with millimetre scale bars; 2D models: the
 image with the CAM overlaid) and central CAM slices in TensorBoard. A map without evidence (all zero, constant,
 non-finite) is reported per subject (``status``, a warning naming the subject and why) and its review sheet says
-so instead of marking a peak.
+so instead of marking a peak. ``<id>`` is the subject ID as a file-name stem (:func:`octa3d.utils.io.unique_names`:
+IDs that are not plain names, or that differ only in letter case, get a hash suffix, so distinct subjects never
+share files); ``names.csv`` in the folder maps every subject ID to its stem.
 
 Scores: with lesion masks the pointing game and mass in the lesion (:mod:`octa3d.cam.localization`); for the first
 ``--faithfulness-subjects`` subjects the deletion / insertion AUCs (:mod:`octa3d.cam.faithfulness`), which need no
@@ -37,7 +39,7 @@ from octa3d.config import Config
 from octa3d.data.nifti import write_nifti
 from octa3d.data.transforms import PreprocessRecord, to_source_space
 from octa3d.plots import central_slices, review_figure_2d, review_figure_3d, save_png
-from octa3d.utils.io import safe_name
+from octa3d.utils.io import atomic_write_csv, safe_name, unique_names
 
 log = logging.getLogger("octa3d.cam")
 
@@ -71,6 +73,7 @@ class CamExporter:
         self.computer = CamComputer(self.models, cfg.eval.cam, layers)
         self.batch_size = max(1, cfg.train.batch_size)
         self.faithful_left = max(0, int(cfg.eval.faithfulness_subjects))
+        self.stems: dict[str, str] = {}  # subject ID -> file stem, set by export() for all its subjects at once
 
     def _target(self, item: CamItem) -> int:
         return self.target if self.target is not None else int(np.argmax(item.probs))
@@ -129,7 +132,7 @@ class CamExporter:
     def export_one(self, item: CamItem, maps: np.ndarray, status: str = OK) -> dict[str, Any]:
         """Write the NIfTI/PNG/TensorBoard exports of one subject; returns its summary (status, peak,
         localization)."""
-        rec, name = item.record, safe_name(item.subject.id)
+        rec, name = item.record, self.stems.get(item.subject.id) or safe_name(item.subject.id)
         target = self._target(item)
         geo = rec.geometry
         # full-size scans: the float32 CAM (410 MB at 400x640x400) is written before the scan is read, so that
@@ -165,7 +168,7 @@ class CamExporter:
         files["review"] = save_png(sheet, self.out / f"{name}_review.png")
         if self.tb is not None:
             self.tb.add_image(f"cam/{name}", central_slices(cam, image[-1]), 0)
-        out: dict[str, Any] = {"target": self.class_names[target], "status": status,
+        out: dict[str, Any] = {"target": self.class_names[target], "status": status, "file_stem": name,
                                "files": {k: str(v) for k, v in files.items()},
                                "peak": ([int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
                                         if status == OK else None)}
@@ -188,10 +191,12 @@ class CamExporter:
 
         Returns:
             ``{"cam": {backend, layer, target, n_subjects, status_counts, seconds_per_volume, folder, ...},
-            "subjects": {id: {status, peak, files, localization?}}, "localization": ... (with lesion masks),
-            "faithfulness": ... (deletion / insertion AUCs)}``.
+            "subjects": {id: {status, file_stem, peak, files, localization?}}, "localization": ... (with lesion
+            masks), "faithfulness": ... (deletion / insertion AUCs)}``; ``names.csv`` (subject, file_stem) in the
+            folder.
         """
         self.out.mkdir(parents=True, exist_ok=True)
+        self.stems = unique_names(it.subject.id for it in items)
         per_subject: dict[str, Any] = {}
         faithful: dict[str, dict[str, float]] = {}
         seconds, faithful_s, t_start = 0.0, 0.0, time.perf_counter()
@@ -205,6 +210,7 @@ class CamExporter:
                 if scores is not None:
                     faithful[item.subject.id] = scores
                 log.debug("CAM of %s written", item.subject.id)
+        self._write_names(per_subject)
         counts: dict[str, int] = {}
         for v in per_subject.values():
             counts[v["status"]] = counts.get(v["status"], 0) + 1
@@ -228,6 +234,13 @@ class CamExporter:
                  self.layer, len(items), f", {bad} without evidence map" if bad else "",
                  report["cam"]["seconds_per_volume"], self.out)
         return report
+
+    def _write_names(self, per_subject: dict[str, Any]) -> None:
+        """``names.csv``: subject ID -> file stem of the subjects exported by this call."""
+        import pandas as pd
+
+        atomic_write_csv(self.out / "names.csv", pd.DataFrame(
+            {"subject": list(per_subject), "file_stem": [v["file_stem"] for v in per_subject.values()]}))
 
 
 def score_lines(m: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ mapping a run folder's ``config.yaml`` holds. Precedence: field default < ``--co
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -22,10 +23,58 @@ def _field_index() -> dict[str, tuple[str, dataclasses.Field, Any]]:
     return {f.name: (sec, f, tp) for sec, f, tp in section_fields()}
 
 
+class _Why(ValueError):
+    """Why a value was refused (shown in the message, unlike Python's own conversion errors)."""
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    """``value`` as ``tp`` (bool, int, float or str), refusing what only looks convertible.
+
+    YAML gives typed values: ``true`` is not the integer 1, ``[a, b]`` is not the string ``"['a', 'b']"``, and
+    ``nan``/``inf`` are no learning rate or fraction. Raises ValueError (:class:`_Why`: with the reason).
+    """
+    if isinstance(value, (list, tuple, dict, set)):
+        kind = "mapping" if isinstance(value, dict) else "list"
+        raise _Why(f"got a {kind}, need one value")
+    if tp is bool:
+        if isinstance(value, str):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        elif isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+            return bool(value)
+        raise _Why("need true or false")
+    if isinstance(value, bool):
+        raise _Why("got true/false, need " + ("a number" if tp in (int, float) else "text (quote it in YAML)"))
+    if tp is str:
+        return str(value)
+    if tp is float:
+        out = float(value)
+        if not math.isfinite(out):
+            raise _Why("need a finite number")
+        return out
+    if tp is int:
+        if isinstance(value, int):
+            return value
+        num = float(value) if isinstance(value, str) and not value.strip().lstrip("+-").isdigit() else value
+        if isinstance(num, float):  # 1e9 or 3.0 (YAML reads 1e9 as text): whole numbers only
+            if not math.isfinite(num) or not num.is_integer():
+                raise _Why("need a whole number")
+            return int(num)
+        return int(num)
+    return tp(value)
+
+
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type.
 
     Lists accept a comma-separated string or a YAML list; ``None``/``null`` is allowed for optional fields.
+    Booleans are not numbers or text, lists not text, and floats must be finite.
+
+    Raises:
+        ConfigError: naming the flag, the value and what is needed.
     """
     flag = "--" + name.replace("_", "-")
     args = get_args(tp)
@@ -36,29 +85,23 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         raise ConfigError(f"{flag} may not be empty")
     inner = [a for a in args if a is not type(None)][0] if optional else tp
     origin = get_origin(inner)
+    what = (f"a list of {get_args(inner)[0].__name__}" if origin is list
+            else getattr(inner, "__name__", str(inner)))
     try:
         if origin is list:
             (elem,) = get_args(inner)
             items = value
             if isinstance(value, str):
                 items = [v for v in re.split(r"[,\s]+", value.strip()) if v]
+            elif isinstance(value, dict):
+                raise _Why("got a mapping")
             elif not isinstance(value, (list, tuple)):
                 items = [value]
-            return [elem(v) if elem is not str else str(v).strip() for v in items]
-        if inner is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if inner is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return inner(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{flag}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from exc
+            return [_scalar(v.strip() if isinstance(v, str) else v, elem) for v in items]
+        return _scalar(value, inner)
+    except (TypeError, ValueError, OverflowError) as exc:
+        why = f": {exc}" if isinstance(exc, _Why) else ""
+        raise ConfigError(f"{flag}: cannot read {value!r} as {what}{why}") from exc
 
 
 def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> None:
@@ -136,11 +179,14 @@ def validate(cfg: Config) -> None:
         val = getattr(getattr(cfg, sec), f.name)
         if choices and val not in choices:
             raise ConfigError(f"--{f.name.replace('_', '-')} {val!r}: choose one of {', '.join(choices)}")
+    _validate_run(cfg)
     d, p = cfg.data, cfg.preprocess
     if not 0.0 < d.test_fraction < 1.0:
         raise ConfigError(f"--test-fraction {d.test_fraction}: must be between 0 and 1")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction {d.val_fraction}: must be in [0, 1)")
+    if d.max_voxels < 1:
+        raise ConfigError(f"--max-voxels {d.max_voxels}: must be >= 1")
     if d.folds < 1:
         raise ConfigError(f"--folds {d.folds}: must be >= 1 (1 = single train/val split)")
     if len(p.clip_percentiles) != 2 or not 0 <= p.clip_percentiles[0] < p.clip_percentiles[1] <= 100:
@@ -149,6 +195,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--slab-depth {p.slab_depth}: must be > 0")
     if any(s < 8 for s in cfg.input_shape):
         raise ConfigError(f"--input-size {cfg.input_shape}: every side must be >= 8")
+    if math.prod(cfg.input_shape) > d.max_voxels:
+        raise ConfigError(f"--input-size {cfg.input_shape}: {math.prod(cfg.input_shape)} voxels per sample is "
+                          f"more than --max-voxels {d.max_voxels}")
     if p.patch_size < 0 or p.patch_stride < 0:
         raise ConfigError("--patch-size/--patch-stride must be >= 0")
     if p.depth_axis not in (0, 1, 2):
@@ -156,6 +205,8 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 1 or t.lr <= 0:
         raise ConfigError("--epochs, --batch-size must be >= 1 and --lr > 0")
+    if t.weight_decay < 0:
+        raise ConfigError(f"--weight-decay {t.weight_decay}: must be >= 0")
     if t.warmup_epochs < 0 or t.patience < 0 or t.freeze_encoder_stages < 0 or t.freeze_epochs < 0:
         raise ConfigError("--warmup-epochs, --patience, --freeze-encoder-stages, --freeze-epochs must be >= 0")
     if t.max_steps < 0:
@@ -170,6 +221,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--n-subjects must be >= 1")
     if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):
         raise ConfigError(f"--shape {cfg.synth.shape}: need three sizes >= 8 (B-scans,depth,width)")
+    if math.prod(cfg.synth.shape) > d.max_voxels:
+        raise ConfigError(f"--shape {cfg.synth.shape}: {math.prod(cfg.synth.shape)} voxels per volume is more "
+                          f"than --max-voxels {d.max_voxels}")
     c = cfg.compress
     if not 0.0 <= c.prune_amount < 1.0:
         raise ConfigError(f"--prune-amount {c.prune_amount}: must be in [0, 1) (the final fraction of weights pruned)")
@@ -177,6 +231,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--prune-rounds {c.prune_rounds}: must be >= 1")
     if c.qat_epochs < 0 or c.finetune_epochs < 0:
         raise ConfigError("--qat-epochs and --finetune-epochs must be >= 0")
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _validate_run(cfg: Config) -> None:
+    """The experiment name stays one folder inside --runs-dir; --device, --num-workers, --seed are usable."""
+    r = cfg.run
+    name, flag = cfg.exp_name, "--exp" if r.exp is not None else "the experiment name (from --dim/--model/--task)"
+    if (name.strip() in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute()
+            or Path(name).drive):
+        raise ConfigError(f"{flag} {name!r}: must be a plain folder name inside --runs-dir (no '/', '\\', '..' or "
+                          f"absolute path); choose the parent folder with --runs-dir")
+    if not DEVICE_PATTERN.fullmatch(r.device):
+        raise ConfigError(f"--device {r.device!r}: choose auto, cpu, cuda, cuda:N (N = GPU index) or mps")
+    if r.num_workers < 0:
+        raise ConfigError(f"--num-workers {r.num_workers}: must be >= 0 (0 = load in the main process)")
+    if not 0 <= r.seed < 2**32:
+        raise ConfigError(f"--seed {r.seed}: must be in 0..{2**32 - 1} (NumPy's seed range)")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -33,10 +33,12 @@ class RunConfig:
     """Where the experiment lives and how it runs."""
 
     mode: str = opt("prepare", "Pipeline stage to run.", choices=MODES)
-    exp: str | None = opt(None, "Experiment name: runs/<exp>/ (default: <dim>-<model>-<task>).")
+    exp: str | None = opt(None, "Experiment name, a plain folder name (no '/', '..'): <runs-dir>/<exp>/ "
+                                "(default: <dim>-<model>-<task>).")
     runs_dir: str = opt("runs", "Folder holding experiment folders.")
     seed: int = opt(42, "Seed for splits, Python, NumPy, torch and DataLoader workers.")
-    device: str = opt("auto", "Torch device: auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    device: str = opt("auto", "Torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps; "
+                              "asking for one this machine lacks is an error, not a CPU run.")
     num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process).")
     overwrite: bool = opt(False, "Replace an existing stage folder instead of refusing.")
     log_level: str = opt("INFO", "Console log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -59,8 +61,9 @@ class DataConfig:
                                      "slab) or an OCTA-500 'Projection Maps' folder name, e.g. 'OCTA(FULL)'.")
     group_regex: str = opt(r"^[A-Za-z]+-(\d+)-", "Regex whose first group is the patient ID in 2D file names "
                                                  "(default matches Kermany 'CNV-13823-1.jpeg').")
-    skip_unlabeled: bool = opt(False, "Skip images without labels and labels without images (listed) instead "
-                                      "of stopping.")
+    skip_unlabeled: bool = opt(False, "Skip images without labels, labels without images and labelled subjects "
+                                      "whose needed files (for --dim/--modality/--projection) are missing, all "
+                                      "listed, instead of stopping.")
     task: str = opt("binary", "binary: --negative vs everything else; multi: one class per disease.",
                     choices=("binary", "multi"))
     classes: list[str] | None = opt(None, "Comma-separated classes to keep for --task multi (default: all present).")
@@ -70,6 +73,9 @@ class DataConfig:
     test_fraction: float = opt(0.3, "Hold-out test fraction of subjects (subject-level, stratified).")
     val_fraction: float = opt(0.2, "Validation fraction of the non-test subjects (ignored when --folds > 1).")
     folds: int = opt(1, "Cross-validation folds inside the non-test subjects (1 = single train/val split).")
+    max_voxels: int = opt(1_000_000_000, "Largest scan or image read, in voxels/pixels as its header declares "
+                                          "(also bounds label sheets); larger files are refused before any memory "
+                                          "is allocated. Raise it for genuinely huge scans.")
 
 
 @dataclass

@@ -62,18 +62,20 @@ def bmp8_header(data: bytes) -> tuple[int, int, int, bool, bytes] | None:
     return width, abs(height), offset, height < 0, data[table:table + 4 * n_colors]
 
 
-#: Bytes of a BMP file that :func:`bmp_dims` needs (file header + the start of the DIB header).
-BMP_HEAD = 34
+#: Bytes of a BMP file that :func:`bmp_dims` needs (file header + the DIB header up to its image-size field).
+BMP_HEAD = 38
 
 
 def bmp_dims(head: bytes, file_size: int | None = None) -> tuple[int, int, int] | str:
     """``(width, height, bits per pixel)`` from the first :data:`BMP_HEAD` bytes of any BMP, or why not.
 
-    No pixel is read: this is the cheap check of a whole dataset's slice sizes at discovery.
+    No pixel is read: this is the cheap check of a whole dataset's slice sizes at discovery, and of every BMP
+    before it is decoded (ITK reads a cut BMP without complaint, returning whatever memory held).
 
     Args:
         head: the file's first bytes.
-        file_size: the file's size; when given, an uncompressed file too short for its pixels is reported.
+        file_size: the file's size; when given, a file too short for its pixels is reported (uncompressed files:
+            the pixel size; RLE-compressed ones: the compressed size their header declares).
 
     Returns:
         The dimensions, or a reason string (``"not a BMP file"``, ``"truncated ..."``).
@@ -81,17 +83,25 @@ def bmp_dims(head: bytes, file_size: int | None = None) -> tuple[int, int, int] 
     if len(head) < 26 or head[:2] != b"BM":
         return "not a BMP file"
     offset, hsize = struct.unpack_from("<II", head, 10)
+    if file_size is not None and file_size < max(offset, _FILE_HEADER + hsize):
+        return f"truncated ({file_size} bytes, its header and palette need {max(offset, _FILE_HEADER + hsize)})"
+    image_size = 0
     if hsize == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
         width, height, _, bpp = struct.unpack_from("<HHHH", head, 18)
         compression = 0
-    elif len(head) >= BMP_HEAD and hsize >= 40:
+    elif len(head) >= 34 and hsize >= 40:
         width, height, _, bpp, compression = struct.unpack_from("<iiHHI", head, 18)
+        if len(head) >= 38:
+            image_size = struct.unpack_from("<I", head, 34)[0]
     else:
         return "unsupported BMP header"
     if width <= 0 or height == 0 or bpp not in (1, 4, 8, 16, 24, 32):
         return f"invalid BMP header ({width}×{height}, {bpp} bits per pixel)"
-    if file_size is not None and compression in (0, 3):  # BI_RGB, BI_BITFIELDS: stored uncompressed
-        need = offset + (width * bpp + 31) // 32 * 4 * abs(height)
+    if file_size is not None:
+        if compression in (0, 3):  # BI_RGB, BI_BITFIELDS: stored uncompressed
+            need = offset + (width * bpp + 31) // 32 * 4 * abs(height)
+        else:  # RLE/JPEG/PNG inside: only the header's compressed size says what must be there (0: unknown)
+            need = offset + image_size if image_size else 0
         if file_size < need:
             return f"truncated ({file_size} bytes, {need} needed for {width}×{abs(height)} pixels)"
     return width, abs(height), bpp

@@ -121,7 +121,11 @@ class PreprocessCache:
         npy, meta = self.paths(key)
         with atomic_path(npy) as tmp:
             np.save(tmp, np.ascontiguousarray(array, dtype=np.float16))
-        atomic_write_text(meta, json.dumps(record.to_dict()))
+        try:
+            atomic_write_text(meta, json.dumps(record.to_dict()))
+        except BaseException:
+            npy.unlink(missing_ok=True)  # an array without its record is never read: do not leave it behind
+            raise
 
     def get(self, subject: Subject, key: str | None = None) -> tuple[np.ndarray, PreprocessRecord]:
         """The cached entry of ``subject``, preprocessing and storing it on a miss."""

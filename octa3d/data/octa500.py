@@ -94,6 +94,34 @@ def match_projection(folder: Path, wanted: str) -> Path | None:
     return lower.get(wanted.lower())
 
 
+def eyes_with_maps_only(fov_folder: Path, projection: str | None) -> dict[str, list[str]]:
+    """Eyes of one field of view that have projection maps but no scan discovery would use: neither an ``OCT`` nor
+    an ``OCTA`` folder, nor (``projection``: the map type ``--projection`` names) that map.
+
+    Args:
+        fov_folder: ``<root>/OCTA_<fov>``.
+        projection: the requested map type for ``--dim 2d``, or None when volumes are needed (3D, ``compute``).
+
+    Returns:
+        Eye ID → the map types it has (what the user probably mistook for its scan), for such eyes only.
+    """
+    maps_root = fov_folder / PROJECTIONS_DIR
+    if not maps_root.is_dir():
+        return {}
+    chosen = match_projection(maps_root, projection) if projection is not None else None
+    have = set().union(*({d.name for d in visible(fov_folder / m) if d.is_dir()} for m in MODALITIES
+                         if (fov_folder / m).is_dir()))
+    out: dict[str, list[str]] = {}
+    for tdir in sorted((d for d in visible(maps_root) if d.is_dir()), key=lambda d: d.name):
+        for f in visible(tdir):
+            if f.is_file() and file_suffix(f) in SLICE_EXTS and f.stem not in have:
+                out.setdefault(f.stem, []).append(tdir.name)
+    if chosen is not None:  # an eye with the chosen map is a 2D subject: discovery uses it
+        for sid in [s for s, types in out.items() if chosen.name in types]:
+            del out[sid]
+    return out
+
+
 def find_label_tables(root: Path, fov_dirs: Iterable[Path]) -> list[Path]:
     """``Text labels.xlsx`` (or .csv / labels.*) in the root, else one table per FOV folder (merged later)."""
 

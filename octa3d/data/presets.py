@@ -7,6 +7,7 @@ and holds the training augmentation (``augment``). :func:`build_preset` picks th
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -44,7 +45,9 @@ class _Preset:
         """Read ``subject`` with the injected loader (default :func:`octa3d.data.readers.load_subject`)."""
         loader = self._loader
         if loader is None:
-            from octa3d.data.readers import load_subject as loader
+            from octa3d.data.readers import load_subject
+
+            loader = functools.partial(load_subject, max_voxels=self.cfg.data.max_voxels)
         try:
             return loader(subject, self.cfg.data.modality)
         except DataError as exc:
@@ -57,7 +60,9 @@ class _Preset:
         """Read a 2D image with the injected reader (default :func:`octa3d.data.readers.read_image_2d`)."""
         reader = self._reader
         if reader is None:
-            from octa3d.data.readers import read_image_2d as reader
+            from octa3d.data.readers import read_image_2d
+
+            reader = functools.partial(read_image_2d, max_voxels=self.cfg.data.max_voxels)
         return reader(path)
 
     def source_paths(self, subject: Subject) -> list[str]:

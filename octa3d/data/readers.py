@@ -10,43 +10,47 @@ Supported inputs:
 * 2D images (PNG/JPG/BMP/TIF) for :func:`read_image_2d`.
 
 Pixel types are kept as stored, colour pixels become one grayscale channel (:mod:`octa3d.data.imagefiles`).
-Every problem a user can fix raises :class:`~octa3d.errors.DataError` naming the file or folder and the fix.
+Every problem a user can fix raises :class:`~octa3d.errors.DataError` naming the file or folder and the fix,
+including truncated files and headers declaring more voxels than ``max_voxels`` (``--max-voxels``; the readers take
+it as a keyword, ``None`` meaning the schema's default :data:`MAX_VOXELS`), refused before any allocation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from octa3d.data.imagefiles import (FORMATS_HELP, SITK_EXTS, SLICE_EXTS, SUPPORTED_EXTS, file_suffix, read_sitk_file,
-                                    squeeze_4d)
+from octa3d.data.imagefiles import (FORMATS_HELP, MAX_VOXELS, SITK_EXTS, SLICE_EXTS, SUPPORTED_EXTS, check_voxels,
+                                    file_suffix, read_sitk_file, squeeze_4d)
 from octa3d.data.slices import read_folder, slice_number
 from octa3d.data.subject import Geometry, Subject
 from octa3d.errors import DataError
 
-__all__ = ["SITK_EXTS", "SLICE_EXTS", "SUPPORTED_EXTS", "check_values", "file_suffix", "load_subject",
+__all__ = ["MAX_VOXELS", "SITK_EXTS", "SLICE_EXTS", "SUPPORTED_EXTS", "check_values", "file_suffix", "load_subject",
            "read_image_2d", "read_volume", "slice_number"]
 
 
-def _read_any(path: str | Path, spacing: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+def _read_any(path: str | Path, spacing: Sequence[float] | None = None, max_voxels: int | None = None
+              ) -> tuple[np.ndarray, Geometry]:
     """Read a 2D or 3D scan of any supported kind; the workhorse behind the public readers."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder; check --data-root / the manifest path")
     if p.is_dir():
-        img = read_folder(p)
+        img = read_folder(p, max_voxels)
     else:
         ext = file_suffix(p)
         if ext == ".npy":
-            return _read_npy(p, spacing)
+            return _read_npy(p, spacing, max_voxels)
         if ext not in SITK_EXTS:
             raise DataError(f"{p}: unsupported file type '{ext or p.name}'; expected {FORMATS_HELP}, or a 2D "
                             "image (.png/.jpg/.bmp/.tif)")
-        img = squeeze_4d(read_sitk_file(p), p)
+        img = squeeze_4d(read_sitk_file(p, max_voxels), p)
     ndim = img.ndim if isinstance(img, np.ndarray) else img.GetDimension()
     if spacing is not None:
         if len(spacing) != ndim:
@@ -59,8 +63,32 @@ def _read_any(path: str | Path, spacing: Sequence[float] | None = None) -> tuple
     return sitk.GetArrayFromImage(img), Geometry.from_sitk(img)
 
 
-def _read_npy(p: Path, spacing: Sequence[float] | None) -> tuple[np.ndarray, Geometry]:
+def _check_npy(p: Path, max_voxels: int | None) -> None:
+    """Check a ``.npy`` header before loading: a numeric dtype, a shape within ``max_voxels``, all bytes present.
+
+    ``np.load`` allocates the header's shape first, so a header claiming 2000³ float32 would end in a MemoryError
+    (or the OOM killer), and a cut file in numpy's own message.
+    """
+    fmt = np.lib.format
+    with open(p, "rb") as f:
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(f, max_header_size=1 << 16)
+        start = f.tell()
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{p}: array of dtype {dtype}; expected a numeric array")
+    check_voxels(p, shape, max_voxels)
+    need = start + math.prod(shape) * dtype.itemsize
+    size = p.stat().st_size
+    if size < need:
+        raise DataError(f"{p} is truncated ({size} bytes, its header declares {need} for a {dtype} array of shape "
+                        f"{shape}); an interrupted copy or download leaves such files: copy it again or remove it")
+
+
+def _read_npy(p: Path, spacing: Sequence[float] | None, max_voxels: int | None = None
+              ) -> tuple[np.ndarray, Geometry]:
     try:
+        _check_npy(p, max_voxels)
         arr = np.load(p, allow_pickle=False)  # never unpickle: a data file must not run code
     except (ValueError, OSError, EOFError) as exc:
         raise DataError(f"cannot read {p}: {exc}; save it with numpy.save() as a plain numeric array") from exc
@@ -74,13 +102,16 @@ def _read_npy(p: Path, spacing: Sequence[float] | None) -> tuple[np.ndarray, Geo
     return arr, Geometry.default(arr.shape, tuple(spacing) if spacing is not None else None)
 
 
-def read_volume(path: str | Path, spacing: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+def read_volume(path: str | Path, spacing: Sequence[float] | None = None, *, max_voxels: int | None = None
+                ) -> tuple[np.ndarray, Geometry]:
     """Read a 3D scan.
 
     Args:
         path: a folder of numbered 2D slices, a DICOM series folder, or a ``.nii``/``.nii.gz``/``.nrrd``/
             ``.mha``/``.mhd``/multi-page ``.tif``/``.npy`` file.
         spacing: voxel spacing in SimpleITK (x, y, z) order that replaces the file's (BMP stacks carry none).
+        max_voxels: the largest size a header may declare (``--max-voxels``; None: its default,
+            :data:`MAX_VOXELS`); larger scans are refused before any memory is allocated.
 
     Returns:
         ``(array, geometry)``: the array in SimpleITK order ``(slices, rows, columns)`` with the file's dtype
@@ -88,38 +119,40 @@ def read_volume(path: str | Path, spacing: Sequence[float] | None = None) -> tup
 
     Raises:
         DataError: missing path, empty folder, incomplete/duplicate slice numbering, slices of different sizes,
-            unreadable or unsupported file, or a 2D image.
+            unreadable, truncated, too large or unsupported file, or a 2D image.
     """
-    arr, geo = _read_any(path, spacing)
+    arr, geo = _read_any(path, spacing, max_voxels)
     if arr.ndim != 3:
         raise DataError(f"{path} is a 2D image of {arr.shape[0]}×{arr.shape[1]} pixels, not a 3D scan; give a "
                         f"volume ({FORMATS_HELP}) or use --dim 2d")
     return arr, geo
 
 
-def read_image_2d(path: str | Path) -> np.ndarray:
+def read_image_2d(path: str | Path, *, max_voxels: int | None = None) -> np.ndarray:
     """Read a 2D image as one grayscale channel.
 
     Args:
         path: a ``.png``/``.jpg``/``.bmp``/``.tif`` image (palette and RGB converted by luminance), or a 2D
             ``.npy``/NIfTI/NRRD/MHA file.
+        max_voxels: the largest pixel count a header may declare (``--max-voxels``; None: :data:`MAX_VOXELS`).
 
     Returns:
         ``(H, W)`` array; uint8 for 8-bit inputs, the file's dtype otherwise.
 
     Raises:
-        DataError: missing/unreadable/unsupported file, or a 3D volume.
+        DataError: missing/unreadable/truncated/too large/unsupported file, or a 3D volume.
     """
-    arr, _ = _read_2d_or_3d(path)
+    arr, _ = _read_2d_or_3d(path, max_voxels=max_voxels)
     if arr.ndim != 2:
         raise DataError(f"{path} is a 3D volume of shape {arr.shape}, not a 2D image; use --dim 3d or give a "
                         "2D image")
     return arr
 
 
-def _read_2d_or_3d(path: str | Path, spacing: Sequence[float] | None = None) -> tuple[np.ndarray, Geometry]:
+def _read_2d_or_3d(path: str | Path, spacing: Sequence[float] | None = None, max_voxels: int | None = None
+                   ) -> tuple[np.ndarray, Geometry]:
     """Like :func:`_read_any`, but a 3D image with a single slice (e.g. a 2D NIfTI) counts as 2D."""
-    arr, geo = _read_any(path, None)
+    arr, geo = _read_any(path, None, max_voxels)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
         # Keep the in-plane geometry (drop the z row/column of the direction matrix).
@@ -151,13 +184,15 @@ def check_values(arr: np.ndarray, what: str) -> None:
                         "fix the file")
 
 
-def load_subject(subject: Subject, modality: str) -> tuple[np.ndarray, Geometry]:
+def load_subject(subject: Subject, modality: str, *, max_voxels: int | None = None) -> tuple[np.ndarray, Geometry]:
     """Read a subject's scan(s) as one channel-first array.
 
     Args:
         subject: a discovered subject. OCTA-500 subjects have ``paths`` keys ``"OCTA"``/``"OCT"``; manifest and
             2D-folder subjects have ``"image"`` (used whatever the modality).
         modality: ``"OCTA"``, ``"OCT"`` or ``"OCT+OCTA"`` (two channels, OCT first).
+        max_voxels: the largest size a scan's header may declare (``cfg.data.max_voxels``, ``--max-voxels``;
+            None: :data:`MAX_VOXELS`), checked before the scan is allocated.
 
     Returns:
         ``(array, geometry)``: ``(C, *spatial)`` with C = 2 for ``OCT+OCTA`` else 1 (a 2D image gives
@@ -182,7 +217,7 @@ def load_subject(subject: Subject, modality: str) -> tuple[np.ndarray, Geometry]
     for k, key in enumerate(keys):
         path = subject.paths[key]
         try:
-            arr, geo = _read_2d_or_3d(path, subject.spacing)
+            arr, geo = _read_2d_or_3d(path, subject.spacing, max_voxels)
         except DataError as exc:
             raise DataError(f"subject {subject.id}: {exc}") from exc
         kind = "image" if arr.ndim == 2 else "volume"

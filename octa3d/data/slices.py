@@ -18,8 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from octa3d.data.bmp import read_bmp8_stack
-from octa3d.data.imagefiles import (FORMATS_HELP, SLICE_EXTS, file_suffix, quiet_itk, read_info, scalar_type, short,
-                                    sitk_reason)
+from octa3d.data.imagefiles import (FORMATS_HELP, SLICE_EXTS, check_complete, check_voxels, file_suffix, quiet_itk,
+                                    read_info, scalar_type, short, sitk_reason)
 from octa3d.errors import DataError
 
 log = logging.getLogger("octa3d.data")
@@ -136,19 +136,24 @@ def _check_alike(folder: Path, ordered: list[Path]) -> int:
     return type0
 
 
-def read_slices(folder: Path, files: list[Path]) -> sitk.Image | np.ndarray:
+def read_slices(folder: Path, files: list[Path], max_voxels: int | None = None) -> sitk.Image | np.ndarray:
     """Stack a folder of 2D slices into a 3D image (axis 0 = slice number).
 
     Uncompressed 8-bit palette BMPs (OCTA-500) come back as a uint8 array decoded by
     :func:`~octa3d.data.bmp.read_bmp8_stack` (default geometry, as ITK gives BMPs); everything else as a
-    SimpleITK image.
+    SimpleITK image. The first slice's header bounds the stack's size (``max_voxels``) before anything is
+    allocated, and every slice must hold the bytes its header declares.
     """
     ordered = order_slices(folder, files)
+    size = read_info(ordered[0]).GetSize()
+    check_voxels(folder, (*size[:2], len(ordered)), max_voxels, f" ({len(ordered)} slices the size of {ordered[0].name})")
     if all(file_suffix(f) == ".bmp" for f in ordered):
-        fast = read_bmp8_stack(ordered)
+        fast = read_bmp8_stack(ordered)  # refuses (None) files shorter than their pixel data
         if fast is not None:
             return fast
     pixel_type = _check_alike(folder, ordered)
+    for f in ordered:  # ITK stacks cut slices without complaint (uninitialised memory, gray or zeros)
+        check_complete(f)
     try:
         # A list of files + a scalar output type gives a 3D volume (palette/RGB BMPs come back as gray).
         return sitk.ReadImage([str(f) for f in ordered], pixel_type)
@@ -163,8 +168,27 @@ def read_slices(folder: Path, files: list[Path]) -> sitk.Image | np.ndarray:
         raise DataError(f"cannot stack the slices in {folder}: {sitk_reason(exc)}") from exc
 
 
-def read_dicom(folder: Path) -> sitk.Image | None:
-    """Read the DICOM series in ``folder`` (the largest one if several); ``None`` if there is none."""
+def _looks_dicom(path: Path) -> bool:
+    """A ``.dcm``/``.ima`` name, or the ``DICM`` magic after the 128-byte preamble."""
+    if file_suffix(path) in (".dcm", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_dicom(folder: Path, candidates: list[Path] | None = None, max_voxels: int | None = None
+               ) -> sitk.Image | None:
+    """Read the DICOM series in ``folder`` (the largest one if several); ``None`` if there is none.
+
+    Args:
+        folder: the series folder.
+        candidates: files that may be DICOM: any of them that is DICOM but in no series (GDCM leaves out files it
+            cannot parse, e.g. a truncated one, and the volume would silently lose that slice) is an error.
+        max_voxels: bound on the series' declared voxels (None: ``--max-voxels``' default).
+    """
     with quiet_itk():
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -174,6 +198,15 @@ def read_dicom(folder: Path) -> sitk.Image | None:
     if len(series) > 1:
         log.warning("DICOM folder %s holds %d series; reading the largest (%s, %d files). Put each series in "
                     "its own folder to choose another.", folder, len(series), chosen, len(names[chosen]))
+    listed = {os.path.basename(n) for sid in series for n in names[sid]}
+    orphans = sorted(f.name for f in candidates or [] if f.name not in listed and _looks_dicom(f))
+    if orphans:
+        raise DataError(f"DICOM folder {folder}: {short(orphans, 10)} belong(s) to no readable series (truncated or "
+                        "damaged: the volume would lose those slices); copy them again or move them out")
+    first = Path(names[chosen][0])
+    size = read_info(first).GetSize()
+    check_voxels(folder, (*size[:2], len(names[chosen])), max_voxels,
+                 f" ({len(names[chosen])} files the size of {first.name})")
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names[chosen])
     try:
@@ -183,8 +216,13 @@ def read_dicom(folder: Path) -> sitk.Image | None:
                         "is corrupt or truncated") from exc
 
 
-def read_folder(folder: Path) -> sitk.Image | np.ndarray:
+def read_folder(folder: Path, max_voxels: int | None = None) -> sitk.Image | np.ndarray:
     """A scan folder as a 3D image: its DICOM series if it holds one, else its stacked slices.
+
+    Args:
+        folder: the scan folder.
+        max_voxels: bound on the declared voxels (None: ``--max-voxels``' default), checked from the headers
+            before the volume is allocated.
 
     Raises:
         DataError: the folder is empty or holds neither slices nor a DICOM series (and every slice-stack error).
@@ -198,10 +236,10 @@ def read_folder(folder: Path) -> sitk.Image | np.ndarray:
     slices = [f for f in files if file_suffix(f) in SLICE_EXTS]
     maybe_dicom = [f for f in files if file_suffix(f) in ("", ".dcm", ".ima")]
     if maybe_dicom or not slices:
-        img = read_dicom(folder)
+        img = read_dicom(folder, maybe_dicom, max_voxels)
         if img is not None:
             return img
     if slices:
-        return read_slices(folder, slices)
+        return read_slices(folder, slices, max_voxels)
     raise DataError(f"{folder}: no 2D slices (.bmp/.png/.tif/.jpg) and no DICOM series found (files: "
                     f"{short(sorted(f.name for f in files), 5)}); expected {FORMATS_HELP}")

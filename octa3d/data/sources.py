@@ -27,8 +27,9 @@ import pandas as pd
 from octa3d.data.identity import compile_group_regex, image_group
 from octa3d.data.imagefiles import SUPPORTED_EXTS, file_suffix, natural_key, short
 from octa3d.data.labels import (handle_unlabeled, normalise_header, normalise_id, normalise_label,
-                                read_label_table)
-from octa3d.data.octa500 import FOVS, MODALITIES, fov_dir, subject_from_path
+                                read_label_table, skip_or_raise)
+from octa3d.data.octa500 import (FOVS, MODALITIES, eyes_with_maps_only, find_label_tables, fov_dir, octa500_labels,
+                                 subject_from_path)
 from octa3d.data.octa500_scan import discover_octa500, refuse_octa500_part
 from octa3d.data.slices import visible
 from octa3d.data.subject import Subject
@@ -37,8 +38,8 @@ from octa3d.errors import ConfigError, DataError
 if TYPE_CHECKING:
     from octa3d.config import DataConfig
 
-__all__ = ["IMAGE_EXTS", "SOURCES", "SPLIT_DIRS", "detect_source", "discover", "discover_unlabelled", "natural_key",
-           "subject_from_path"]
+__all__ = ["IMAGE_EXTS", "SOURCES", "SPLIT_DIRS", "detect_source", "discover", "discover_unlabelled", "label_origin",
+           "natural_key", "subject_from_path"]
 
 log = logging.getLogger("octa3d.data")
 
@@ -63,8 +64,17 @@ def _iter_images(folder: Path) -> Iterator[Path]:
             and f.suffix.lower() in IMAGE_EXTS)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(_iter_images(folder), key=lambda f: natural_key(f.as_posix()))
+def _images_in(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The images below ``folder`` and the image links whose target is gone (one pass: class folders are large)."""
+    images, dangling = [], []
+    for f in folder.rglob("*"):
+        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTS:
+            continue
+        if f.is_file():
+            images.append(f)
+        elif f.is_symlink() and not f.exists():
+            dangling.append(f)
+    return sorted(images, key=lambda f: natural_key(f.as_posix())), dangling
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
@@ -133,6 +143,7 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
         raise _no_data(cfg.data_root)
     if source == "octa500":
         subjects = discover_octa500(cfg, dim, require_labels)
+        _eyes_with_maps_only(cfg, dim, require_labels)
     elif source == "manifest":
         subjects = _discover_manifest(cfg, require_labels)
     elif source == "folders":
@@ -150,6 +161,54 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
     subjects.sort(key=lambda s: natural_key(s.id))
     log.info("found %d subjects in %s (%s layout)", len(subjects), cfg.data_root, source)
     return subjects
+
+
+def _eyes_with_maps_only(cfg: DataConfig, dim: str, require_labels: bool) -> None:
+    """Stop (or warn, --skip-unlabeled) on labelled OCTA-500 eyes that only have projection maps the run cannot use:
+    discovery takes an eye from its scan folders (or the ``--projection`` map), so such an eye - its OCT and OCTA
+    folders lost in an interrupted copy - would otherwise vanish without a word."""
+    root = Path(cfg.data_root)
+    use_projection = dim == "2d" and cfg.projection != "compute"
+    fdirs = [fov_dir(root, f) for f in (FOVS if cfg.fov == "all" else [cfg.fov]) if fov_dir(root, f).is_dir()]
+    found: dict[str, list[str]] = {}
+    for fdir in fdirs:
+        found.update(eyes_with_maps_only(fdir, cfg.projection if use_projection else None))
+    if not found:
+        return
+    needs = (f"'{cfg.projection}' projection map" if use_projection else
+             "OCT and OCTA scan folders" if cfg.modality == "OCT+OCTA" else f"{cfg.modality} scan folder")
+    if not require_labels:
+        log.warning("%s: %d eye(s) have no %s, only other projection maps, and are not used: %s", root, len(found),
+                    needs, short(sorted(found, key=natural_key)))
+        return
+    labels, src = octa500_labels(cfg, root, fdirs)
+    lacking = sorted((sid for sid in found if sid in labels), key=natural_key)
+    if lacking:
+        listed = short([f"{sid} (only maps {', '.join(found[sid][:3])}{' …' if len(found[sid]) > 3 else ''})"
+                        for sid in lacking], 10)
+        skip_or_raise(cfg, f"{root}: {len(lacking)} labelled subject(s) (labels from {src}) have no {needs} "
+                           f"needed for --dim {dim}: {listed}",
+                      "restore their folders (an interrupted copy or a partly extracted zip?), choose another "
+                      "--modality/--projection, or pass --skip-unlabeled to skip them")
+
+
+def label_origin(cfg: DataConfig) -> str:
+    """Where the labels of ``cfg``'s dataset come from, for messages: ``--labels``, the OCTA-500 label table(s),
+    the manifest or the class folder names."""
+    if cfg.labels:
+        return f"--labels {cfg.labels}"
+    root = Path(cfg.data_root)
+    try:
+        source = cfg.source if cfg.source != "auto" else detect_source(root)
+    except DataError:
+        return f"the labels of {root}"
+    if source == "octa500":
+        tables = find_label_tables(root, [fov_dir(root, f) for f in FOVS if fov_dir(root, f).is_dir()])
+        return ", ".join(map(str, tables)) or f"the label table of {root}"
+    if source == "manifest":
+        csv = root if root.is_file() else root / "manifest.csv"
+        return f"the label column of {csv}"
+    return f"the class folder names under {root}"
 
 
 def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str) -> list[Subject]:
@@ -219,14 +278,16 @@ def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Sub
             continue
         path = resolve(path_text)
         if not path.exists():
-            missing.append(str(path))
-        elif path.is_file() and file_suffix(path) not in SUPPORTED_EXTS:
+            missing.append((sid, f"{sid} ({path_text})"))
+            continue
+        if path.is_file() and file_suffix(path) not in SUPPORTED_EXTS:
             raise DataError(f"manifest {csv}: subject {sid}: unsupported file type {path.name}; use a NIfTI/NRRD/"
                             "MHA/.npy/TIFF/PNG/JPG/BMP file or a folder of slices/DICOM")
         mask_text = cell(row, "mask")
         mask = resolve(mask_text) if mask_text else None
         if mask is not None and not mask.exists():
-            missing.append(str(mask))
+            raise DataError(f"manifest {csv}: subject {sid}: its mask {mask} does not exist; restore it or clear "
+                            "the mask cell (paths are relative to the manifest's folder)")
         split = cell(row, "split").lower() or None
         if split is not None and split not in SPLIT_DIRS:
             raise DataError(f"manifest {csv}: subject {sid}: split '{split}' is not train, val or test")
@@ -235,10 +296,13 @@ def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Sub
         subjects.append(Subject(id=sid, label=label, paths={"image": str(path)}, group=cell(row, "group"),
                                 split=SPLIT_DIRS[split] if split else None, mask=str(mask) if mask else None))
     if missing:
-        raise DataError(f"manifest {csv}: {len(missing)} path(s) do not exist: {short(missing, 10)}; paths are "
-                        f"relative to {csv.parent}")
-    if table is not None:
-        no_image += [sid for sid in table if sid not in {s.id for s in subjects}]
+        skip_or_raise(cfg, f"manifest {csv}: {len(missing)} subject(s) point to files that do not exist: "
+                           f"{short([m for _, m in missing], 10)}",
+                      f"restore the files or fix the paths (relative to {csv.parent}), or pass --skip-unlabeled to "
+                      "skip them")
+    if table is not None:  # labels whose ID has no manifest row at all (rows without a file are listed above)
+        listed = {s.id for s in subjects} | set(no_image) | {sid for sid, _ in missing}
+        no_image += [sid for sid in table if sid not in listed]
     if not require_labels:
         return subjects
     handle_unlabeled(cfg, no_label, no_image, f"manifest {csv}")
@@ -256,14 +320,19 @@ def _discover_folders(cfg: DataConfig) -> list[Subject]:
         if others:
             log.warning("%s: ignoring folders outside %s: %s", root, "/".join(sorted(splits)), short(others))
     bases = [(name, d) for name, d in sorted(splits.items())] or [(None, root)]
-    subjects = []
+    subjects, dangling = [], []
     for split, base in bases:
         for cdir in sorted((d for d in visible(base) if d.is_dir()), key=lambda d: d.name):
-            images = _images_in(cdir)
+            images, gone = _images_in(cdir)
+            dangling += [g.relative_to(root).as_posix() for g in gone]
             if not images:
                 log.warning("class folder %s holds no images (.png/.jpg/.jpeg/.bmp/.tif/.tiff)", cdir)
             for img in images:
                 rel = img.relative_to(root).with_suffix("").as_posix()
                 subjects.append(Subject(id=rel, label=normalise_label(cdir.name), paths={"image": str(img)},
                                         group=image_group(img.name, group_re), split=split))
+    if dangling:  # a labelled image (its class folder) whose file is gone: never dropped without a word
+        skip_or_raise(cfg, f"{root}: {len(dangling)} image link(s) point to files that no longer exist: "
+                           f"{short(sorted(dangling, key=natural_key), 10)}",
+                      "restore the files or remove the links, or pass --skip-unlabeled to skip them")
     return subjects

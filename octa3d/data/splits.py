@@ -28,6 +28,7 @@ import pandas as pd
 from octa3d.config import Config
 from octa3d.data.identity import IdentityIndex
 from octa3d.data.stratify import Splits, make_splits
+from octa3d.utils.io import read_csv
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError, LeakageError
 from octa3d.utils.io import atomic_write_csv, atomic_write_text
@@ -120,7 +121,7 @@ def read_splits(folder: Path) -> Splits:
 
     def load(path: Path) -> list[str]:
         try:
-            df = pd.read_csv(path, dtype={"subject": str, "group": str})
+            df = read_csv(path, dtype={"subject": str, "group": str})  # undoes the spreadsheet-formula guard
         except (OSError, pd.errors.ParserError) as exc:
             raise DataError(f"{path}: cannot read split file ({exc}); re-create with --mode prepare "
                             f"--overwrite") from exc
@@ -194,12 +195,17 @@ def training_overlap(splits: Splits, subject: Subject) -> str | None:
 
 def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:
     """Discover subjects and map labels: returns (subjects with a class, LabelMap, subject -> class index)."""
-    from octa3d.data.labels import LabelMap
-    from octa3d.data.sources import discover
+    from octa3d.data.labels import LabelMap, modality_advice, normalise_label
+    from octa3d.data.sources import discover, label_origin
 
     subjects = discover(cfg.data, cfg.model.dim)
+    subjects_of: dict[str, list[str]] = {}
+    for s in subjects:
+        if s.label is not None:
+            subjects_of.setdefault(normalise_label(s.label), []).append(s.id)
     # one entry per subject: the counts in LabelMap's messages ("labels present: AMD (7), ...") are subjects
-    label_map = LabelMap.build(cfg.data, [s.label for s in subjects if s.label is not None])
+    label_map = LabelMap.build(cfg.data, [s.label for s in subjects if s.label is not None], subjects_of,
+                               label_origin(cfg.data))
     keep, label_of, dropped = [], {}, Counter()
     for s in subjects:
         idx = label_map.index(s.label) if s.label is not None else None
@@ -213,6 +219,10 @@ def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:
                  ", ".join(f"{k} ({v})" for k, v in sorted(dropped.items(), key=lambda kv: str(kv[0]))))
     if not keep:
         raise DataError(f"no subjects in {cfg.data.data_root} belong to the classes {label_map.class_names}")
+    volumes = any({"OCT", "OCTA"} & set(s.paths) for s in keep)  # --modality applies to OCTA-500 eyes only
+    advice = modality_advice({s.label for s in keep}, cfg.data.modality) if volumes else None
+    if advice:
+        log.warning("%s", advice)
     return keep, label_map, label_of
 
 

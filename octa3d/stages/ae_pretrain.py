@@ -28,7 +28,7 @@ from octa3d.data.splits import guard
 from octa3d.model import build_autoencoder, encoder_state_dict
 from octa3d.optim import reconstruction_loss
 from octa3d.utils import dist
-from octa3d.utils.runs import stage_dir
+from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
 from octa3d.utils.tracking import next_command, rerun_command, slice_grid
 
 log = logging.getLogger("octa3d.ae_pretrain")
@@ -115,30 +115,39 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
             "epochs_run": result.epochs_run}
 
 
+@releases_locks
 def run(cfg: Config) -> dict[str, Any]:
-    """Pretrain the encoder of ``--model`` as an autoencoder on the experiment's training subjects."""
+    """Pretrain the encoder of ``--model`` as an autoencoder on the experiment's training subjects.
+
+    ``--resume`` and the stage folder behave as in ``--mode train`` (:func:`octa3d.trainer.resume_config`,
+    :func:`octa3d.utils.runs.plan_stage`).
+    """
+    cfg = trainer.resume_config(cfg, STAGE)
+    plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched
     ctx = setup_stage(cfg)
-    out = stage_dir(cfg, STAGE, resume=cfg.train.resume) if dist.is_main() else cfg.run_dir / STAGE
-    dist.barrier()
     sp = ctx.splits
-    extra = extra_subjects(cfg, sp)
+    extra = extra_subjects(cfg, sp)  # LeakageError before the stage folder is prepared
     results = {}
-    try:
-        for k in range(sp.n_folds):
-            tr_ids, va_ids = sp.fold(k)
-            guard(STAGE, tr_ids + va_ids, sp)
-            fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
-            results[f"fold-{k}"] = pretrain_fold(cfg, ctx, fold_out, ctx.pick(tr_ids) + extra, ctx.pick(va_ids))
-    except engine.StopTraining as stop:
-        print(f"Autoencoder pretraining {stop}; last.pt holds the last finished epoch. Continue with: "
-              f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
-        dist.cleanup()
-        return {"stopped_at_step": stop.step, **results}
-    if dist.is_main():
-        for name, r in results.items():
-            print(f"ae_pretrain {name}: best val loss {r['best_val_loss']:.5f} at epoch {r['best_epoch']} "
-                  f"({r['epochs_run']} epochs) -> {out}")
-        print(f"Next: {next_command(cfg, 'train', keep=MODEL_FLAGS)} (starts from the pretrained encoder; add "
-              f"training options such as --epochs)")
+    with shared_stage_dir(cfg, STAGE, training=True) as folder:
+        out = folder.path
+        try:
+            for k in range(sp.n_folds):
+                tr_ids, va_ids = sp.fold(k)
+                guard(STAGE, tr_ids + va_ids, sp)
+                fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
+                results[f"fold-{k}"] = pretrain_fold(cfg, ctx, fold_out, ctx.pick(tr_ids) + extra,
+                                                     ctx.pick(va_ids))
+        except engine.StopTraining as stop:
+            print(f"Autoencoder pretraining {stop}; last.pt holds the last finished epoch. Continue with: "
+                  f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
+            dist.cleanup()
+            return {"stopped_at_step": stop.step, **results}
+        if dist.is_main():
+            out = folder.finish(cfg)
+            for name, r in results.items():
+                print(f"ae_pretrain {name}: best val loss {r['best_val_loss']:.5f} at epoch {r['best_epoch']} "
+                      f"({r['epochs_run']} epochs) -> {out}")
+            print(f"Next: {next_command(cfg, 'train', keep=MODEL_FLAGS)} (starts from the pretrained encoder; add "
+                  f"training options such as --epochs)")
     dist.cleanup()
     return results

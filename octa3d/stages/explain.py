@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from octa3d import engine
-from octa3d.cam import CamExporter, CamItem, cam_backend
+from octa3d.cam import CamExporter, CamItem, cam_backend, check_layer, resolve_cam_class
 from octa3d.cam.sources import path_modality, scan_channels
 from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
@@ -32,10 +32,10 @@ from octa3d.data.presets import build_preset
 from octa3d.data.sources import subject_from_path
 from octa3d.data.splits import read_splits, training_overlap
 from octa3d.data.subject import Subject
-from octa3d.errors import ConfigError, RunExistsError
+from octa3d.errors import ConfigError
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json, safe_name
-from octa3d.utils.runs import init_run, stage_dir
+from octa3d.utils.runs import init_run, plan_stage, releases_locks, stage_dir
 from octa3d.utils.tracking import tensorboard_writer
 
 log = logging.getLogger("octa3d.explain")
@@ -81,16 +81,25 @@ def output_name(ecfg: Config, subject: Subject, checkpoints: list[Path]) -> tupl
     return safe_name("_".join(p for p in parts if p)), dict(settings, hash=digest)
 
 
-def _refuse_existing(ecfg: Config, rel: str) -> None:
-    """Refuse before any work when ``explain/<name>/`` holds results and ``--overwrite`` was not given."""
-    path = ecfg.run_dir / rel
-    if path.is_dir() and any(path.iterdir()) and not ecfg.run.overwrite:
-        raise RunExistsError(f"{path} already holds the explanation of this scan with these settings; pass "
-                             "--overwrite to replace it (other CAM settings or another scan get their own folder)")
+REFUSAL_HINT = " (other CAM settings or another scan get their own folder)"
 
 
+def _check_cam_options(ecfg: Config, models: list[Any], names: list[str]) -> None:
+    """``--cam-class`` and ``--cam-layer`` resolved against the models before any output is touched."""
+    if ecfg.eval.cam == "none":
+        return
+    resolve_cam_class(ecfg.eval.cam_class, names)
+    if ecfg.eval.cam != "occlusion":
+        for *_, model in models:
+            check_layer(model, ecfg.eval.cam_layer or "", ecfg.model.model)
+
+
+@releases_locks
 def run(cfg: Config) -> dict[str, Any]:
     """Predict ``--input`` and export its CAM into ``runs/<exp>/explain/<name>/`` (:func:`output_name`).
+
+    Every option is checked before anything is written; the outputs replace an earlier explanation only once
+    complete (:func:`octa3d.utils.runs.stage_dir`).
 
     Raises:
         RunExistsError: that folder holds results and ``--overwrite`` was not given (checked before the scan is
@@ -106,11 +115,13 @@ def run(cfg: Config) -> dict[str, Any]:
     models, ref = load_models(find_checkpoints(cfg))
     ecfg = checkpoint_config(cfg, ref)
     ecfg.eval.cam = cam_backend(ecfg, models)
-    device = place_models(models, dist.init_from_env(cfg.run.device))
     names = list(ref["class_names"])
+    _check_cam_options(ecfg, models, names)
+    device = place_models(models, dist.init_from_env(cfg.run.device))
     subject = subject_from_path(cfg.eval.input, ecfg.data)
     folder, settings = output_name(ecfg, subject, [p for _, p, *_ in models])
-    _refuse_existing(ecfg, f"explain/{folder}")  # before the scan is decoded (seconds for a full-size eye)
+    # before the scan is decoded (seconds for a full-size eye)
+    plan_stage(ecfg, f"explain/{folder}", hint=REFUSAL_HINT)
     preset = build_preset(ecfg)
     image, record = preset.preprocess(subject)
     patches = range(len(record.patches)) if record.patches else [-1]
@@ -119,21 +130,25 @@ def run(cfg: Config) -> dict[str, Any]:
     pred = names[int(np.argmax(probs))]
     init_run(ecfg)
     _warn_if_seen(ecfg, subject)
-    out = stage_dir(ecfg, f"explain/{folder}")
-    channels = [c.modality for c in scan_channels(subject, record, ecfg.data.modality)]
-    result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "folder": str(out),
-                              "channels": channels, "settings": settings, "prediction": pred,
-                              "probabilities": {n: float(p) for n, p in zip(names, probs)},
-                              "checkpoints": {n: str(p) for n, p, *_ in models}, "model": ref["model_name"],
-                              "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}
-    if ecfg.eval.cam != "none":
-        tb = tensorboard_writer(out / "tensorboard")
-        item = CamItem(subject, record, lambda: samples, probs, None)
-        report = CamExporter(ecfg, [m for *_, m in models], names, out, preset, tb=tb, device=device).export([item])
-        tb.close()
-        result["cam"] = report["cam"]
-        result.update(report["subjects"][subject.id])
-    atomic_write_json(out / "prediction.json", result)
+    with stage_dir(ecfg, f"explain/{folder}", hint=REFUSAL_HINT) as sf:
+        out = sf.path
+        channels = [c.modality for c in scan_channels(subject, record, ecfg.data.modality)]
+        result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "folder": str(sf.final),
+                                  "channels": channels, "settings": settings, "prediction": pred,
+                                  "probabilities": {n: float(p) for n, p in zip(names, probs)},
+                                  "checkpoints": {n: str(p) for n, p, *_ in models}, "model": ref["model_name"],
+                                  "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}
+        if ecfg.eval.cam != "none":
+            tb = tensorboard_writer(out / "tensorboard")
+            item = CamItem(subject, record, lambda: samples, probs, None)
+            report = CamExporter(ecfg, [m for *_, m in models], names, out, preset, tb=tb,
+                                 device=device).export([item])
+            tb.close()
+            result["cam"] = report["cam"]
+            result.update(report["subjects"][subject.id])
+        result = sf.rebase(result)
+        atomic_write_json(out / "prediction.json", result)
+        out = sf.finish(ecfg)
     print(f"{subject.id} ({cfg.eval.input}): predicted {pred} ("
           + ", ".join(f"p({n}) = {p:.3f}" for n, p in zip(names, probs)) + f") by {ref['model_name']} "
           f"[{', '.join(str(p) for _, p, *_ in models)}]")

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from octa3d import engine
-from octa3d.cam import CamExporter, cam_backend, cam_items_from_cache, score_lines
+from octa3d.cam import (CamExporter, cam_backend, cam_items_from_cache, check_layer, resolve_cam_class,
+                        score_lines)
 from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
 from octa3d.context import guard_test_set, setup_stage
@@ -33,7 +34,7 @@ from octa3d.metrics import (CI_METRICS, bootstrap_ci, evaluation_metrics, format
 from octa3d.plots import confusion_figure, roc_figure, save_figure
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv, atomic_write_json
-from octa3d.utils.runs import stage_dir
+from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
 from octa3d.utils.tracking import tensorboard_writer
 
 log = logging.getLogger("octa3d.test")
@@ -136,8 +137,26 @@ def _hold_out(cfg: Config, test_ids: list[str]) -> set[str]:
     return wanted
 
 
+def check_cam_options(ecfg: Config, models: Models, names: list[str]) -> None:
+    """``--cam-layer`` and ``--cam-class`` resolved against the models now, before any output is touched.
+
+    Raises:
+        ConfigError: a layer that is no module of a model, or a class that is not one of ``names``.
+    """
+    if ecfg.eval.cam == "none":
+        return
+    resolve_cam_class(ecfg.eval.cam_class, names)
+    if ecfg.eval.cam != "occlusion":
+        for *_, model in models:
+            check_layer(model, ecfg.eval.cam_layer or "", ecfg.model.model)
+
+
+@releases_locks
 def run(cfg: Config) -> dict[str, Any]:
     """Evaluate the experiment's classifier on its hold-out subjects; write ``runs/<exp>/test/``.
+
+    Every option is checked before the stage folder is prepared; the outputs are written beside it and replace
+    earlier results only once complete (:func:`octa3d.utils.runs.stage_dir`).
 
     Returns:
         The metrics dictionary written to ``metrics.json``.
@@ -150,6 +169,7 @@ def run(cfg: Config) -> dict[str, Any]:
     models, ref = load_models(ckpt_paths)
     ecfg = checkpoint_config(cfg, ref)
     ecfg.eval.cam = cam_backend(ecfg, models)
+    check_cam_options(ecfg, models, list(ref["class_names"]))
     ctx = setup_stage(ecfg)
     device = place_models(models, ctx.device)
     sp = ctx.splits
@@ -160,12 +180,25 @@ def run(cfg: Config) -> dict[str, Any]:
     test_ids = list(sp.test)
     if not test_ids:
         raise DataError(f"experiment '{cfg.exp_name}' has no hold-out test subjects ({cfg.run_dir / 'splits'})")
-    guard_test_set(ecfg, test_ids, sp)
+    guard_test_set(ecfg, test_ids, sp, subjects=ctx.subjects)
     wanted = _hold_out(ecfg, test_ids)
-    out = stage_dir(ecfg, STAGE) if dist.is_main() else ecfg.run_dir / STAGE
+    plan_stage(ecfg, STAGE)  # every option checked: now refuse (RunExistsError) before the scans are read
     subjects = ctx.pick(test_ids)
     handler = DataHandler(ecfg, ctx.label_map)
     handler.warm(subjects)
+    with shared_stage_dir(ecfg, STAGE) as folder:
+        metrics = _evaluate(cfg, ecfg, folder.path, models, ref, ctx, handler, subjects, wanted, device)
+        if dist.is_main():
+            atomic_write_json(folder.path / "metrics.json", folder.rebase(metrics))
+            out = folder.finish(ecfg)
+            print_summary(cfg, metrics, out, len(test_ids))
+    return folder.rebase(metrics)
+
+
+def _evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[str, Any], ctx: Any, handler: Any,
+              subjects: list[Any], wanted: set[str], device: torch.device) -> dict[str, Any]:
+    """Predict, score and write the outputs (predictions, plots, TensorBoard, CAMs) into ``out``."""
+    sp, names, test_ids = ctx.splits, list(ctx.splits.class_names), list(ctx.splits.test)
     loader = handler.loader(subjects, train=False, batch_size=ecfg.train.batch_size)
     log.info("test: %d hold-out subjects, %d model(s) (%s), classes %s", len(test_ids), len(models),
              ", ".join(n for n, *_ in models), names)
@@ -191,9 +224,6 @@ def run(cfg: Config) -> dict[str, Any]:
         _write_predictions(out, ids, y, probs, names, {k: v["status"] for k, v in cam_report["subjects"].items()})
         _cam_scalars(tb, metrics)
     tb.close()
-    if dist.is_main():
-        atomic_write_json(out / "metrics.json", metrics)
-        print_summary(cfg, metrics, out, len(test_ids))
     return metrics
 
 

@@ -32,7 +32,7 @@ from octa3d.optim import build_loss, class_weights
 from octa3d.plots import confusion_figure
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json
-from octa3d.utils.runs import stage_dir
+from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
 from octa3d.utils.tracking import next_command, rerun_command, slice_grid, tensorboard_writer
 
 log = logging.getLogger("octa3d.train")
@@ -184,28 +184,37 @@ def summary_line(summary: dict[str, Any], n_folds: int) -> str:
         f"{k} {summary['mean'][k]:.3f}±{summary['sd'][k]:.3f}" for k in SUMMARY_KEYS)
 
 
+@releases_locks
 def run(cfg: Config) -> dict[str, Any]:
-    """Train the classifier on every fold of the experiment; writes ``train/summary.json``."""
+    """Train the classifier on every fold of the experiment; writes ``train/summary.json``.
+
+    ``--resume`` continues the recorded run with its own settings (:func:`octa3d.trainer.resume_config`); the
+    stage folder is planned (:func:`octa3d.utils.runs.plan_stage`) before anything is written, and finished
+    earlier results are replaced only when this run has finished.
+    """
+    cfg = trainer.resume_config(cfg, STAGE)
+    plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched
     ctx = setup_stage(cfg)
-    out = stage_dir(cfg, STAGE, resume=cfg.train.resume) if dist.is_main() else cfg.run_dir / STAGE
-    dist.barrier()
     sp = ctx.splits
     per_fold = {}
-    try:
-        for k in range(sp.n_folds):
-            fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
-            per_fold[f"fold-{k}"] = train_fold(cfg, ctx, fold_out, k)
-    except engine.StopTraining as stop:
-        print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: "
-              f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
-        dist.cleanup()
-        return {"stopped_at_step": stop.step, "folds": per_fold}
-    summary = {"monitor": cfg.train.monitor, "folds": per_fold,
-               "mean": {k: float(np.nanmean([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS},
-               "sd": {k: float(np.nanstd([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS}}
-    if dist.is_main():
-        atomic_write_json(out / "summary.json", summary)
-        print(summary_line(summary, sp.n_folds))
-        print(f"Checkpoints and history in {out}. Next: {next_command(cfg, 'test')}")
+    with shared_stage_dir(cfg, STAGE, training=True) as folder:
+        out = folder.path
+        try:
+            for k in range(sp.n_folds):
+                fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
+                per_fold[f"fold-{k}"] = train_fold(cfg, ctx, fold_out, k)
+        except engine.StopTraining as stop:
+            print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: "
+                  f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
+            dist.cleanup()
+            return {"stopped_at_step": stop.step, "folds": per_fold}
+        summary = {"monitor": cfg.train.monitor, "folds": per_fold,
+                   "mean": {k: float(np.nanmean([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS},
+                   "sd": {k: float(np.nanstd([f[k] for f in per_fold.values()])) for k in SUMMARY_KEYS}}
+        if dist.is_main():
+            atomic_write_json(out / "summary.json", summary)
+            out = folder.finish(cfg)
+            print(summary_line(summary, sp.n_folds))
+            print(f"Checkpoints and history in {out}. Next: {next_command(cfg, 'test')}")
     dist.cleanup()
     return summary

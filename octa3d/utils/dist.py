@@ -36,32 +36,65 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def resolve_device(device_spec: str = "auto") -> torch.device:
+    """The device ``--device`` asks for, refusing one this machine does not have (never a silent CPU fallback).
+
+    Args:
+        device_spec: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Raises:
+        ConfigError: an unknown device string, CUDA/MPS requested where it is not available, or a GPU index
+            beyond the GPUs present.
+    """
+    from octa3d.errors import ConfigError
+
+    spec = device_spec.strip()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError("--device mps: Apple's MPS backend is not available on this machine (use --device "
+                              "cpu or auto)")
+        return torch.device("mps")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {spec}: CUDA is not available on this machine (use --device cpu, or "
+                              f"install a CUDA build of torch: README 'Two commands')")
+        index = int(spec[5:]) if ":" in spec else None
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device(spec)
+    raise ConfigError(f"--device {device_spec!r}: choose auto, cpu, cuda, cuda:N (N = GPU index) or mps")
+
+
 def init_from_env(device_spec: str = "auto") -> torch.device:
     """Initialise the process group when launched by torchrun, and choose this process's device.
 
     Args:
-        device_spec: ``--device`` (auto, cpu, cuda, cuda:N).
+        device_spec: ``--device`` (auto, cpu, cuda, cuda:N, mps); see :func:`resolve_device`.
 
     Returns:
         The device this rank computes on (``cuda:LOCAL_RANK`` under torchrun with GPUs).
+
+    Raises:
+        ConfigError: the device is unknown or not available here (:func:`resolve_device`).
     """
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    want_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and torch.cuda.is_available())
-    if device_spec.startswith("cuda") and not torch.cuda.is_available():
-        from octa3d.errors import ConfigError
-
-        raise ConfigError(f"--device {device_spec}: CUDA is not available on this machine (use --device cpu)")
+    device = resolve_device(device_spec)
+    want_cuda = device.type == "cuda"
     if launched and not is_distributed():
         backend = "nccl" if want_cuda else "gloo"
         dist.init_process_group(backend=backend)
         log.info("DDP: rank %d/%d, backend %s", rank(), world_size(), backend)
-    if want_cuda:
-        if launched:
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            return torch.device("cuda", local)
-        return torch.device(device_spec if device_spec != "auto" else "cuda")
-    return torch.device("cpu")
+    if want_cuda and launched:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return device
 
 
 def barrier() -> None:

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class History:
-    """Per-epoch metrics, rewritten atomically to ``history.csv`` after every epoch."""
+    """Per-epoch metrics, rewritten atomically to ``history.csv`` after every epoch (a full disk stops the run with
+    :class:`~octa3d.errors.DiskFullError` naming the file; the previous ``history.csv`` stays intact)."""
 
     path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -36,11 +37,11 @@ class History:
             atomic_write_csv(self.path, pd.DataFrame(self.rows))
 
     def load(self) -> None:
-        """Read an existing history (resume)."""
-        import pandas as pd
+        """Read an existing history (resume); text cells come back as written (see ``atomic_write_csv``)."""
+        from octa3d.utils.io import read_csv
 
         if self.path.exists():
-            self.rows = pd.read_csv(self.path).to_dict("records")
+            self.rows = read_csv(self.path).to_dict("records")
 
 
 def tensorboard_writer(folder: Path) -> Any:

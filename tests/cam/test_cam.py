@@ -315,7 +315,7 @@ def test_two_channel_export_one_file_per_modality_and_sheet_names_it(tmp_path, m
         [CamItem(s, record, lambda: image[None, 1:], np.array([0.2, 0.8]), 1)])
     names = sorted(f.name for f in (tmp_path / "cams").iterdir())
     assert names == [f"{s.id}_cam.nii.gz", f"{s.id}_input_OCT.nii.gz", f"{s.id}_input_OCTA.nii.gz",
-                     f"{s.id}_review.png"]
+                     f"{s.id}_review.png", "names.csv"]
     assert set(report["subjects"][s.id]["files"]) == {"cam", "input_OCT", "input_OCTA", "review"}
     truth = {}
     for mod in ("OCT", "OCTA"):
@@ -360,3 +360,32 @@ def test_scan_channels_and_slice_files(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ --mode explain
+
+
+def test_distinct_subjects_get_distinct_cam_files_and_a_names_table(tmp_path, nifti_scan):
+    """IDs that sanitise alike (a/b and a_b, x y and x_y, ../../evil and evil, Case1 and case1) once overwrote each
+    other's maps; each subject now gets its own files, inside the folder, and names.csv maps ID -> stem."""
+    import csv
+
+    src, _ = nifti_scan(tmp_path / "scan.nii.gz")
+    cfg = _cfg()
+    cfg.eval.faithfulness_subjects = 0
+    preset = build_preset(cfg)
+    ids = ["a/b", "a_b", "x y", "x_y", "../../evil", "evil", "Case1", "case1", "=cmd"]
+    items = []
+    for sid in ids:
+        subject = Subject(sid, "CNV", {"image": str(src)})
+        image, record = preset.preprocess(subject)
+        items.append(CamItem(subject, record, lambda image=image: image[None], np.array([0.3, 0.7]), 1))
+    out = tmp_path / "run" / "cams"
+    report = CamExporter(cfg, [BlobNet()], ["NORMAL", "CNV"], out, preset).export(items)
+    stems = {sid: report["subjects"][sid]["file_stem"] for sid in ids}
+    assert len({s.casefold() for s in stems.values()}) == len(ids)
+    assert stems["a_b"] == "a_b" and stems["evil"] == "evil"  # plain IDs keep their names
+    assert len(list(out.glob("*_cam.nii.gz"))) == len(ids) and len(list(out.glob("*_review.png"))) == len(ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "scan.nii.gz"]  # nothing escaped the folder
+    with (out / "names.csv").open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["subject"].removeprefix("'"): r["file_stem"] for r in rows} == stems  # '=cmd: no formula
+    for sid, stem in stems.items():
+        assert report["subjects"][sid]["files"]["cam"] == str(out / f"{stem}_cam.nii.gz")

@@ -206,6 +206,32 @@ def test_octa500_missing_modality(tmp_path, records):
     assert "3 (no OCT)" in messages(records, logging.WARNING)
 
 
+def test_octa500_labelled_eye_with_only_projection_maps_is_listed_never_dropped(tmp_path, records):
+    # an interrupted copy: eye 3 lost its OCT and OCTA folders, its projection maps remain
+    root = make_octa500(tmp_path, "6mm", [1, 2], labels={1: "NORMAL", 2: "DR", 3: "DR"})
+    maps = root / "OCTA_6mm" / "Projection Maps"
+    for sid in (1, 2, 3):
+        for kind in ("OCTA(FULL)", "OCT(FULL)"):
+            write_png(maps / kind / f"{sid}.bmp", shape=(COLS, COLS))
+    for sid in (1, 2):
+        write_png(maps / "OCT(ILM_OPL)" / f"{sid}.bmp", shape=(COLS, COLS))
+    table = re.escape(str(root / "Text labels.xlsx"))
+    with pytest.raises(DataError, match=rf"1 labelled subject\(s\) \(labels from {table}\) have no OCTA scan folder "
+                                        r"needed for --dim 3d: 3 \(only maps OCT\(FULL\), OCTA\(FULL\)\); .*"
+                                        r"--skip-unlabeled"):
+        discover(cfg(root))
+    with pytest.raises(DataError, match=r"have no OCT and OCTA scan folders needed for --dim 2d: 3 "):
+        discover(cfg(root, modality="OCT+OCTA"), dim="2d")  # --projection compute: volumes needed
+    with pytest.raises(DataError, match=r"have no 'OCT\(ILM_OPL\)' projection map needed for --dim 2d: 3 "):
+        discover(cfg(root, projection="OCT(ILM_OPL)"), dim="2d")
+    assert [s.id for s in discover(cfg(root, projection="OCTA(FULL)"), dim="2d")] == ["1", "2", "3"]
+    assert [s.id for s in discover(cfg(root, skip_unlabeled=True))] == ["1", "2"]
+    assert "have no OCTA scan folder needed for --dim 3d: 3 (only maps" in messages(records, logging.WARNING)
+    assert [s.id for s in discover(cfg(root), require_labels=False)] == ["1", "2"]
+    assert "1 eye(s) have no OCTA scan folder, only other projection maps, and are not used: 3" in \
+        messages(records, logging.WARNING)
+
+
 def test_octa500_projection_maps_and_masks(tmp_path):
     root = make_octa500(tmp_path, "6mm", [1, 2], ("OCTA",), labels={1: "NORMAL", 2: "DR"})
     for sid in (1, 2):
@@ -257,8 +283,8 @@ def test_manifest_errors(tmp_path, records):
     csv = tmp_path / "manifest.csv"
     rows = "".join(f"m{i},DR,missing{i}.nii.gz\n" for i in range(12))
     csv.write_text("subject,label,path\n" + rows)
-    with pytest.raises(DataError, match=r"manifest .*manifest\.csv: 12 path\(s\) do not exist: .*missing0\.nii\.gz"
-                                        r".*\(\+2 more\)"):
+    with pytest.raises(DataError, match=r"manifest .*manifest\.csv: 12 subject\(s\) point to files that do not exist: "
+                                        r"m0 \(missing0\.nii\.gz\), .*\(\+2 more\); .*--skip-unlabeled"):
         discover(cfg(csv))
     csv.write_text("subject,label,path\na,,a.npy\nb,DR,\nc,NORMAL,a.npy\nd,DR,a.npy\n")
     with pytest.raises(DataError, match=r"1 image\(s\) without a label: a; 1 label\(s\) without an image: b"):
@@ -271,6 +297,30 @@ def test_manifest_errors(tmp_path, records):
     csv.write_text("id,file\na,a.npy\n")
     with pytest.raises(DataError, match=r"no label column \(columns: id, file\)"):
         discover(cfg(csv))
+
+
+def test_manifest_row_whose_file_is_gone_is_listed_and_skipped_only_when_asked(tmp_path, records):
+    np.save(tmp_path / "a.npy", np.zeros((2, 3, 4), np.float32))
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("subject,label,path\na,DR,a.npy\nb,NORMAL,a.npy\nc,DR,gone.npy\n")
+    with pytest.raises(DataError, match=r"1 subject\(s\) point to files that do not exist: c \(gone\.npy\)"):
+        discover(cfg(csv))
+    assert [s.id for s in discover(cfg(csv, skip_unlabeled=True))] == ["a", "b"]
+    assert "do not exist: c (gone.npy); skipped (--skip-unlabeled)" in messages(records, logging.WARNING)
+    # with --labels the subject is reported once, as a missing file (not also as a label without an image)
+    (tmp_path / "labels.csv").write_text("ID,Disease\na,DR\nb,NORMAL\nc,DR\n")
+    with pytest.raises(DataError) as err:
+        discover(cfg(csv, labels=str(tmp_path / "labels.csv")))
+    assert "without an image" not in str(err.value)
+
+
+def test_class_folder_image_link_whose_file_is_gone(tmp_path, records):
+    for cls in ("NORMAL", "DR"):
+        write_png(tmp_path / cls / f"{cls}-1-1.png")
+    (tmp_path / "DR" / "DR-2-1.png").symlink_to(tmp_path / "elsewhere.png")
+    with pytest.raises(DataError, match=r"1 image link\(s\) point to files that no longer exist: DR/DR-2-1\.png"):
+        discover(cfg(tmp_path), dim="2d")
+    assert len(discover(cfg(tmp_path, skip_unlabeled=True), dim="2d")) == 2
 
 
 # ------------------------------------------------------------------------------------------- 2D folders

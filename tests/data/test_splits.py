@@ -3,6 +3,7 @@ check, split settings, messages."""
 
 import json
 import logging
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -275,3 +276,28 @@ def test_new_splits_outside_prepare_warn_and_name_experiments_over_the_same_data
     split_log.clear()
     load_or_make_splits(cfg)                                            # reused: no warning
     assert not [r for r in split_log if r.levelno == logging.WARNING]
+
+
+def test_a_label_typo_stops_a_binary_task_naming_subject_and_file(tmp_path):
+    import openpyxl
+
+    root = tmp_path / "data"
+    generate(root, 6, (8, 8, 8), seed=3, classes=("NORMAL", "DR"))
+    table = root / "Text labels.xlsx"
+    wb = openpyxl.load_workbook(table)
+    ws = wb.active
+    col = [c.value for c in ws[1]].index("Disease")
+    ws.cell(row=2, column=col + 1, value="NORMAI")  # was NORMAL: it would have become a positive (DR) eye
+    typo = str(ws.cell(row=2, column=1).value)
+    wb.save(table)
+    cfg = Config()
+    cfg.data.data_root, cfg.run.runs_dir, cfg.run.exp = str(root), str(tmp_path / "runs"), "e"
+    with pytest.raises(DataError, match=rf"unknown label\(s\) in {re.escape(str(table))}: NORMAI \(1 subject\(s\): "
+                                        rf"{typo}\); .*name them in --positive"):
+        labelled_subjects(cfg)
+    root2 = kermany(tmp_path / "k", {"NORMAL": [11, 12], "NORMAI": [13], "CNV": [21, 22]})
+    cfg = kermany_cfg(root2, tmp_path / "runs")
+    cfg.data.task = "binary"
+    with pytest.raises(DataError, match=r"NORMAI \(2 subject\(s\): NORMAI/NORMAI-13-1, NORMAI/NORMAI-13-2\); .*Fix "
+                                        rf"the label\(s\) in the class folder names under {re.escape(str(root2))}"):
+        labelled_subjects(cfg)

@@ -83,3 +83,22 @@ def test_a_field_of_view_folder_is_refused_before_any_run_folder(data_root: Path
     with pytest.raises(DataError, match=f"point --data-root at its parent {re.escape(str(data_root))} "):
         prepare.run(config(fov, tmp_path / "runs"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resplit_that_fails_keeps_the_earlier_splits(data_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14 item 5: --overwrite re-splits only once the new splits are made; a failure restores the old."""
+    cfg = config(data_root, tmp_path / "runs")
+    prepare.run(cfg)
+    folder = cfg.run_dir / "splits"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    def fail(*a, **k):
+        raise DataError("a class is too small to split")
+
+    monkeypatch.setattr(prepare, "load_or_make_splits", fail)
+    cfg.run.overwrite = True
+    with pytest.raises(DataError, match="too small"):
+        prepare.run(cfg)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert not (cfg.run_dir / ".splits.old").exists() and not (cfg.run_dir / ".lock").exists()

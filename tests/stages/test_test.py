@@ -15,7 +15,7 @@ import pytest
 from octa3d import checkpoint
 from octa3d.cli import parse_config
 from octa3d.checkpoint import CheckpointError
-from octa3d.errors import ConfigError, LeakageError
+from octa3d.errors import ConfigError, LeakageError, RunExistsError
 from octa3d.metrics import bootstrap_ci, evaluation_metrics, fast_scores
 from octa3d.checkpoint import find_checkpoints
 
@@ -229,8 +229,10 @@ def test_fold_ensemble_and_missing_checkpoint(experiment, tmp_path):
     assert (out / "predictions_fold-1.csv").is_file()
     # CAM of the ensemble (maps of both folds averaged) for the one requested subject only
     assert m["cam"]["n_models"] == 2 and m["cam"]["n_subjects"] == 1
-    assert sorted(f.name for f in (out / "cams").iterdir()) == [f"{sid}_cam.nii.gz", f"{sid}_input_OCTA.nii.gz",
-                                                                 f"{sid}_review.png"]
+    cams = sorted(f.name for f in (out / "cams").iterdir() if f.name != "names.csv")  # names.csv: ID -> stem
+    assert cams == [f"{sid}_cam.nii.gz", f"{sid}_input_OCTA.nii.gz", f"{sid}_review.png"]
+    # recorded paths name the final folder, not the partial one the run wrote into
+    assert m["cam"]["folder"] == str(out / "cams")
     # the map's status is in predictions.csv (subjects without maps say so) and counted in metrics.json
     pred = pd.read_csv(out / "predictions.csv", dtype={"subject": str}).set_index("subject")
     assert pred.loc[sid, "cam_status"] in ("ok", "empty", "constant")
@@ -248,3 +250,60 @@ def test_fold_ensemble_and_missing_checkpoint(experiment, tmp_path):
     cfg2, _ = parse_config(_args(root, "--mode", "test", "--exp", "nothing-here"))
     with pytest.raises(CheckpointError, match="--mode train"):
         find_checkpoints(cfg2)
+
+
+# ------------------------------------------------------------------------------------ issue 14
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(experiment, tmp_path, monkeypatch):
+    """Item 5: --overwrite with a CAM layer or class the model does not have is refused before test/ is touched,
+    and a run that fails while writing (disk full) leaves the earlier results complete, with no partial folder."""
+    from octa3d.stages import test as test_stage
+
+    root = _fresh(experiment, tmp_path)
+    test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
+    out = root / "runs" / "e" / "test"
+    before = _files(out)
+    assert ".complete" in before
+
+    def unchanged() -> None:
+        assert _files(out) == before
+        assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".test")]
+
+    for bad, msg in ((["--cam-layer", "nope"], "--cam-layer nope"), (["--cam-class", "GLAUCOMA"],
+                                                                   "--cam-class GLAUCOMA")):
+        with pytest.raises(ConfigError, match=msg):
+            test_stage.run(parse_config(_args(root, "--mode", "test", "--overwrite", "--cam", "gradcam", *bad))[0])
+        unchanged()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(test_stage, "save_figure", full)
+        with pytest.raises(OSError, match="No space"):
+            test_stage.run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
+    unchanged()
+    with pytest.raises(RunExistsError, match="--overwrite"):
+        test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
+    unchanged()
+
+
+def test_a_failed_attempt_never_blocks_the_retry(experiment, tmp_path, monkeypatch):
+    """Item 6: a crash mid-run (or the config.yaml/command.txt an earlier version wrote before failing) is no
+    result: the retry needs no --overwrite."""
+    from octa3d.stages import test as test_stage
+
+    root = _fresh(experiment, tmp_path)
+    out = root / "runs" / "e" / "test"
+    with monkeypatch.context() as m:
+        m.setattr(test_stage, "save_figure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+        with pytest.raises(RuntimeError, match="crash"):
+            test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
+    out.mkdir(exist_ok=True)
+    (out / "config.yaml").write_text("run: {}\n")
+    (out / "command.txt").write_text("main.py --mode test\n")
+    test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
+    assert (out / "metrics.json").is_file() and (out / ".complete").is_file()

@@ -16,7 +16,7 @@ import torch
 from octa3d.stages import train as train_mod
 from octa3d.cli import parse_config
 from octa3d.checkpoint import load_checkpoint
-from octa3d.errors import DataError
+from octa3d.errors import ConfigError, DataError, RunExistsError
 from octa3d.optim import FocalLoss, class_weights
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +145,11 @@ def test_early_stopping_ends_training(blob_root, tmp_path):
     hist = pd.read_csv(tmp_path / "early" / "train" / "history.csv")
     assert len(hist) < 6
     assert load_checkpoint(tmp_path / "early" / "train" / "checkpoints" / "last.pt")["finished"] is True
+    # item 7: more --epochs after early stopping would not train: refused, saying why
+    cfg, argv = cfg_for(blob_root, tmp_path, "early", "--epochs", "8", "--patience", "1", "--lr", "1e-12",
+                        "--freeze-encoder", "--resume")
+    with pytest.raises(ConfigError, match="early stopping"):
+        train_mod.run(cfg)
 
 
 def test_nan_loss_stops_with_epoch_step_and_subjects(blob_root, tmp_path, monkeypatch):
@@ -265,3 +270,62 @@ def test_compile_path_trains(blob_root, tmp_path):
     train_mod.run(cfg)
     ck = load_checkpoint(tmp_path / "comp" / "train" / "checkpoints" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in ck["state_dict"])  # saved unwrapped
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+def test_interrupted_training_offers_resume_and_resume_means_the_same_run(blob_root, tmp_path):
+    """Item 6: after an interruption (last.pt after epoch 1) a plain retry is refused offering --resume, and the
+    resumable last.pt stays. Item 7: --resume refuses changed settings (listed, config.yaml untouched) and fewer
+    epochs; more epochs after the run finished train further, at the schedule's final rate, and are recorded."""
+    out = tmp_path / "cut" / "train"
+    cfg, _ = cfg_for(blob_root, tmp_path, "cut", "--epochs", "2", "--max-steps", "6")
+    assert train_mod.run(cfg)["stopped_at_step"] == 6
+    assert not (out / ".complete").exists()
+    with pytest.raises(RunExistsError, match=r"interrupted.*--resume.*--overwrite"):
+        train_mod.run(cfg_for(blob_root, tmp_path, "cut", "--epochs", "2")[0])
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+    recorded = (out / "config.yaml").read_bytes()
+    bad = cfg_for(blob_root, tmp_path, "cut", "--epochs", "2", "--resume", "--lr", "1e-3", "--batch-size", "2",
+                  "--model", "resnet18")[0]
+    with pytest.raises(ConfigError) as err:
+        train_mod.run(bad)
+    for change in ("--lr: 0.003 -> 0.001", "--batch-size: 4 -> 2", "--model: cnn -> resnet18"):
+        assert change in str(err.value)
+    with pytest.raises(ConfigError, match=r"--epochs: 2 -> 1 \(fewer epochs"):
+        train_mod.run(cfg_for(blob_root, tmp_path, "cut", "--epochs", "1", "--resume")[0])
+    assert (out / "config.yaml").read_bytes() == recorded
+    # --resume alone continues with the recorded settings (the recorded --max-steps is no longer in force)
+    train_mod.run(parse_config(["--mode", "train", "--runs-dir", str(tmp_path), "--exp", "cut", "--resume",
+                                "--data-root", str(blob_root)])[0])
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2 and (out / ".complete").is_file()
+    train_mod.run(cfg_for(blob_root, tmp_path, "cut", "--epochs", "3", "--resume", "--num-workers", "0")[0])
+    hist = pd.read_csv(out / "history.csv")
+    assert list(hist["epoch"]) == [1, 2, 3]
+    assert hist["lr"].iloc[-1] == pytest.approx(3e-3 * 0.01)  # past the 2-epoch schedule: its final rate
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["epoch"] == 3 and last["finished"] is True and last["schedule_epochs"] == 2
+    assert "epochs: 3" in (out / "config.yaml").read_text() and (out / ".complete").is_file()
+
+
+def test_overwrite_keeps_finished_training_until_the_new_one_finishes(blob_root, tmp_path, monkeypatch):
+    """Item 5: --overwrite over a finished training trains beside it; a failure (disk full) leaves the finished
+    results in place and the new run resumable in its partial folder; finishing swaps it in."""
+    out = tmp_path / "ow" / "train"
+    train_mod.run(cfg_for(blob_root, tmp_path, "ow", "--epochs", "1")[0])
+    best = (out / "checkpoints" / "best.pt").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "_hparams", full)
+        with pytest.raises(OSError, match="No space"):
+            train_mod.run(cfg_for(blob_root, tmp_path, "ow", "--epochs", "2", "--overwrite")[0])
+    assert (out / "checkpoints" / "best.pt").read_bytes() == best and (out / ".complete").is_file()
+    partial = tmp_path / "ow" / ".train.partial"
+    assert load_checkpoint(partial / "checkpoints" / "last.pt")["epoch"] == 2
+    with pytest.raises(RunExistsError, match="--resume"):
+        train_mod.run(cfg_for(blob_root, tmp_path, "ow", "--epochs", "2")[0])
+    train_mod.run(cfg_for(blob_root, tmp_path, "ow", "--epochs", "2", "--resume")[0])
+    assert not partial.exists() and load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
+    assert len(pd.read_csv(out / "history.csv")) == 2 and (out / ".complete").is_file()

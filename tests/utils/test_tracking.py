@@ -26,6 +26,35 @@ def test_history_rewrites_an_epoch_instead_of_duplicating_it(tmp_path):
     assert [r["loss"] for r in h2.rows] == [1.0, 0.4]
 
 
+def test_history_on_a_full_disk_is_one_error_and_keeps_the_last_complete_file(tmp_path, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    from octa3d.errors import DiskFullError
+
+    h = History(tmp_path / "history.csv")
+    h.append({"epoch": 1, "loss": 1.0})
+    before = h.path.read_bytes()
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full)
+    with pytest.raises(DiskFullError, match="history.csv: cannot write it, the disk is full"):
+        h.append({"epoch": 2, "loss": 0.5})
+    assert h.path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["history.csv"]
+
+
+def test_history_text_cells_are_spreadsheet_safe_and_read_back(tmp_path):
+    h = History(tmp_path / "history.csv")
+    h.append({"epoch": 1, "note": "=cmd|' /C calc'!A0", "delta": -0.5})
+    assert "'=cmd" in h.path.read_text(encoding="utf-8") and ",-0.5" in h.path.read_text(encoding="utf-8")
+    h2 = History(h.path)
+    h2.load()
+    assert h2.rows == [{"epoch": 1, "note": "=cmd|' /C calc'!A0", "delta": -0.5}]
+
+
 # ------------------------------------------------------------------------------------------------ console
 class _Stream(io.StringIO):
     def __init__(self, tty: bool) -> None:

@@ -35,7 +35,7 @@ from octa3d.optim import build_loss, build_optimizer, class_weights
 from octa3d.stages.compress import export, linear_quant, measure, pruning, quantize, report
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv
-from octa3d.utils.runs import stage_dir
+from octa3d.utils.runs import StageFolder, plan_stage, releases_locks, stage_dir
 from octa3d.utils.tracking import cli_program, progress
 
 log = logging.getLogger("octa3d.compress")
@@ -90,6 +90,8 @@ class Job:
     #: layers, see :mod:`~octa3d.stages.compress.linear_quant`).
     path: str = "fx"
     fake_quantized: int = 0
+    #: The stage folder: ``out`` is its partial folder, swapped into ``runs/<exp>/compress/`` when finished.
+    folder: StageFolder | None = None
 
     @property
     def example(self) -> torch.Tensor:
@@ -149,6 +151,7 @@ def _setup(cfg: Config) -> Job:
     src = source_checkpoint(cfg)
     ckpt = load_checkpoint(src, kind="classifier")
     ecfg = checkpoint_config(cfg, ckpt, fine_tune=True)
+    plan_stage(ecfg, STAGE)  # RunExistsError before the experiment is touched
     ctx = setup_stage(ecfg)
     sp = ctx.splits
     names = list(sp.class_names)
@@ -161,10 +164,11 @@ def _setup(cfg: Config) -> Job:
     guard("test", test_ids, sp)  # the report's evaluation: hold-out subjects only
     if not va_ids or not test_ids:
         raise DataError(f"experiment '{ecfg.exp_name}' needs validation and hold-out test subjects for --mode compress")
-    out = stage_dir(ecfg, STAGE)
     handler = DataHandler(ecfg, ctx.label_map)
     tr_subs, va_subs, te_subs = ctx.pick(tr_ids), ctx.pick(va_ids), ctx.pick(test_ids)
     handler.warm(tr_subs + va_subs + te_subs)
+    folder = stage_dir(ecfg, STAGE)  # inputs read; earlier results stay until this run has finished
+    out = folder.path
     bs = ecfg.train.batch_size
     loaders = {"train": handler.loader(tr_subs, train=True, batch_size=bs),
                "val": handler.loader(va_subs, train=False, batch_size=bs),
@@ -177,7 +181,7 @@ def _setup(cfg: Config) -> Job:
     log.info("compress %s (%s): %d train / %d val / %d test subjects; pruning %s %.2f in %d round(s), QAT %d "
              "epoch(s), backend %s", ckpt["model_name"], src, len(tr_ids), len(va_ids), len(test_ids), c.prune_mode,
              c.prune_amount, c.prune_rounds, c.qat_epochs, c.qbackend)
-    return Job(ecfg, ctx, src, ckpt, out, names, loaders, loss_fns, calib)
+    return Job(ecfg, ctx, src, ckpt, out, names, loaders, loss_fns, calib, folder=folder)
 
 
 def _prune(job: Job, model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], dict[str, Any]]:
@@ -304,14 +308,26 @@ def _evaluate(job: Job, fp32: nn.Module, model: nn.Module, converted: nn.Module,
     return {"evals": evals, "inproc": inproc, "same_kernels": same_kernels, "pack": pack, "latency": lat, **extra}
 
 
+@releases_locks
 def run(cfg: Config) -> dict[str, Any]:
-    """Compress the experiment's classifier; write ``runs/<exp>/compress/``.
+    """Compress the experiment's classifier; write ``runs/<exp>/compress/`` (replaced only once finished).
 
     Returns:
         The report dictionary written to ``report.json``.
     """
     t_start = time.perf_counter()
     job = _setup(cfg)
+    with job.folder:  # type: ignore[union-attr]  # always set by _setup
+        rep = _run(job, t_start)
+        rep = job.folder.rebase(rep)
+        report.write_report(job.out, rep)
+        out = job.folder.finish(job.cfg)
+    report.print_summary(rep, out)
+    return rep
+
+
+def _run(job: Job, t_start: float) -> dict[str, Any]:
+    """Prune, quantize, export and evaluate into ``job.out``; returns the report."""
     fp32 = build_classifier(job.ckpt, job.src, torch.device("cpu"))
     job.path = linear_quant.quantization_path(fp32)
     log.info("quantization path: %s (%.0f %% of the conv/linear weights are nn.Linear)",
@@ -334,6 +350,4 @@ def run(cfg: Config) -> dict[str, Any]:
                          {"fp32": rep["models"]["fp32"]["confusion_matrix"],
                           "int8": rep["models"]["int8"]["confusion_matrix"]})
     rep["files"]["confusion_matrices.png"] = (job.out / "confusion_matrices.png").stat().st_size
-    report.write_report(job.out, rep)
-    report.print_summary(rep, job.out)
     return rep
