@@ -30,7 +30,7 @@ from torch import nn
 from octa3d import model_card
 from octa3d.checkpoint_settings import checkpoint_config
 from octa3d.config import Config, to_dict
-from octa3d.errors import ConfigError, Octa3dError
+from octa3d.errors import ConfigError, DiskFullError, Octa3dError
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_torch_save
 from octa3d.utils.seed import rng_state
@@ -115,6 +115,8 @@ class CheckpointWriter:
     def _result(future: Future) -> None:
         try:
             future.result()
+        except DiskFullError:
+            raise  # already one line naming the file
         except Exception as exc:
             raise CheckpointError(f"writing a checkpoint failed: {type(exc).__name__}: {exc}") from exc
 

@@ -226,7 +226,8 @@ def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out:
         value = {"train_loss": train_loss, **metrics}[spec.monitor]
         if math.isnan(value):
             value = -math.inf if spec.mode == "max" else math.inf
-        improved = state.early.update(value, epoch)
+        tie = metrics.get("val_loss") if spec.monitor != "val_loss" else None
+        improved = state.early.update(value, epoch, tie_break=tie)
         lr = state.optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if spec.target == "label":

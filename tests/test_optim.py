@@ -65,3 +65,20 @@ def test_scheduler_warmup_then_cosine():
         sch.step()
     assert lrs[0] == pytest.approx(0.2) and lrs[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] < 0.1
+
+
+def test_a_tie_on_a_saturated_metric_is_won_by_a_lower_validation_loss():
+    """16 validation eyes saturate balanced accuracy early: ties with a lower loss keep improving best.pt and
+    keep early stopping from ending an under-fitted run."""
+    es = optim.EarlyStopping(mode="max", patience=2)
+    assert es.update(1.0, 0, tie_break=0.9)
+    assert es.update(1.0, 1, tie_break=0.5) and es.best_epoch == 1 and es.bad_epochs == 0
+    assert not es.update(1.0, 2, tie_break=0.6) and es.bad_epochs == 1  # tie, higher loss: not better
+    assert not es.update(0.9, 3, tie_break=0.1) and es.should_stop  # lower metric: the loss does not matter
+    assert not es.update(float("nan"), 4, tie_break=0.0)
+    assert es.best == 1.0 and es.best_tie == 0.5
+    plain = optim.EarlyStopping(mode="max", patience=2)  # no tie-break value (e.g. monitoring the loss itself)
+    assert plain.update(1.0, 0) and not plain.update(1.0, 1)
+    restored = optim.EarlyStopping()
+    restored.load_state_dict(es.state_dict())
+    assert restored.best_tie == 0.5 and not restored.update(1.0, 5, tie_break=0.7)

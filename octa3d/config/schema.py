@@ -40,7 +40,8 @@ class RunConfig:
     device: str = opt("auto", "Torch device: auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps; "
                               "asking for one this machine lacks is an error, not a CPU run.")
     num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process).")
-    overwrite: bool = opt(False, "Replace an existing stage folder instead of refusing.")
+    overwrite: bool = opt(False, "Replace a finished stage folder instead of refusing (the earlier results are "
+                                 "kept until the new run has finished).")
     log_level: str = opt("INFO", "Console log level.", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -109,12 +110,14 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation for --mode ae_pretrain and --mode train."""
 
-    epochs: int = opt(30, "Training epochs (early stopping may end sooner).")
+    epochs: int = opt(60, "Training epochs (early stopping may end sooner). 60: four classes from ~70 training "
+                          "eyes were still under-fitted after 30 (README 'Multi-class').")
     batch_size: int = opt(4, "Samples per optimisation step (per process under torchrun).")
     lr: float = opt(3e-4, "Peak learning rate (AdamW), reached after --warmup-epochs, then cosine decay.")
     weight_decay: float = opt(1e-4, "AdamW weight decay.")
     warmup_epochs: int = opt(1, "Linear learning-rate warm-up epochs before the cosine schedule.")
-    patience: int = opt(10, "Early stopping: epochs without improvement of the monitored metric (0 = off).")
+    patience: int = opt(10, "Early stopping: epochs without improvement of the monitored metric (0 = off); a tie "
+                            "with a lower validation loss counts as an improvement.")
     monitor: str = opt("balanced_accuracy", "Validation metric that picks best.pt and drives early stopping "
                                             "(--mode train; ae_pretrain always monitors val_loss).",
                        choices=("balanced_accuracy", "auc", "f1_macro", "accuracy", "val_loss"))

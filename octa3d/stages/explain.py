@@ -33,6 +33,7 @@ from octa3d.data.sources import subject_from_path
 from octa3d.data.splits import read_splits, training_overlap
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError
+from octa3d.review import write_explain_review
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json, safe_name
 from octa3d.utils.runs import init_run, plan_stage, releases_locks, stage_dir
@@ -148,10 +149,12 @@ def run(cfg: Config) -> dict[str, Any]:
             result.update(report["subjects"][subject.id])
         result = sf.rebase(result)
         atomic_write_json(out / "prediction.json", result)
+        page = write_explain_review(out, {"experiment": ecfg.exp_name, "stage": "explain",
+                                          "data": str(cfg.eval.input)}, result)
         out = sf.finish(ecfg)
     print(f"{subject.id} ({cfg.eval.input}): predicted {pred} ("
           + ", ".join(f"p({n}) = {p:.3f}" for n, p in zip(names, probs)) + f") by {ref['model_name']} "
           f"[{', '.join(str(p) for _, p, *_ in models)}]")
     files = ["prediction.json"] + [Path(f).name for f in result.get("files", {}).values()]
-    print(f"Files in {out}/: {', '.join(files)}")
+    print(f"Files in {out}/: {', '.join(files)}" + (", review/index.html (open it in a browser)" if page else ""))
     return result

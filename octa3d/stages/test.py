@@ -32,6 +32,7 @@ from octa3d.errors import ConfigError, DataError
 from octa3d.metrics import (CI_METRICS, bootstrap_ci, evaluation_metrics, format_metric, predictions_frame,
                             resampling_units, summary_lines)
 from octa3d.plots import confusion_figure, roc_figure, save_figure
+from octa3d.review import write_test_review
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv, atomic_write_json
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
@@ -190,8 +191,13 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics = _evaluate(cfg, ecfg, folder.path, models, ref, ctx, handler, subjects, wanted, device)
         if dist.is_main():
             atomic_write_json(folder.path / "metrics.json", folder.rebase(metrics))
+            # written into the folder being built: its links are relative, so they hold once it is renamed
+            page = write_test_review(folder.path, {"experiment": cfg.exp_name, "stage": STAGE,
+                                                   "data": ecfg.data.data_root})
             out = folder.finish(ecfg)
             print_summary(cfg, metrics, out, len(test_ids))
+            if page is not None:
+                print(f"Review page: {out / 'review' / 'index.html'} (open it in a browser; works from disk)")
     return folder.rebase(metrics)
 
 

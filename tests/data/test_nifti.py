@@ -34,3 +34,22 @@ def test_non_contiguous_array_and_shape_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not match"):
         write_nifti(arr, Geometry.default((4, 6, 8)), tmp_path / "w.nii.gz")
     assert not (tmp_path / "w.nii.gz").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_nifti_cut_short_by_a_full_disk_is_an_error_and_leaves_no_file(tmp_path: Path, monkeypatch) -> None:
+    """ITK only prints "wrote only N of M bytes" when the disk fills and returns: the writer checks the result."""
+    from octa3d.errors import DiskFullError
+
+    real = sitk.WriteImage
+
+    def short_write(img, name, *args, **kwargs):
+        real(img, name, *args, **kwargs)
+        data = Path(name).read_bytes()
+        Path(name).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(sitk, "WriteImage", short_write)
+    geo = Geometry((8, 9, 10), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    rng = np.random.default_rng(0)
+    with pytest.raises(DiskFullError, match="out.nii.gz"):
+        write_nifti(rng.random((8, 9, 10)).astype(np.float32), geo, tmp_path / "out.nii.gz")
+    assert list(tmp_path.iterdir()) == []
