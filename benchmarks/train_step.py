@@ -400,7 +400,8 @@ def overhead_figures(work: Path, model: str, size: int, n_subjects: int, shape: 
     with StageClock(between) as clock:
         run_stage(argv)
     stage_s = time.perf_counter() - t0
-    if len(clock.epoch_starts) != epochs or len(clock.val) != epochs:
+    # one validation pass per epoch, plus the temperature fit's pass on the validation split after the last epoch
+    if len(clock.epoch_starts) != epochs or len(clock.val) not in (epochs, epochs + 1):
         raise RuntimeError(f"expected {epochs} epochs with validation, timed {len(clock.epoch_starts)}/"
                            f"{len(clock.val)}")
     b = bare[0]

@@ -16,8 +16,12 @@ import numpy as np
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              roc_auc_score)
 
-#: Metrics that get bootstrap confidence intervals (sensitivity/specificity only for binary tasks).
-CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "kappa", "sensitivity", "specificity")
+from octa3d.calibration import CALIBRATION_KEYS, calibration_report, calibration_scores, n_bins_for
+
+#: Metrics that get bootstrap confidence intervals (sensitivity/specificity and the calibration slope/intercept
+#: only for binary tasks; Brier, ECE and AURC are defined in :mod:`octa3d.calibration`).
+CI_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "kappa", "sensitivity", "specificity",
+              *CALIBRATION_KEYS)
 
 HIGHER_IS_BETTER = {"accuracy": True, "balanced_accuracy": True, "auc": True, "f1_macro": True,
                     "val_loss": False}
@@ -227,8 +231,10 @@ def bootstrap_ci(y_true: np.ndarray, probs: np.ndarray, n_resamples: int, seed: 
     if n_resamples <= 0 or len(y_true) == 0:
         return {}
     draws: dict[str, list[float]] = {}
+    n_bins = n_bins_for(len(y_true))  # the full sample's ECE bin count, so every resample bins alike
     for row in bootstrap_indices(y_true, n_resamples, seed, groups):
-        for k, v in fast_scores(y_true[row], probs[row]).items():
+        scores = {**fast_scores(y_true[row], probs[row]), **calibration_scores(y_true[row], probs[row], n_bins)}
+        for k, v in scores.items():
             draws.setdefault(k, []).append(v)
     alpha = (1 - level) / 2 * 100
     out: dict[str, Any] = {}
@@ -256,7 +262,9 @@ def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
     Returns:
         accuracy, balanced_accuracy, auc (from probabilities; OvR macro for K > 2), f1_macro, kappa, per-class
         precision/recall/F1/support, confusion_matrix (rows = true), and for binary tasks sensitivity and
-        specificity (positive = class index 1).
+        specificity (positive = class index 1); calibration and selective prediction
+        (:func:`octa3d.calibration.calibration_report`: brier, ece, ece_bins, reliability, aurc, selective, and for
+        binary tasks calibration_slope/calibration_intercept).
     """
     from sklearn.metrics import cohen_kappa_score, precision_recall_fscore_support
 
@@ -276,6 +284,7 @@ def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
         out["sensitivity"] = float(cm[1, 1] / cm[1].sum()) if cm[1].sum() else math.nan
         out["specificity"] = float(cm[0, 0] / cm[0].sum()) if cm[0].sum() else math.nan
     out["n_subjects"] = int(len(y_true))
+    out.update(calibration_report(y_true, probs))
     return out
 
 
@@ -293,7 +302,26 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     keys = ["balanced_accuracy", "auc", "accuracy", "f1_macro", "kappa"]
     if "sensitivity" in m:
         keys += ["sensitivity", "specificity"]
-    return [f"  {k.replace('_', ' '):<18} {format_metric(m, k)}" for k in keys] + class_lines(m)
+    lines = [f"  {k.replace('_', ' '):<18} {format_metric(m, k)}" for k in keys]
+    return lines + calibration_lines(m) + class_lines(m)
+
+
+def calibration_lines(m: dict[str, Any]) -> list[str]:
+    """Brier, ECE (with its bin count), calibration slope/intercept (binary), AURC and the 90 %-coverage accuracy."""
+    if "brier" not in m:
+        return []
+    lines = [f"  {'brier score':<18} {format_metric(m, 'brier')}",
+             f"  {'ece':<18} {format_metric(m, 'ece')} ({m.get('ece_bins')} equal-mass bins)"]
+    if "calibration_slope" in m:
+        lines += [f"  {'calibration slope':<18} {format_metric(m, 'calibration_slope')} (1 = calibrated)",
+                  f"  {'calib. intercept':<18} {format_metric(m, 'calibration_intercept')} (0 = calibrated)"]
+    lines.append(f"  {'aurc':<18} {format_metric(m, 'aurc')} (risk = error rate; lower is better)")
+    sel = m.get("selective") or {}
+    if sel.get("n_kept"):
+        cov = int(round(100 * sel["coverage"]))
+        lines.append(f"  at {cov} % coverage accuracy {sel[f'accuracy_at_{cov}']:.3f}, balanced accuracy "
+                     f"{sel[f'balanced_accuracy_at_{cov}']:.3f} ({sel['n_kept']} most confident subjects)")
+    return lines
 
 
 def class_lines(m: dict[str, Any]) -> list[str]:

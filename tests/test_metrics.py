@@ -122,3 +122,24 @@ def test_multiclass_summary_shows_recall_per_class_confusion_matrix_and_calls_ou
     binary = evaluation_metrics(np.array([0, 1, 0, 1]), np.array([[.8, .2], [.3, .7], [.6, .4], [.4, .6]]),
                                 ["NORMAL", "CNV"])
     assert not any("recall per class" in line for line in summary_lines(binary))
+
+
+def test_bootstrap_and_summary_carry_the_calibration_metrics():
+    """Issue 17: Brier, ECE, slope/intercept and AURC get cluster-bootstrap CIs and summary lines."""
+    from octa3d.metrics import bootstrap_ci, evaluation_metrics, summary_lines
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)
+    p1 = np.clip(np.where(y == 1, 0.65, 0.35) + rng.normal(0, 0.2, 60), 0.01, 0.99)
+    probs = np.stack([1 - p1, p1], axis=1)
+    m = evaluation_metrics(y, probs, ["a", "b"])
+    m["ci95"] = bootstrap_ci(y, probs, 200, seed=1, groups=[f"g{i // 2}" for i in range(60)])
+    for key in ("brier", "ece", "calibration_slope", "calibration_intercept", "aurc"):
+        low, high = m["ci95"][key]
+        assert low <= m[key] <= high, key
+    assert m["ece_bins"] == 6
+    text = "\n".join(summary_lines(m))
+    assert "brier score" in text and "(6 equal-mass bins)" in text and "calibration slope" in text
+    assert "at 90 % coverage accuracy" in text and "54 most confident subjects" in text
+    multi = evaluation_metrics([0, 1, 2], np.eye(3), ["a", "b", "c"])
+    assert "calibration_slope" not in multi and "calibration slope" not in "\n".join(summary_lines(multi))

@@ -170,6 +170,9 @@ class EvalConfig:
     cam_subjects: list[str] | None = opt(None, "Comma-separated subject IDs that get CAM exports (default: all "
                                                "test subjects).")
     bootstrap: int = opt(1000, "Bootstrap resamples for the 95 % confidence intervals (0 = none).")
+    calibrate: bool = opt(True, "Use the temperature-scaled probabilities (temperature fitted on each fold's "
+                                "validation split at the end of training) for predictions and metrics; "
+                                "--no-calibrate reports the raw softmax (both are in metrics.json either way).")
 
 
 @dataclass

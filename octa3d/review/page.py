@@ -32,7 +32,8 @@ log = logging.getLogger("octa3d.review")
 HERE = Path(__file__).parent
 ASSETS = {"niivue.umd.js": HERE / "vendor" / "niivue.umd.js", "review.js": HERE / "static" / "review.js",
           "review.css": HERE / "static" / "review.css"}
-METRICS = ["balanced_accuracy", "auc", "accuracy", "f1_macro", "kappa", "sensitivity", "specificity"]
+METRICS = ["balanced_accuracy", "auc", "accuracy", "f1_macro", "kappa", "sensitivity", "specificity", "brier", "ece",
+           "calibration_slope", "calibration_intercept", "aurc"]
 #: why a subject has no map to show, by its ``cam_status``
 NO_MAP = {"not computed": "no evidence map was computed for this subject (not in --cam-subjects)",
           "none": "no evidence maps were computed for this run (--cam none)"}
@@ -241,7 +242,8 @@ def write_test_review(folder: Path, info: dict[str, Any]) -> Path | None:
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
         classes = list(metrics["class_names"])
         rows = prediction_rows(folder, classes, folder / "cams")
-        figs = [f"../{n}" for n in ("roc.png", "confusion_matrix.png") if (folder / n).is_file()]
+        figs = [f"../{n}" for n in ("roc.png", "confusion_matrix.png", "reliability.png", "coverage.png")
+                if (folder / n).is_file()]
         return write_page(folder / "review", info, metrics, rows, classes, folder / "cams", figs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         log.warning("review page of %s not written: %s", folder, err)

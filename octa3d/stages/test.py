@@ -7,8 +7,13 @@ this invocation, so a model is always evaluated on inputs made the way it was tr
 hold-out subjects are used, and the leakage guard refuses any that trained or validated the model (including
 autoencoder extra data).
 
+Probabilities are temperature-scaled with each checkpoint's ``temperature`` (fitted on its fold's validation split
+by the train stage; :mod:`octa3d.calibration`) before an ensemble averages them; ``--no-calibrate`` uses the raw
+softmax. ``metrics.json`` holds both (``calibration: {temperature, applied, raw, calibrated}``).
+
 Outputs in ``runs/<exp>/test/``: ``metrics.json``, ``predictions.csv`` (and ``predictions_fold-k.csv``),
-``roc.png``, ``confusion_matrix.png``, ``cams/`` (see :mod:`octa3d.cam.export`) and ``tensorboard/``.
+``roc.png``, ``confusion_matrix.png``, ``reliability.png``, ``coverage.png``, ``cams/`` (see
+:mod:`octa3d.cam.export`) and ``tensorboard/``.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import numpy as np
 import torch
 
 from octa3d import engine
+from octa3d.calibration import apply_temperature, calibration_scores, nll, reliability_bins, risk_coverage
 from octa3d.cam import (CamExporter, cam_backend, cam_items_from_cache, check_layer, resolve_cam_class,
                         score_lines)
-from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
+from octa3d.checkpoint import CheckpointError, checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
 from octa3d.context import guard_test_set, setup_stage
 from octa3d.data.datasets import DataHandler
@@ -32,6 +38,7 @@ from octa3d.errors import ConfigError, DataError
 from octa3d.metrics import (CI_METRICS, bootstrap_ci, evaluation_metrics, format_metric, predictions_frame,
                             resampling_units, summary_lines)
 from octa3d.plots import confusion_figure, roc_figure, save_figure
+from octa3d.plots_calibration import coverage_figure, reliability_figure
 from octa3d.review import write_test_review
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv, atomic_write_json
@@ -60,6 +67,35 @@ def _predict_all(models: Models, loader: Any, precision: engine.Precision
     return ids, y, per
 
 
+def _temperatures(models: Models) -> dict[str, float | None]:
+    """Each model's fitted temperature (None: the checkpoint has none, e.g. trained before temperature scaling).
+
+    Raises:
+        CheckpointError: a recorded temperature that is not a positive finite number.
+    """
+    out: dict[str, float | None] = {}
+    for name, path, rec, _ in models:
+        t = rec.get("temperature")
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+            raise CheckpointError(f"{path}: temperature {t!r} is not a positive number; re-run --mode train for "
+                                  f"this experiment or test with --no-calibrate")
+        out[name] = None if t is None else float(t)
+    return out
+
+
+def calibration_block(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, temps: dict[str, float | None],
+                      applied: bool) -> dict[str, Any]:
+    """metrics.json ``calibration``: the temperature(s) and raw vs calibrated scores side by side."""
+    def scores(p: np.ndarray) -> dict[str, float]:
+        return {**calibration_scores(y, p), "nll": nll(y, p)}
+
+    fitted = {n: t for n, t in temps.items() if t is not None}
+    return {"temperature": (next(iter(temps.values())) if len(temps) == 1 else temps),
+            "applied": applied, "fitted_on": "validation split of each fold, at the end of training",
+            "note": None if fitted else "no temperature in the checkpoint(s): raw probabilities used",
+            "raw": scores(raw), "calibrated": scores(calibrated)}
+
+
 def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str, np.ndarray], names: list[str],
              models: Models, ref: dict[str, Any], groups: list[str]) -> dict[str, Any]:
     """metrics.json: headline metrics with bootstrap CIs (resampling patient groups, stratified by class), the
@@ -85,18 +121,23 @@ def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str,
 
 
 def _write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarray, names: list[str],
-                       cam_status: dict[str, str] | None = None) -> None:
-    """predictions.csv, with a ``cam_status`` column once maps were made (``not computed`` for the others)."""
+                       cam_status: dict[str, str] | None = None, raw: np.ndarray | None = None) -> None:
+    """predictions.csv, with ``p_raw_<class>`` columns (uncalibrated) when ``probs`` are temperature-scaled and a
+    ``cam_status`` column once maps were made (``not computed`` for the others)."""
     frame = predictions_frame(ids, y, probs, names)
+    if raw is not None:
+        for c, n in enumerate(names):
+            frame.insert(frame.columns.get_loc("prediction"), f"p_raw_{n}", np.round(raw[:, c], 6))
     if cam_status is not None:
         frame["cam_status"] = [cam_status.get(i, "not computed") for i in ids]
     atomic_write_csv(out / "predictions.csv", frame)
 
 
 def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.ndarray,
-                   per_model: dict[str, np.ndarray], names: list[str], metrics: dict[str, Any]) -> None:
-    """predictions CSV(s), ROC and confusion-matrix PNGs, and the same in TensorBoard (rank 0)."""
-    _write_predictions(out, ids, y, probs, names)
+                   per_model: dict[str, np.ndarray], names: list[str], metrics: dict[str, Any],
+                   raw: np.ndarray | None = None) -> None:
+    """predictions CSV(s), ROC, confusion-matrix, reliability and coverage PNGs, and the same in TensorBoard."""
+    _write_predictions(out, ids, y, probs, names, raw=raw)
     if len(per_model) > 1:
         for n, p in per_model.items():
             atomic_write_csv(out / f"predictions_{n}.csv", predictions_frame(ids, y, p, names))
@@ -105,6 +146,12 @@ def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.
     save_figure(confusion_figure(cm, names), out / "confusion_matrix.png")
     tb.add_figure("test/roc", roc_figure(y, probs, names, metrics["auc"]), 0)
     tb.add_figure("test/confusion_matrix", confusion_figure(cm, names), 0)
+    raw_bins = reliability_bins(y, raw, metrics["ece_bins"]) if raw is not None and len(y) else None
+    curve = risk_coverage(y, probs)
+    for tag, make in (("reliability", lambda: reliability_figure(metrics["reliability"], metrics["ece"], raw_bins)),
+                      ("coverage", lambda: coverage_figure(curve, metrics["aurc"]))):
+        save_figure(make(), out / f"{tag}.png")
+        tb.add_figure(f"test/{tag}", make(), 0)
     for k in CI_METRICS:
         if k in metrics and metrics[k] is not None and math.isfinite(metrics[k]):
             tb.add_scalar(f"test/{k}", metrics[k], 0)
@@ -208,13 +255,22 @@ def _evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[st
     loader = handler.loader(subjects, train=False, batch_size=ecfg.train.batch_size)
     log.info("test: %d hold-out subjects, %d model(s) (%s), classes %s", len(test_ids), len(models),
              ", ".join(n for n, *_ in models), names)
-    ids, y, per_model = _predict_all(models, loader, engine.Precision.for_device(device, ecfg.train.amp))
+    ids, y, raw_per = _predict_all(models, loader, engine.Precision.for_device(device, ecfg.train.amp))
+    temps = _temperatures(models)
+    # each member is calibrated with its own fold's temperature before the ensemble averages (issue 17)
+    cal_per = {n: apply_temperature(p, temps[n]) for n, p in raw_per.items()}
+    applied = bool(ecfg.eval.calibrate) and any(t is not None for t in temps.values())
+    per_model = cal_per if applied else raw_per
+    raw = np.mean([raw_per[n] for n, *_ in models], axis=0)
     probs = np.mean([per_model[n] for n, *_ in models], axis=0)
     # patients, not images, are the independent units: two B-scans of one patient are resampled together
     metrics = _metrics(cfg, y, probs, per_model, names, models, ref, [sp.groups.get(i) or i for i in ids])
+    metrics["calibration"] = calibration_block(y, raw, np.mean([cal_per[n] for n, *_ in models], axis=0), temps,
+                                               applied)
+    raw_cols = raw if applied else None
     tb = tensorboard_writer(out / "tensorboard")
     if dist.is_main():
-        _write_outputs(out, tb, ids, y, probs, per_model, names, metrics)
+        _write_outputs(out, tb, ids, y, probs, per_model, names, metrics, raw_cols)
     if ecfg.eval.cam != "none" and dist.is_main():
         by_id = {s: i for i, s in enumerate(ids)}
         cam_subs = [s for s in subjects if s.id in wanted]
@@ -227,7 +283,8 @@ def _evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[st
         for key in ("localization", "faithfulness"):
             if cam_report.get(key):
                 metrics[key] = cam_report[key]
-        _write_predictions(out, ids, y, probs, names, {k: v["status"] for k, v in cam_report["subjects"].items()})
+        _write_predictions(out, ids, y, probs, names, {k: v["status"] for k, v in cam_report["subjects"].items()},
+                           raw=raw_cols)
         _cam_scalars(tb, metrics)
     tb.close()
     return metrics
@@ -248,12 +305,29 @@ def print_summary(cfg: Config, m: dict[str, Any], out: Path, n: int) -> None:
              + f"; model {m['model']} ({ens})",
              _ci_header(m["bootstrap"])]
     lines += summary_lines(m)
+    lines += calibration_summary(m.get("calibration") or {})
     for name, fm in (m.get("folds") or {}).items():
         lines.append(f"  {name}: balanced accuracy {format_metric(fm, 'balanced_accuracy')}, AUC "
                      f"{format_metric(fm, 'auc')}")
     lines += score_lines(m)
-    lines += [f"Files in {out}/: metrics.json, predictions.csv, roc.png, confusion_matrix.png"
+    lines += [f"Files in {out}/: metrics.json, predictions.csv, roc.png, confusion_matrix.png, reliability.png, "
+              "coverage.png"
               + (f", cams/ ({m['cam']['n_subjects']} subjects: *_cam.nii.gz, *_input_<modality>.nii.gz, *_review.png)"
                  if m.get("cam") else ""),
               f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}"]
     print("\n".join(lines))
+
+
+def calibration_summary(c: dict[str, Any]) -> list[str]:
+    """One line on temperature scaling: the temperature(s), which probabilities were used, ECE raw vs calibrated."""
+    if not c:
+        return []
+    t = c["temperature"]
+    ts = (", ".join(f"{n} {v:.2f}" for n, v in t.items() if v is not None) if isinstance(t, dict)
+          else f"{t:.2f}" if t is not None else "")
+    if not ts:
+        return ["  temperature scaling: none (the checkpoint has no temperature; raw probabilities)"]
+    used = "calibrated probabilities used (--no-calibrate: raw)" if c["applied"] else "raw probabilities used"
+    ece = " → ".join(f"{c[k]['ece']:.3f}" for k in ("raw", "calibrated"))
+    return [f"  temperature {ts} (fitted on validation); {used}; ECE raw → calibrated {ece}, NLL "
+            + " → ".join(f"{c[k]['nll']:.3f}" for k in ("raw", "calibrated"))]

@@ -6,7 +6,9 @@ per subject), ``best.pt`` (weights) on ``--monitor``, ``last.pt`` (weights + opt
 ``--resume``) every epoch, early stopping, history.csv, TensorBoard — the loop is :func:`octa3d.engine.fit`.
 The encoder starts from this experiment's autoencoder (``--init ae``/``auto``) or ``--init-from`` weights.
 Validation scores are reported for every fold (mean ± sd); nothing is retrained until a score is reached and no
-fold is picked on test data.
+fold is picked on test data. At the end of each fold a temperature is fitted on that fold's validation predictions
+of ``best.pt`` (:func:`octa3d.calibration.fit_temperature`; never on test subjects) and stored in ``best.pt`` as
+``temperature``, which the test stage applies by default.
 """
 
 from __future__ import annotations
@@ -19,19 +21,20 @@ import numpy as np
 import torch
 
 from octa3d import engine, trainer
+from octa3d.calibration import apply_temperature, expected_calibration_error, fit_temperature
 from octa3d.checkpoint import load_checkpoint, model_record
 from octa3d.config import Config
 from octa3d.context import StageContext, setup_stage
 from octa3d.data.datasets import DataHandler
 from octa3d.data.splits import guard
-from octa3d.errors import ConfigError
+from octa3d.errors import ConfigError, DataError
 from octa3d.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
 from octa3d.model import (create_model, freeze_encoder_stages, get_spec, load_init_weights, set_encoder_trainable,
                           transfer_encoder)
 from octa3d.optim import build_loss, class_weights
 from octa3d.plots import confusion_figure
 from octa3d.utils import dist
-from octa3d.utils.io import atomic_write_json
+from octa3d.utils.io import atomic_torch_save, atomic_write_json
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
 from octa3d.utils.tracking import next_command, rerun_command, slice_grid, tensorboard_writer
 
@@ -164,7 +167,44 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
              len(tr_ids), len(va_ids), names, start)
     result = trainer.fit(spec, cfg, train_loader, out, ctx.device, name=f"fold {fold}")
     _hparams(out, cfg, start, result.best)
-    return result.best
+    best = dict(result.best)
+    best.update(calibrate_checkpoint(out / "checkpoints" / "best.pt", model, val_loader, precision, va_ids, sp.test))
+    return best
+
+
+def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, precision: engine.Precision,
+                         val_ids: list[str], test_ids: list[str]) -> dict[str, float]:
+    """Fit the temperature of ``path`` (a fold's ``best.pt``) on its validation subjects and store it there.
+
+    Args:
+        path: the fold's best checkpoint; its weights are loaded into ``model`` (the fold's network).
+        val_loader: the fold's validation loader (the only data the temperature sees).
+        val_ids: the fold's validation subject IDs; test_ids: the experiment's hold-out subjects.
+
+    Returns:
+        ``temperature`` and the validation ECE before/after (``val_ece_raw``, ``val_ece_calibrated``).
+
+    Raises:
+        DataError: a validation subject is a hold-out test subject (the temperature would see test data).
+    """
+    leaked = sorted(set(val_ids) & set(test_ids))
+    if leaked:
+        raise DataError(f"temperature scaling refused: validation subjects {', '.join(leaked[:5])} are hold-out test "
+                        f"subjects; re-run --mode prepare for this experiment")
+    ckpt = load_checkpoint(path, kind="classifier")
+    model.load_state_dict(ckpt["state_dict"])
+    ids, y, probs, _ = engine.predict(model, val_loader, precision)
+    if set(ids) & set(test_ids):  # what was actually predicted, not only what was asked for
+        raise DataError(f"temperature scaling refused: the validation loader of {path} holds test subjects")
+    t = fit_temperature(y, probs)
+    report = {"temperature": t, "val_ece_raw": expected_calibration_error(y, probs),
+              "val_ece_calibrated": expected_calibration_error(y, apply_temperature(probs, t))}
+    log.info("temperature %.3f fitted on %d validation subjects (validation ECE %.3f -> %.3f); stored in %s", t,
+             len(ids), report["val_ece_raw"], report["val_ece_calibrated"], path)
+    if dist.is_main():
+        ckpt["temperature"] = t
+        atomic_torch_save(ckpt, path)
+    return report
 
 
 def _hparams(out: Path, cfg: Config, start: str, best: dict[str, Any]) -> None:

@@ -141,15 +141,21 @@ def test_test_stage_outputs(experiment, tmp_path, capsys):
     cfg, _ = parse_config(_args(root, "--mode", "test"))
     m = run(cfg)
     out = root / "runs" / "e" / "test"
-    for f in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "config.yaml"):
+    for f in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "reliability.png",
+              "coverage.png", "config.yaml"):
         assert (out / f).is_file(), f
     assert not (out / "cams").exists()  # --cam none
     assert any((out / "tensorboard").iterdir())
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["input_shape"] == [16, 16, 16]
     assert doc["n_subjects"] == 4 and doc["class_names"] == ["NORMAL", "CNV"]
-    for key in ("accuracy", "balanced_accuracy", "auc", "f1_macro", "sensitivity", "specificity"):
+    for key in ("accuracy", "balanced_accuracy", "auc", "f1_macro", "sensitivity", "specificity", "brier", "ece",
+                "calibration_slope", "calibration_intercept", "aurc"):
         assert key in doc["ci95"], key
+    # issue 17: calibration numbers, bins with counts, selective prediction; this checkpoint has no temperature
+    assert doc["ece_bins"] == 1 and sum(doc["reliability"]["count"]) == 4 and 0 <= doc["aurc"] <= 1
+    assert doc["calibration"]["temperature"] is None and not doc["calibration"]["applied"]
+    assert doc["calibration"]["raw"] == doc["calibration"]["calibrated"]
     pred = pd.read_csv(out / "predictions.csv", dtype={"subject": str})
     assert list(pred.columns[:4]) == ["subject", "label", "p_NORMAL", "p_CNV"]
     assert np.allclose(pred[["p_NORMAL", "p_CNV"]].sum(1), 1, atol=1e-4)
@@ -157,6 +163,14 @@ def test_test_stage_outputs(experiment, tmp_path, capsys):
     assert set(pred["subject"]) == set(test_ids)
     text = capsys.readouterr().out
     assert "balanced accuracy" in text and "metrics.json" in text
+    assert "ece" in text and "(1 equal-mass bins)" in text and "at 90 % coverage accuracy" in text
+    assert "calibration slope" in text and "reliability.png" in text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(out / "tensorboard"))
+    ea.Reload()
+    assert {"test/reliability", "test/coverage", "test/roc"} <= set(ea.Tags()["images"])
+    assert "test/brier" in ea.Tags()["scalars"]
     assert not math.isnan(m["accuracy"])
 
 
@@ -307,3 +321,48 @@ def test_a_failed_attempt_never_blocks_the_retry(experiment, tmp_path, monkeypat
     (out / "command.txt").write_text("main.py --mode test\n")
     test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
     assert (out / "metrics.json").is_file() and (out / ".complete").is_file()
+
+
+# ------------------------------------------------------------------------------------ issue 17: temperature
+def _set_temperature(path: Path, t: float) -> None:
+    ck = checkpoint.load_checkpoint(path)
+    ck["temperature"] = t
+    checkpoint.atomic_torch_save(ck, path)
+
+
+def test_temperature_scaled_probabilities_by_default_and_per_fold_in_an_ensemble(experiment, tmp_path):
+    from octa3d.calibration import apply_temperature
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    train = root / "runs" / "e" / "train"
+    best = train / "checkpoints" / "best.pt"
+    _set_temperature(best, 3.0)
+    m = run(parse_config(_args(root, "--mode", "test"))[0])
+    out = root / "runs" / "e" / "test"
+    pred = pd.read_csv(out / "predictions.csv", dtype={"subject": str})
+    raw = pred[["p_raw_NORMAL", "p_raw_CNV"]].to_numpy()
+    assert np.allclose(pred[["p_NORMAL", "p_CNV"]].to_numpy(), apply_temperature(raw, 3.0), atol=1e-5)
+    cal = m["calibration"]
+    assert cal["temperature"] == 3.0 and cal["applied"] and set(cal["raw"]) == set(cal["calibrated"])
+    assert m["brier"] == pytest.approx(cal["calibrated"]["brier"])
+    # --no-calibrate: the raw softmax is reported (both still in metrics.json)
+    m2 = run(parse_config(_args(root, "--mode", "test", "--no-calibrate", "--overwrite"))[0])
+    assert not m2["calibration"]["applied"] and m2["brier"] == pytest.approx(cal["raw"]["brier"])
+    pred2 = pd.read_csv(out / "predictions.csv", dtype={"subject": str})
+    assert "p_raw_CNV" not in pred2 and np.allclose(pred2[["p_NORMAL", "p_CNV"]].to_numpy(), raw, atol=1e-5)
+    # an ensemble averages each fold's *calibrated* probabilities
+    for k, t in ((0, 2.0), (1, 4.0)):
+        (train / f"fold-{k}" / "checkpoints").mkdir(parents=True)
+        shutil.copy(best, train / f"fold-{k}" / "checkpoints" / "best.pt")
+        _set_temperature(train / f"fold-{k}" / "checkpoints" / "best.pt", t)
+    shutil.rmtree(train / "checkpoints")
+    m3 = run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
+    assert m3["calibration"]["temperature"] == {"fold-0": 2.0, "fold-1": 4.0}
+    pred3 = pd.read_csv(out / "predictions.csv", dtype={"subject": str})
+    want = (apply_temperature(raw, 2.0) + apply_temperature(raw, 4.0)) / 2
+    assert np.allclose(pred3[["p_NORMAL", "p_CNV"]].to_numpy(), want, atol=1e-5)
+    # a damaged temperature is refused with the file named
+    _set_temperature(train / "fold-1" / "checkpoints" / "best.pt", -1.0)
+    with pytest.raises(CheckpointError, match="fold-1.*temperature"):
+        run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])

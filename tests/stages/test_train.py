@@ -258,6 +258,44 @@ def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
     assert saved["mean"] == summary["mean"]
 
 
+# ------------------------------------------------------------------------------------ issue 17: temperature
+def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, monkeypatch):
+    from octa3d import calibration, engine
+
+    seen: list[str] = []
+    fits: list[int] = []
+    real_predict, real_fit = engine.predict, calibration.fit_temperature
+
+    def spy_predict(model, loader, *a, **kw):
+        out = real_predict(model, loader, *a, **kw)
+        seen.extend(out[0])
+        return out
+
+    def spy_fit(y, probs):
+        fits.append(len(y))
+        return real_fit(y, probs)
+
+    monkeypatch.setattr(engine, "predict", spy_predict)
+    monkeypatch.setattr(train_mod, "fit_temperature", spy_fit)
+    cfg, _ = cfg_for(blob_root, tmp_path, "temp", "--folds", "2", "--epochs", "1")
+    summary = train_mod.run(cfg)
+    test_ids = set(pd.read_csv(tmp_path / "temp" / "splits" / "test.csv", dtype={"subject": str})["subject"])
+    assert test_ids and not test_ids & set(seen)  # no prediction during training ever saw a test subject
+    for k in (0, 1):
+        val = pd.read_csv(tmp_path / "temp" / "splits" / f"fold-{k}" / "val.csv", dtype={"subject": str})
+        assert fits[k] == len(val)  # one fit per fold, on exactly that fold's validation subjects
+        ck = load_checkpoint(tmp_path / "temp" / "train" / f"fold-{k}" / "checkpoints" / "best.pt")
+        assert ck["temperature"] > 0 and ck["temperature"] == summary["folds"][f"fold-{k}"]["temperature"]
+        assert "val_ece_calibrated" in summary["folds"][f"fold-{k}"]
+
+
+def test_temperature_refuses_validation_subjects_that_are_test_subjects(tmp_path):
+    path = tmp_path / "best.pt"
+    with pytest.raises(DataError, match="s7"):
+        train_mod.calibrate_checkpoint(path, None, None, None, ["s1", "s7"], ["s7", "s9"])
+    assert not path.exists()  # refused before anything was read or written
+
+
 def test_channels_last_path_trains(blob_root, tmp_path):
     cfg, argv = cfg_for(blob_root, tmp_path, "cl", "--channels-last", "--epochs", "1")
     train_mod.run(cfg)
