@@ -247,12 +247,18 @@ def fit_temperature(y_true: Any, probs: Any, bounds: tuple[float, float] = (0.05
         bounds: the range of T searched.
 
     Returns:
-        T (1.0 when there is nothing to fit: no subjects, or a single class predicted with certainty).
+        T (1.0 when there is nothing to fit: no subjects, a single class predicted with certainty, or every validation
+        subject classified correctly).
     """
     from scipy.optimize import minimize_scalar
 
     y, p = _as_arrays(y_true, probs)
     if not len(y):
+        return 1.0
+    if np.all(p.argmax(axis=1) == y):
+        # separable validation set: the NLL falls monotonically as T -> 0, so the fit would sharpen to the search
+        # bound (measured: T = 0.09 on 16 perfectly classified 4-class validation eyes raised the hold-out ECE
+        # 0.009 -> 0.027): nothing can be learnt about over-confidence from it, keep the model as it is
         return 1.0
     res = minimize_scalar(lambda t: nll(y, apply_temperature(p, math.exp(t))),
                           bounds=(math.log(bounds[0]), math.log(bounds[1])), method="bounded",
@@ -260,3 +266,46 @@ def fit_temperature(y_true: Any, probs: Any, bounds: tuple[float, float] = (0.05
     t = float(math.exp(res.x))
     # a flat NLL (e.g. every row one-hot): keep the identity rather than a bound picked by rounding
     return t if nll(y, apply_temperature(p, t)) < nll(y, p) - 1e-12 else 1.0
+
+
+# ------------------------------------------------------------------------------------------ uncertainty per eye
+#: Share of validation eyes left unflagged by the ``uncertain`` threshold (10 % of them are flagged).
+UNCERTAIN_COVERAGE = 0.9
+
+
+def entropy(probs: Any) -> np.ndarray:
+    """Predictive entropy ``-sum p log p`` of each row, in nats (0 = certain; ln K = uniform over K classes)."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
+    if p.ndim != 2:
+        raise ValueError(f"probabilities of shape {p.shape}: need (N, K)")
+    return 0.0 - np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)  # 0.0: no -0.0
+
+
+def entropy_threshold(entropies: Any, coverage: float = UNCERTAIN_COVERAGE) -> float:
+    """Entropy above which an eye is flagged ``uncertain``, so that at least ``coverage`` of these (validation)
+    eyes stay unflagged: the ceil(coverage * N)-th smallest entropy (ties at it stay unflagged, so with few eyes
+    fewer than 1 - coverage may be flagged). ``inf`` (nobody flagged) when there are no eyes.
+    """
+    e = np.sort(np.asarray(entropies, dtype=np.float64))
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    if not len(e):
+        return math.inf
+    return float(e[max(1, int(math.ceil(coverage * len(e) - 1e-9))) - 1])
+
+
+def uncertainty_report(y_true: Any, probs: Any, entropies: Any, threshold: float | None) -> dict[str, Any]:
+    """Share of eyes flagged (entropy > ``threshold``) and the error rate of flagged vs unflagged eyes (NaN where
+    a group is empty), plus the AURC with entropy as the confidence ranking."""
+    y, p = _as_arrays(y_true, probs)
+    e = np.asarray(entropies, dtype=np.float64)
+    wrong = p.argmax(axis=1) != y if len(y) else np.zeros(0, bool)
+    out: dict[str, Any] = {"entropy_mean": float(e.mean()) if len(e) else math.nan,
+                           "aurc_entropy": aurc(y, p, -e) if len(y) else math.nan}
+    if threshold is None:
+        return {**out, "threshold": None, "n_flagged": None, "share_flagged": None}
+    flag = e > threshold
+    rate = (lambda m: float(wrong[m].mean()) if m.any() else math.nan)
+    return {**out, "threshold": float(threshold), "n_flagged": int(flag.sum()),
+            "share_flagged": float(flag.mean()) if len(e) else math.nan,
+            "error_rate_flagged": rate(flag), "error_rate_unflagged": rate(~flag)}

@@ -203,9 +203,15 @@ def _read_back(pending: list[tuple[int, torch.Tensor, torch.Tensor, int, list[st
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: Any = None
-            ) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: Any = None,
+            augment: Callable[[torch.Tensor, list[str], list[int]], torch.Tensor] | None = None,
+            mc_dropout: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, float]:
     """Subject-level probabilities over a loader, merged across DDP ranks (each subject once).
+
+    Args:
+        augment: test-time augmentation ``(batch images on CPU, subjects, patches) -> images``, applied before
+            the batch goes to the device.
+        mc_dropout: dropout modules sample (train mode) while everything else, BatchNorm included, stays in eval.
 
     Returns:
         (subject IDs, labels (N,), probabilities (N, K), mean loss).
@@ -213,9 +219,16 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
     from octa3d.data.datasets import aggregate_patches
 
     model.eval()
+    if mc_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+                m.train()
     rows: dict[tuple[str, int], tuple[int, np.ndarray, float]] = {}
     for batch in progress(loader, desc="val", unit="batch"):
-        x = batch["image"].to(precision.device, non_blocking=True)
+        x = batch["image"]
+        if augment is not None:
+            x = augment(x, list(batch["subject"]), batch["patch"].tolist())
+        x = x.to(precision.device, non_blocking=True)
         y = batch["label"].to(precision.device)
         with precision.autocast():
             logits = model(x)
@@ -224,6 +237,7 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
         probs = torch.softmax(logits, dim=1).cpu().numpy()
         for sid, patch, lab, p, ls in zip(batch["subject"], batch["patch"].tolist(), y.tolist(), probs, losses):
             rows[(sid, int(patch))] = (int(lab), p, float(ls))
+    model.eval()  # MC dropout: leave no module sampling behind
     merged: dict[tuple[str, int], tuple[int, np.ndarray, float]] = {}
     for part in dist.gather_objects(rows):
         merged.update(part)  # DistributedSampler pads with repeats: keyed merge keeps each sample once

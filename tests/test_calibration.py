@@ -144,6 +144,10 @@ def test_temperature_identity_cases():
     assert fit_temperature([], np.zeros((0, 2))) == 1.0
     with pytest.raises(ValueError):
         apply_temperature(p, -1.0)
+    # every validation eye right: the NLL keeps falling as T -> 0, so a fit would sharpen to the bound; T stays 1
+    separable = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6], [0.8, 0.1, 0.1]])
+    assert fit_temperature([0, 1, 2, 0], separable) == 1.0
+    assert fit_temperature([0, 1, 2, 1], separable) != 1.0  # one mistake: a temperature is identifiable again
 
 
 def test_report_has_every_number_and_no_slope_for_multiclass():
@@ -155,3 +159,35 @@ def test_report_has_every_number_and_no_slope_for_multiclass():
     assert rep["selective"]["n_kept"] == 54 and "accuracy_at_90" in rep["selective"]
     multi = calibration_report([0, 1, 2], np.eye(3))
     assert "calibration_slope" not in multi and multi["brier"] == 0.0 and multi["ece"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ uncertainty per eye
+def test_entropy_of_known_vectors():
+    from octa3d.calibration import entropy
+
+    e = entropy([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]])
+    assert e == pytest.approx([np.log(2), 0.0, -(0.9 * np.log(0.9) + 0.1 * np.log(0.1))])
+    assert entropy(np.full((1, 4), 0.25))[0] == pytest.approx(np.log(4))  # uniform over K: ln K
+    assert np.signbit(entropy([[1.0, 0.0]])[0]) == False  # noqa: E712  (no "-0.0" in predictions.csv)
+
+
+def test_uncertain_threshold_leaves_the_stated_coverage_of_validation_unflagged():
+    from octa3d.calibration import entropy, entropy_threshold, uncertainty_report
+
+    rng = np.random.default_rng(0)
+    p1 = rng.uniform(0, 1, 200)
+    probs = np.stack([1 - p1, p1], 1)
+    e = entropy(probs)
+    t = entropy_threshold(e, 0.9)
+    assert (e <= t).mean() == pytest.approx(0.9)  # 180 of 200 validation eyes unflagged, 20 flagged
+    assert (e <= entropy_threshold(e, 0.75)).sum() == 150
+    assert entropy_threshold(e[:8], 0.9) == e[:8].max()  # 8 eyes: ceil(7.2) = 8 kept, none flagged
+    assert entropy_threshold([], 0.9) == np.inf
+    with pytest.raises(ValueError):
+        entropy_threshold(e, 0.0)
+    # flagged eyes hold the errors here: the labels are wrong exactly where p is near 0.5
+    y = np.where(np.abs(p1 - 0.5) < 0.05, (p1 < 0.5).astype(int), (p1 >= 0.5).astype(int))
+    r = uncertainty_report(y, probs, e, t)
+    assert r["n_flagged"] == 20 and r["share_flagged"] == pytest.approx(0.1)
+    assert r["error_rate_unflagged"] == 0.0 and r["error_rate_flagged"] > 0.5
+    assert uncertainty_report(y, probs, e, None)["n_flagged"] is None

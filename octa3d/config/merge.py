@@ -217,6 +217,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--faithfulness-subjects must be >= 0 (0 = off)")
     if cfg.eval.bootstrap < 0:
         raise ConfigError("--bootstrap must be >= 0")
+    if cfg.eval.tta < 0 or cfg.eval.mc_dropout < 0:
+        raise ConfigError(f"--tta {cfg.eval.tta} / --mc-dropout {cfg.eval.mc_dropout}: passes must be >= 0 (0 = off)")
     if cfg.synth.n_subjects < 1:
         raise ConfigError("--n-subjects must be >= 1")
     if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):

@@ -173,6 +173,10 @@ class EvalConfig:
     calibrate: bool = opt(True, "Use the temperature-scaled probabilities (temperature fitted on each fold's "
                                 "validation split at the end of training) for predictions and metrics; "
                                 "--no-calibrate reports the raw softmax (both are in metrics.json either way).")
+    tta: int = opt(0, "Test-time augmentation passes per model (flips and the small affine of training, seeded "
+                      "from --seed) that give the per-eye spread p_sd of P(positive); 0 = off.")
+    mc_dropout: int = opt(0, "MC-dropout passes per model (dropout sampling, BatchNorm in eval) that give the "
+                             "per-eye spread p_sd; needs a model with dropout layers; 0 = off.")
 
 
 @dataclass

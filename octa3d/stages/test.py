@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import logging
 import math
+import zlib
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from octa3d import engine
-from octa3d.calibration import apply_temperature, calibration_scores, nll, reliability_bins, risk_coverage
+from octa3d.calibration import (UNCERTAIN_COVERAGE, apply_temperature, calibration_scores, entropy, nll,
+                                reliability_bins, risk_coverage, uncertainty_report)
 from octa3d.cam import (CamExporter, cam_backend, cam_items_from_cache, check_layer, resolve_cam_class,
                         score_lines)
 from octa3d.checkpoint import CheckpointError, checkpoint_config, find_checkpoints, load_models, place_models
@@ -52,19 +55,78 @@ STAGE = "test"
 Models = list[tuple[str, Path, dict[str, Any], torch.nn.Module]]
 
 
-def _predict_all(models: Models, loader: Any, precision: engine.Precision
+def _predict_all(models: Models, loader: Any, precision: engine.Precision, **kw: Any
                  ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-    """Subject-level probabilities per model, aligned on the first model's subject order."""
+    """Subject-level probabilities per model, aligned on the first model's subject order (``kw``: TTA / MC dropout
+    options of :func:`engine.predict`)."""
     ids: list[str] = []
     y = np.zeros(0, int)
     per: dict[str, np.ndarray] = {}
     for name, _, _, model in models:
-        sids, labels, probs, _ = engine.predict(model, loader, precision)
+        sids, labels, probs, _ = engine.predict(model, loader, precision, **kw)
         if not ids:
             ids, y = list(sids), np.asarray(labels)
         order = {s: i for i, s in enumerate(sids)}
         per[name] = np.asarray(probs)[[order[s] for s in ids]]
     return ids, y, per
+
+
+def tta_augment(ecfg: Config, seed: int, n_pass: int) -> Callable[[torch.Tensor, list[str], list[int]], torch.Tensor]:
+    """Pass ``n_pass`` of test-time augmentation: the flips and small affine of training (intensity changes left
+    out), drawn from (seed, pass, subject, patch) alone: the same with one ``--seed`` whatever the batch order."""
+    from monai.transforms import Compose, RandFlipd
+
+    from octa3d.data.augment import RandPlaneAffined, train_augmentation
+
+    geo = Compose([t for t in train_augmentation(ecfg.spatial_dims, ecfg.preprocess.depth_axis).transforms
+                   if isinstance(t, (RandFlipd, RandPlaneAffined))])
+
+    def augment(x: torch.Tensor, subjects: list[str], patches: list[int]) -> torch.Tensor:
+        out = []
+        for img, sid, patch in zip(x, subjects, patches):
+            key = [seed % 2**32, n_pass, zlib.crc32(str(sid).encode()), patch + 1]
+            geo.set_random_state(seed=int(np.random.SeedSequence(key).generate_state(1)[0]))
+            out.append(torch.as_tensor(geo({"image": img})["image"], dtype=torch.float32))
+        return torch.stack(out).contiguous()
+    return augment
+
+
+def _spread(ecfg: Config, seed: int, models: Models, loader: Any, precision: engine.Precision, ids: list[str],
+            per_model: dict[str, np.ndarray], temps: dict[str, float | None], applied: bool
+            ) -> tuple[np.ndarray | None, str | None]:
+    """Per-eye sd of P(positive) (binary tasks) over the ``--tta``/``--mc-dropout`` passes of every model (each
+    calibrated like the reported probabilities; drawn from this run's ``seed``), else over an ensemble's folds."""
+    n_tta, n_mc = ecfg.eval.tta, ecfg.eval.mc_dropout
+    samples: list[np.ndarray] = []
+    for k in range(n_tta + n_mc):
+        if k >= n_tta:
+            torch.manual_seed((seed + 7919 * (k + 1)) % 2**32)  # MC dropout masks: fixed by --seed
+        kw = {"augment": tta_augment(ecfg, seed, k)} if k < n_tta else {"mc_dropout": True}
+        sids, _, per = _predict_all(models, loader, precision, **kw)
+        order = [{s: i for i, s in enumerate(sids)}[s] for s in ids]
+        samples += [(apply_temperature(p, temps[n]) if applied else p)[order, 1] for n, p in per.items()]
+    if samples:  # one sample has no spread: sd 0
+        return np.std(samples, axis=0, ddof=int(len(samples) > 1)), f"{len(models)} model(s) x {n_tta} TTA + {n_mc} MC"
+    if len(models) > 1:
+        return np.std([p[:, 1] for p in per_model.values()], axis=0, ddof=1), f"fold ensemble of {len(models)}"
+    return None, None
+
+
+def uncertainty_block(models: Models, y: np.ndarray, probs: np.ndarray, applied: bool, p_sd: np.ndarray | None,
+                      source: str | None, ecfg: Config) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """metrics.json ``uncertainty`` and predictions.csv's ``entropy``, ``p_sd``, ``uncertain``: the threshold is the
+    checkpoints' validation one (mean over folds; raw under ``--no-calibrate``; none in old checkpoints: no flag)."""
+    key = "entropy_threshold" if applied else "entropy_threshold_raw"
+    ths = [rec.get(key) for _, _, rec, _ in models]
+    thr = float(np.mean(ths)) if all(t is not None for t in ths) else None
+    e = entropy(probs)
+    block = uncertainty_report(y, probs, e, thr)
+    block.update(coverage=models[0][2].get("uncertainty_coverage", UNCERTAIN_COVERAGE), entropy_unit="nats",
+                 threshold_from="validation split of each fold (train stage)" if thr is not None else None,
+                 p_sd_source=source, p_sd_mean=float(np.mean(p_sd)) if p_sd is not None else None,
+                 tta=ecfg.eval.tta, mc_dropout=ecfg.eval.mc_dropout)
+    cols = {"entropy": np.round(e, 6), **({"p_sd": np.round(p_sd, 6)} if p_sd is not None else {})}
+    return block, {**cols, **({"uncertain": e > thr} if thr is not None else {})}
 
 
 def _temperatures(models: Models) -> dict[str, float | None]:
@@ -121,13 +183,16 @@ def _metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict[str,
 
 
 def _write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarray, names: list[str],
-                       cam_status: dict[str, str] | None = None, raw: np.ndarray | None = None) -> None:
+                       cam_status: dict[str, str] | None = None, raw: np.ndarray | None = None,
+                       extra: dict[str, np.ndarray] | None = None) -> None:
     """predictions.csv, with ``p_raw_<class>`` columns (uncalibrated) when ``probs`` are temperature-scaled and a
     ``cam_status`` column once maps were made (``not computed`` for the others)."""
     frame = predictions_frame(ids, y, probs, names)
     if raw is not None:
         for c, n in enumerate(names):
             frame.insert(frame.columns.get_loc("prediction"), f"p_raw_{n}", np.round(raw[:, c], 6))
+    for k, v in (extra or {}).items():
+        frame[k] = v
     if cam_status is not None:
         frame["cam_status"] = [cam_status.get(i, "not computed") for i in ids]
     atomic_write_csv(out / "predictions.csv", frame)
@@ -135,9 +200,9 @@ def _write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarr
 
 def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.ndarray,
                    per_model: dict[str, np.ndarray], names: list[str], metrics: dict[str, Any],
-                   raw: np.ndarray | None = None) -> None:
+                   raw: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
     """predictions CSV(s), ROC, confusion-matrix, reliability and coverage PNGs, and the same in TensorBoard."""
-    _write_predictions(out, ids, y, probs, names, raw=raw)
+    _write_predictions(out, ids, y, probs, names, raw=raw, extra=extra)
     if len(per_model) > 1:
         for n, p in per_model.items():
             atomic_write_csv(out / f"predictions_{n}.csv", predictions_frame(ids, y, p, names))
@@ -147,7 +212,8 @@ def _write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.
     tb.add_figure("test/roc", roc_figure(y, probs, names, metrics["auc"]), 0)
     tb.add_figure("test/confusion_matrix", confusion_figure(cm, names), 0)
     raw_bins = reliability_bins(y, raw, metrics["ece_bins"]) if raw is not None and len(y) else None
-    curve = risk_coverage(y, probs)
+    # entropy ranks the eyes when known (the same order as max probability for two classes)
+    curve = risk_coverage(y, probs, confidence=-extra["entropy"] if extra else None)
     for tag, make in (("reliability", lambda: reliability_figure(metrics["reliability"], metrics["ece"], raw_bins)),
                       ("coverage", lambda: coverage_figure(curve, metrics["aurc"]))):
         save_figure(make(), out / f"{tag}.png")
@@ -218,6 +284,9 @@ def run(cfg: Config) -> dict[str, Any]:
     ecfg = checkpoint_config(cfg, ref)
     ecfg.eval.cam = cam_backend(ecfg, models)
     check_cam_options(ecfg, models, list(ref["class_names"]))
+    if ecfg.eval.mc_dropout and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for *_, net in models
+                                        for m in net.modules()):
+        raise ConfigError(f"--mc-dropout: model {ref['model_name']} has no dropout layers; use --tta N instead")
     ctx = setup_stage(ecfg)
     device = place_models(models, ctx.device)
     sp = ctx.splits
@@ -268,9 +337,12 @@ def _evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[st
     metrics["calibration"] = calibration_block(y, raw, np.mean([cal_per[n] for n, *_ in models], axis=0), temps,
                                                applied)
     raw_cols = raw if applied else None
+    p_sd, source = _spread(ecfg, cfg.run.seed, models, loader, engine.Precision.for_device(device, ecfg.train.amp), ids,
+                           per_model, temps, applied) if len(names) == 2 else (None, None)
+    metrics["uncertainty"], extra = uncertainty_block(models, y, probs, applied, p_sd, source, ecfg)
     tb = tensorboard_writer(out / "tensorboard")
     if dist.is_main():
-        _write_outputs(out, tb, ids, y, probs, per_model, names, metrics, raw_cols)
+        _write_outputs(out, tb, ids, y, probs, per_model, names, metrics, raw_cols, extra)
     if ecfg.eval.cam != "none" and dist.is_main():
         by_id = {s: i for i, s in enumerate(ids)}
         cam_subs = [s for s in subjects if s.id in wanted]
@@ -284,7 +356,7 @@ def _evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[st
             if cam_report.get(key):
                 metrics[key] = cam_report[key]
         _write_predictions(out, ids, y, probs, names, {k: v["status"] for k, v in cam_report["subjects"].items()},
-                           raw=raw_cols)
+                           raw=raw_cols, extra=extra)
         _cam_scalars(tb, metrics)
     tb.close()
     return metrics
@@ -306,6 +378,7 @@ def print_summary(cfg: Config, m: dict[str, Any], out: Path, n: int) -> None:
              _ci_header(m["bootstrap"])]
     lines += summary_lines(m)
     lines += calibration_summary(m.get("calibration") or {})
+    lines += uncertainty_summary(m.get("uncertainty") or {})
     for name, fm in (m.get("folds") or {}).items():
         lines.append(f"  {name}: balanced accuracy {format_metric(fm, 'balanced_accuracy')}, AUC "
                      f"{format_metric(fm, 'auc')}")
@@ -331,3 +404,17 @@ def calibration_summary(c: dict[str, Any]) -> list[str]:
     ece = " → ".join(f"{c[k]['ece']:.3f}" for k in ("raw", "calibrated"))
     return [f"  temperature {ts} (fitted on validation); {used}; ECE raw → calibrated {ece}, NLL "
             + " → ".join(f"{c[k]['nll']:.3f}" for k in ("raw", "calibrated"))]
+
+
+def uncertainty_summary(u: dict[str, Any]) -> list[str]:
+    """One line on per-eye uncertainty: share flagged, error rate flagged vs unflagged, and the spread's source."""
+    if not u:
+        return []
+    sd = (f"; P(positive) sd mean {u['p_sd_mean']:.3f} over {u['p_sd_source']}" if u.get("p_sd_source")
+          else "; no spread (single model, --tta 0, --mc-dropout 0)")
+    if u.get("threshold") is None:
+        return [f"  uncertainty: mean entropy {u['entropy_mean']:.3f} nats; no `uncertain` flag (the checkpoint has "
+                f"no validation entropy threshold: re-run --mode train){sd}"]
+    return [f"  uncertain (entropy > {u['threshold']:.3f}, {100 * u['coverage']:.0f} % of validation eyes below): "
+            f"{u['n_flagged']} eyes ({100 * u['share_flagged']:.0f} %); error rate flagged "
+            f"{u['error_rate_flagged']:.3f} vs unflagged {u['error_rate_unflagged']:.3f}{sd}"]

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from octa3d import engine, trainer
-from octa3d.calibration import apply_temperature, expected_calibration_error, fit_temperature
+from octa3d.calibration import (UNCERTAIN_COVERAGE, apply_temperature, entropy, entropy_threshold,
+                                expected_calibration_error, fit_temperature)
 from octa3d.checkpoint import load_checkpoint, model_record
 from octa3d.config import Config
 from octa3d.context import StageContext, setup_stage
@@ -182,7 +183,10 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
         val_ids: the fold's validation subject IDs; test_ids: the experiment's hold-out subjects.
 
     Returns:
-        ``temperature`` and the validation ECE before/after (``val_ece_raw``, ``val_ece_calibrated``).
+        ``temperature``, the validation ECE before/after (``val_ece_raw``, ``val_ece_calibrated``), and the
+        entropy threshold of the ``uncertain`` flag (``entropy_threshold`` on the calibrated, ``..._raw`` on the
+        raw probabilities; :data:`UNCERTAIN_COVERAGE` of the validation eyes lie at or below it). All but the ECEs
+        are stored in the checkpoint.
 
     Raises:
         DataError: a validation subject is a hold-out test subject (the temperature would see test data).
@@ -197,12 +201,20 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
     if set(ids) & set(test_ids):  # what was actually predicted, not only what was asked for
         raise DataError(f"temperature scaling refused: the validation loader of {path} holds test subjects")
     t = fit_temperature(y, probs)
+    cal = apply_temperature(probs, t)
     report = {"temperature": t, "val_ece_raw": expected_calibration_error(y, probs),
-              "val_ece_calibrated": expected_calibration_error(y, apply_temperature(probs, t))}
-    log.info("temperature %.3f fitted on %d validation subjects (validation ECE %.3f -> %.3f); stored in %s", t,
-             len(ids), report["val_ece_raw"], report["val_ece_calibrated"], path)
+              "val_ece_calibrated": expected_calibration_error(y, cal),
+              # the `uncertain` flag of the test stage: entropy above what (1 - coverage) of validation eyes reach
+              "entropy_threshold": entropy_threshold(entropy(cal), UNCERTAIN_COVERAGE),
+              "entropy_threshold_raw": entropy_threshold(entropy(probs), UNCERTAIN_COVERAGE),
+              "uncertainty_coverage": UNCERTAIN_COVERAGE}
+    log.info("temperature %.3f fitted on %d validation subjects (validation ECE %.3f -> %.3f), entropy threshold "
+             "%.3f (%.0f %% of them unflagged); stored in %s", t, len(ids), report["val_ece_raw"],
+             report["val_ece_calibrated"], report["entropy_threshold"], 100 * UNCERTAIN_COVERAGE, path)
     if dist.is_main():
-        ckpt["temperature"] = t
+        ckpt.update(report)
+        for k in ("val_ece_raw", "val_ece_calibrated"):
+            ckpt.pop(k)
         atomic_torch_save(ckpt, path)
     return report
 

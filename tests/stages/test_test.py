@@ -366,3 +366,74 @@ def test_temperature_scaled_probabilities_by_default_and_per_fold_in_an_ensemble
     _set_temperature(train / "fold-1" / "checkpoints" / "best.pt", -1.0)
     with pytest.raises(CheckpointError, match="fold-1.*temperature"):
         run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
+
+
+# ------------------------------------------------------------------------------------ issue 17: uncertainty
+def _perturb(path: Path) -> None:
+    """Random non-zero weights: the untrained cnn answers 0.5 for every input, so no augmentation moves it."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ck = checkpoint.load_checkpoint(path)
+    ck["state_dict"] = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                        for k, v in ck["state_dict"].items()}
+    checkpoint.atomic_torch_save(ck, path)
+
+
+def test_tta_spread_is_deterministic_with_the_seed_and_mc_dropout_samples(experiment, tmp_path, capsys):
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    out = root / "runs" / "e" / "test"
+    _perturb(root / "runs" / "e" / "train" / "checkpoints" / "best.pt")
+
+    def pred(*extra: str) -> tuple[pd.DataFrame, dict]:
+        m = run(parse_config(_args(root, "--mode", "test", "--overwrite", *extra))[0])
+        return pd.read_csv(out / "predictions.csv", dtype={"subject": str}), m
+
+    plain, m0 = pred()
+    assert "entropy" in plain and "p_sd" not in plain and "uncertain" not in plain  # one model, no passes
+    assert m0["uncertainty"]["p_sd_source"] is None and m0["uncertainty"]["threshold"] is None
+    a, m = pred("--tta", "3", "--seed", "5")
+    b, _ = pred("--tta", "3", "--seed", "5")
+    c, _ = pred("--tta", "3", "--seed", "6")
+    assert np.array_equal(a["p_sd"].to_numpy(), b["p_sd"].to_numpy())  # same seed: identical spreads
+    assert not np.allclose(a["p_sd"].to_numpy(), c["p_sd"].to_numpy())  # another seed: other augmentations
+    assert (a["p_sd"] > 0).any() and m["uncertainty"]["tta"] == 3 and "3 TTA" in m["uncertainty"]["p_sd_source"]
+    # TTA only measures spread: the reported probabilities (and their entropy) are the plain pass
+    assert np.allclose(a[["p_NORMAL", "p_CNV"]].to_numpy(), plain[["p_NORMAL", "p_CNV"]].to_numpy())
+    assert np.allclose(a["entropy"], plain["entropy"])
+    d, m = pred("--mc-dropout", "3")  # the cnn has dropout: its masks differ between passes
+    assert (d["p_sd"] > 0).any() and "3 MC" in m["uncertainty"]["p_sd_source"]
+    assert "P(positive) sd" in capsys.readouterr().out
+
+
+def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(experiment, tmp_path, capsys):
+    from octa3d.calibration import entropy
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    best = root / "runs" / "e" / "train" / "checkpoints" / "best.pt"
+    first = run(parse_config(_args(root, "--mode", "test"))[0])
+    pred = pd.read_csv(root / "runs" / "e" / "test" / "predictions.csv", dtype={"subject": str})
+    e = pred["entropy"].to_numpy()
+    assert np.allclose(e, entropy(pred[["p_NORMAL", "p_CNV"]].to_numpy()), atol=1e-5)
+    assert first["uncertainty"]["aurc_entropy"] == pytest.approx(first["aurc"])  # binary: same ranking
+    thr = float(np.median(e))
+    ck = checkpoint.load_checkpoint(best)
+    ck.update(entropy_threshold=thr, entropy_threshold_raw=thr, uncertainty_coverage=0.9)
+    checkpoint.atomic_torch_save(ck, best)
+    m = run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
+    pred = pd.read_csv(root / "runs" / "e" / "test" / "predictions.csv", dtype={"subject": str})
+    flagged = pred["uncertain"].astype(bool)
+    # predictions.csv rounds entropy to 6 decimals; the flag was set on the unrounded value
+    assert flagged.any() and (pred.loc[flagged, "entropy"] >= thr - 1e-6).all()
+    assert (pred.loc[~flagged, "entropy"] <= thr + 1e-6).all()
+    u = m["uncertainty"]
+    wrong = pred["prediction"] != pred["label"]
+    assert u["threshold"] == thr and u["n_flagged"] == int(pred["uncertain"].sum())
+    assert u["share_flagged"] == pytest.approx(pred["uncertain"].mean())
+    assert u["error_rate_flagged"] == pytest.approx(wrong[pred["uncertain"]].mean())
+    assert "error rate flagged" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--tta"):
+        parse_config(_args(root, "--mode", "test", "--tta", "-1"))

@@ -271,8 +271,11 @@ def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, 
         seen.extend(out[0])
         return out
 
+    val_probs: list[np.ndarray] = []
+
     def spy_fit(y, probs):
         fits.append(len(y))
+        val_probs.append(np.asarray(probs))
         return real_fit(y, probs)
 
     monkeypatch.setattr(engine, "predict", spy_predict)
@@ -287,6 +290,12 @@ def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, 
         ck = load_checkpoint(tmp_path / "temp" / "train" / f"fold-{k}" / "checkpoints" / "best.pt")
         assert ck["temperature"] > 0 and ck["temperature"] == summary["folds"][f"fold-{k}"]["temperature"]
         assert "val_ece_calibrated" in summary["folds"][f"fold-{k}"]
+        # the `uncertain` threshold: >= 90 % of this fold's validation eyes at or below it, the fewest possible
+        e = calibration.entropy(calibration.apply_temperature(val_probs[k], ck["temperature"]))
+        thr, n = ck["entropy_threshold"], len(e)
+        assert ck["uncertainty_coverage"] == 0.9 and thr == summary["folds"][f"fold-{k}"]["entropy_threshold"]
+        assert (e <= thr).sum() >= 0.9 * n and ((e < thr).sum() < 0.9 * n)
+        assert (calibration.entropy(val_probs[k]) <= ck["entropy_threshold_raw"]).mean() >= 0.9
 
 
 def test_temperature_refuses_validation_subjects_that_are_test_subjects(tmp_path):
