@@ -10,10 +10,12 @@ Modules:
     faithfulness  deletion / insertion AUCs (no truth needed)
 """
 
-from octa3d.cam.backends import CamComputer, cam_backend, check_layer, minmax, resolve_cam_class
+from octa3d.cam.backends import (CamComputer, cam_backend, check_cam_options, check_layer, minmax,
+                                 resolve_cam_class)
 from octa3d.cam.export import CamExporter, score_lines
 from octa3d.cam.localization import localization, summarize
 from octa3d.cam.sources import CamItem, cam_items_from_cache, read_mask, source_image
 
-__all__ = ["CamComputer", "CamExporter", "CamItem", "cam_backend", "cam_items_from_cache", "check_layer",
+__all__ = ["CamComputer", "CamExporter", "CamItem", "cam_backend", "cam_items_from_cache", "check_cam_options",
+           "check_layer",
            "localization", "minmax", "read_mask", "resolve_cam_class", "score_lines", "source_image", "summarize"]

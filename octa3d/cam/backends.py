@@ -119,6 +119,27 @@ def check_layer(model: torch.nn.Module, layer: str | Sequence[str], model_name: 
                       f"include: {', '.join(spatial[-8:])} (the registered default is used without --cam-layer)")
 
 
+def check_cam_options(eval_cfg: Any, models: Sequence[torch.nn.Module], class_names: Sequence[str],
+                      model_name: str) -> None:
+    """``--cam-class`` and ``--cam-layer`` resolved against the models before any output is touched.
+
+    Args:
+        eval_cfg: the ``eval`` config section (``cam``, ``cam_class``, ``cam_layer``).
+        models: the models whose maps will be computed.
+        class_names: the models' classes.
+        model_name: registry name, for the error message.
+
+    Raises:
+        ConfigError: a layer that is no module of a model, or a class that is not one of ``class_names``.
+    """
+    if eval_cfg.cam == "none":
+        return
+    resolve_cam_class(eval_cfg.cam_class, class_names)
+    if eval_cfg.cam != "occlusion":
+        for model in models:
+            check_layer(model, eval_cfg.cam_layer or "", model_name)
+
+
 class _Recorder:
     """Forward hooks on the target layers of one model: activations (the earliest one a fresh graph leaf)."""
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from octa3d import engine
-from octa3d.cam import CamExporter, CamItem, cam_backend, check_layer, resolve_cam_class
+from octa3d.cam import CamExporter, CamItem, cam_backend, check_cam_options
 from octa3d.cam.sources import path_modality, scan_channels
 from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
@@ -85,16 +85,6 @@ def output_name(ecfg: Config, subject: Subject, checkpoints: list[Path]) -> tupl
 REFUSAL_HINT = " (other CAM settings or another scan get their own folder)"
 
 
-def _check_cam_options(ecfg: Config, models: list[Any], names: list[str]) -> None:
-    """``--cam-class`` and ``--cam-layer`` resolved against the models before any output is touched."""
-    if ecfg.eval.cam == "none":
-        return
-    resolve_cam_class(ecfg.eval.cam_class, names)
-    if ecfg.eval.cam != "occlusion":
-        for *_, model in models:
-            check_layer(model, ecfg.eval.cam_layer or "", ecfg.model.model)
-
-
 @releases_locks
 def run(cfg: Config) -> dict[str, Any]:
     """Predict ``--input`` and export its CAM into ``runs/<exp>/explain/<name>/`` (:func:`output_name`).
@@ -117,7 +107,7 @@ def run(cfg: Config) -> dict[str, Any]:
     ecfg = checkpoint_config(cfg, ref)
     ecfg.eval.cam = cam_backend(ecfg, models)
     names = list(ref["class_names"])
-    _check_cam_options(ecfg, models, names)
+    check_cam_options(ecfg.eval, [m for *_, m in models], names, ecfg.model.model)
     device = place_models(models, dist.init_from_env(cfg.run.device))
     subject = subject_from_path(cfg.eval.input, ecfg.data)
     folder, settings = output_name(ecfg, subject, [p for _, p, *_ in models])

@@ -31,8 +31,7 @@ import torch
 from octa3d import engine
 from octa3d.calibration import (UNCERTAIN_COVERAGE, apply_temperature, calibration_scores, entropy, nll,
                                 reliability_bins, risk_coverage, uncertainty_report)
-from octa3d.cam import (CamExporter, cam_backend, cam_items_from_cache, check_layer, resolve_cam_class,
-                        score_lines)
+from octa3d.cam import CamExporter, cam_backend, cam_items_from_cache, check_cam_options, score_lines
 from octa3d.checkpoint import CheckpointError, checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
 from octa3d.context import guard_test_set, setup_stage
@@ -251,20 +250,6 @@ def _hold_out(cfg: Config, test_ids: list[str]) -> set[str]:
     return wanted
 
 
-def check_cam_options(ecfg: Config, models: Models, names: list[str]) -> None:
-    """``--cam-layer`` and ``--cam-class`` resolved against the models now, before any output is touched.
-
-    Raises:
-        ConfigError: a layer that is no module of a model, or a class that is not one of ``names``.
-    """
-    if ecfg.eval.cam == "none":
-        return
-    resolve_cam_class(ecfg.eval.cam_class, names)
-    if ecfg.eval.cam != "occlusion":
-        for *_, model in models:
-            check_layer(model, ecfg.eval.cam_layer or "", ecfg.model.model)
-
-
 @releases_locks
 def run(cfg: Config) -> dict[str, Any]:
     """Evaluate the experiment's classifier on its hold-out subjects; write ``runs/<exp>/test/``.
@@ -283,7 +268,7 @@ def run(cfg: Config) -> dict[str, Any]:
     models, ref = load_models(ckpt_paths)
     ecfg = checkpoint_config(cfg, ref)
     ecfg.eval.cam = cam_backend(ecfg, models)
-    check_cam_options(ecfg, models, list(ref["class_names"]))
+    check_cam_options(ecfg.eval, [m for *_, m in models], list(ref["class_names"]), ecfg.model.model)
     if ecfg.eval.mc_dropout and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for *_, net in models
                                         for m in net.modules()):
         raise ConfigError(f"--mc-dropout: model {ref['model_name']} has no dropout layers; use --tta N instead")
