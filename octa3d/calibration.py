@@ -142,6 +142,8 @@ def calibration_fit(y_true: Any, p_positive: Any, max_iter: int = 50) -> tuple[f
         beta = beta + step
         if np.max(np.abs(step)) < 1e-10:
             break
+    else:  # no convergence (near-separated or near-constant logits): the numbers would be arbitrary
+        return math.nan, math.nan
     if not np.all(np.isfinite(beta)):
         return math.nan, math.nan
     return float(beta[0]), float(beta[1])
