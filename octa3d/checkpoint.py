@@ -264,7 +264,7 @@ def build_classifier(ckpt: dict[str, Any], path: Path | str, device: torch.devic
     from octa3d.model import create_model
 
     model = create_model(ckpt["model_name"], ckpt["dim"], ckpt["in_channels"], ckpt["num_classes"],
-                         input_size=tuple(ckpt["input_shape"]))
+                         input_size=tuple(ckpt["input_shape"]), **(ckpt.get("model_kwargs") or {}))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
@@ -296,7 +296,9 @@ def load_any_model(path: str | Path, device: str | torch.device = "cpu", threads
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"model file {p} not found")
-    if p.suffix.lower() == ".onnx" or model_card.is_torchscript(p):
+    # a .ts export cut short no longer looks like TorchScript: its card still says what it should be
+    if p.suffix.lower() == ".onnx" or model_card.is_torchscript(p) or (
+            p.suffix.lower() == ".ts" and (p.parent / model_card.CARD_NAME).is_file()):
         try:
             return model_card.load_exported(p, threads)
         except model_card.CardError as exc:

@@ -5,8 +5,10 @@ A model is only meaningful on inputs made the way it was trained, so test, expla
 dimension, modality, task, input size and preprocessing from the checkpoint (:func:`checkpoint_config`). A flag
 the user gave explicitly (``cfg.is_explicit``) that says otherwise is not silently ignored:
 
-* :data:`MODEL_FLAGS` / :data:`PREPROCESS_FLAGS` (and ``--projection``): a :class:`~octa3d.errors.ConfigError`
-  naming the checkpoint's value (the user asked for a model that does not exist);
+* :data:`MODEL_FLAGS` / :data:`PREPROCESS_FLAGS` (``--normalize`` among them: the checkpoint's normalisation is
+  applied), ``--shortcut-type`` (against the checkpoint's ``model_kwargs``) and ``--projection``: a
+  :class:`~octa3d.errors.ConfigError` naming the checkpoint's value (the user asked for a model that does not
+  exist);
 * :data:`DATA_FLAGS` (which subjects and labels the experiment has) and ``--augment``: a warning that says which
   value wins, because the experiment's splits and labels are fixed and evaluation never augments.
 """
@@ -85,6 +87,11 @@ def contradictions(cfg: Config, ckpt: dict[str, Any], saved: Config | None) -> l
         mine = getattr(cfg.model if name in ("model", "dim") else cfg.data, name)
         if cfg.is_explicit(name) and ckpt.get(key) is not None and not _same(mine, ckpt[key]):
             out.append(f"{_flag(name)} {_show(mine)} (the model: {_show(ckpt[key])})")
+    # model options: the checkpoint's model_kwargs rebuild the model (absent = the default, MONAI's "B")
+    shortcut = (ckpt.get("model_kwargs") or {}).get("shortcut_type", "B")
+    if cfg.is_explicit("shortcut_type") and ckpt.get("model_name", "").startswith("resnet") and (
+            cfg.model.shortcut_type != shortcut):
+        out.append(f"--shortcut-type {cfg.model.shortcut_type} (the model: {shortcut})")
     pre = ckpt.get("preprocess") or {}
     if cfg.is_explicit("input_size") and cfg.preprocess.input_size and ckpt.get("input_shape"):
         size, shape = list(cfg.preprocess.input_size), list(ckpt["input_shape"])

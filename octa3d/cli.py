@@ -30,7 +30,7 @@ _GROUP_TITLES = {
     "preprocess": "preprocessing",
     "model": "model",
     "train": "training (--mode ae_pretrain / train)",
-    "eval": "testing and Grad-CAM (--mode test / explain)",
+    "eval": "testing, prediction and evidence maps (--mode test / explain / predict)",
     "synth": "synthetic data (--mode synth)",
     "compress": "edge deployment (--mode compress)",
 }

@@ -1,10 +1,13 @@
 """The model card of octa3d's deployable files, and reading those files back without their stage.
 
 ``--mode compress`` writes ``model_int8.pt`` (TorchScript int8, card embedded as the extra file
-``model_card.json``), ``model.onnx`` / ``model_int8.onnx`` and ``model_card.json`` beside them. The card holds what
-rebuilds the inputs (classes, input shape/channels/modality, preprocessing) and how to load and call each file.
-:func:`load_exported` reads a TorchScript or ONNX file with its card; :func:`octa3d.checkpoint.load_any_model`
-dispatches between these and octa3d checkpoints.
+``model_card.json``), ``model_fp32.pt`` (TorchScript of the pruned fp32 model), ``model.onnx`` / ``model_int8.onnx``
+and ``model_card.json`` beside them; ``--mode export`` writes ``model_fp32.ts`` (per fold: ``fold-k/``) with its card.
+The card holds what rebuilds the inputs (classes, input shape/channels/modality, preprocessing), the calibration
+temperature of the source checkpoint (``temperature``: probabilities are ``softmax(logits / temperature)``; the
+record carries it too, so test/explain/predict calibrate exported files as they do checkpoints) and how to load and
+call each file. :func:`load_exported` reads a TorchScript or ONNX file with its card;
+:func:`octa3d.checkpoint.load_any_model` dispatches between these and octa3d checkpoints.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -22,7 +26,7 @@ import torch
 from torch import nn
 
 from octa3d.errors import Octa3dError
-from octa3d.utils.io import atomic_write_text
+from octa3d.utils.io import atomic_path, atomic_write_text
 
 CARD_NAME = "model_card.json"
 CARD_FORMAT = "octa3d-model-card-1"
@@ -30,7 +34,7 @@ ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 #: Checkpoint entries copied into the model card's ``record`` (what test/explain need to rebuild inputs).
 RECORD_KEYS = ("kind", "model_name", "dim", "in_channels", "num_classes", "class_names", "input_shape", "modality",
-               "preprocess", "task", "config")
+               "preprocess", "task", "config", "temperature")
 
 
 class CardError(Octa3dError):
@@ -64,17 +68,32 @@ def _layout(dim: str) -> str:
     return "NCDHW" if dim == "3d" else "NCHW"
 
 
-def build_card(ckpt: dict[str, Any], source: str | Path, backend: str) -> dict[str, Any]:
-    """The model card of an experiment's compressed models (``artifacts`` are added as files are written).
+def checked_temperature(value: Any, where: str | Path) -> float | None:
+    """A checkpoint's calibration temperature as a float (None: none was fitted).
+
+    Raises:
+        CardError: a value that is not a positive finite number.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise CardError(f"{where}: temperature {value!r} is not a positive number; re-run --mode train for this "
+                        "experiment")
+    return float(value)
+
+
+def build_card(ckpt: dict[str, Any], source: str | Path, backend: str | None) -> dict[str, Any]:
+    """The model card of an experiment's exported models (``artifacts`` are added as files are written).
 
     Args:
-        ckpt: the source classifier checkpoint (its record: classes, input, preprocessing, config).
+        ckpt: the source classifier checkpoint (its record: classes, input, preprocessing, config, temperature).
         source: path of that checkpoint.
-        backend: ``--qbackend`` of the int8 TorchScript model.
+        backend: ``--qbackend`` of an int8 TorchScript model; None when the card describes float files only.
     """
     from octa3d import __version__
 
     record = {k: ckpt[k] for k in RECORD_KEYS if k in ckpt}
+    temperature = checked_temperature(ckpt.get("temperature"), source)
     names = list(ckpt["class_names"])
     shape = [int(ckpt["in_channels"]), *map(int, ckpt["input_shape"])]
     return {
@@ -93,7 +112,11 @@ def build_card(ckpt: dict[str, Any], source: str | Path, backend: str) -> dict[s
                       "after the retinal slab crop and resize of the preprocess settings",
         },
         "output": {"name": OUTPUT_NAME, "shape": ["N", len(names)], "dtype": "float32",
-                   "meaning": "logits; softmax over axis 1 gives class probabilities in class_names order"},
+                   "meaning": "logits; softmax over axis 1 gives class probabilities in class_names order"
+                              + ("" if temperature is None else "; softmax(logits / temperature) gives the "
+                                 "calibrated probabilities octa3d reports")},
+        # temperature scaling fitted on the validation split at the end of training (None: not fitted)
+        "temperature": temperature,
         # inference preprocessing only: the cache folder and training augmentation do not apply to a deployment
         "preprocess": {k: v for k, v in (ckpt.get("preprocess") or {}).items() if k not in ("cache_dir", "augment")},
         "quantized_engine": backend,
@@ -104,6 +127,10 @@ def build_card(ckpt: dict[str, Any], source: str | Path, backend: str) -> dict[s
 
 def usage(file: str, fmt: str, backend: str | None = None) -> str:
     """Python lines that load and call one compressed file without octa3d."""
+    if fmt == "torchscript" and not backend:
+        return (f"import torch; m = torch.jit.load('{file}').eval(); "
+                f"probs = torch.softmax(m(x) / card['temperature'], 1)  # x: float32 tensor shaped like "
+                "input.shape; temperature 1 when null")
     if fmt == "torchscript":
         return (f"import torch; torch.backends.quantized.engine = '{backend}'; "
                 f"m = torch.jit.load('{file}').eval(); "
@@ -119,8 +146,29 @@ def add_artifact(card: dict[str, Any], path: Path, fmt: str, precision: str, **e
     """Describe one written file in the card (size, hash, how to load it)."""
     card["artifacts"][path.name] = {
         "format": fmt, "precision": precision, "bytes": path.stat().st_size, "sha256": sha256(path),
-        "usage": usage(path.name, fmt, card.get("quantized_engine")), **extra,
+        "usage": usage(path.name, fmt, card.get("quantized_engine") if precision.startswith("int8") else None),
+        **extra,
     }
+
+
+def save_torchscript_fp32(model: nn.Module, example: torch.Tensor, path: Path, card: dict[str, Any] | None = None,
+                          extra_files: dict[str, str] | None = None) -> torch.jit.ScriptModule:
+    """Trace a float model on the CPU and save it atomically (``card`` embedded as ``model_card.json``, plus any
+    ``extra_files``, e.g. a MONAI bundle's ``metadata.json``).
+
+    EfficientNet's memory-efficient swish is an autograd function tracing cannot record: switched off first.
+    """
+    model = model.cpu().eval()
+    for m in model.modules():
+        if hasattr(m, "set_swish"):
+            m.set_swish(memory_efficient=False)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example.cpu().float(), check_trace=False)
+        extra = {CARD_NAME: json.dumps(card, default=str)} if card is not None else {}
+        extra.update(extra_files or {})
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp), _extra_files=extra)
+    return traced
 
 
 def write_card(card: dict[str, Any], folder: Path) -> Path:
@@ -134,13 +182,13 @@ def _check_size(path: Path, info: dict[str, Any]) -> None:
     want, have = info.get("bytes"), path.stat().st_size
     if isinstance(want, int) and want != have:
         raise CardError(f"{path} is {have} bytes but its model card records {want}: the file is truncated or was "
-                        "replaced; copy it again or re-run --mode compress")
+                        "replaced; copy it again or re-run --mode compress or --mode export")
 
 
 def _unloadable(path: Path, what: str, exc: Exception) -> CardError:
     first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
     return CardError(f"{path} is not {what} ({type(exc).__name__}: {first[:160]}); the file is truncated or damaged: "
-                     "copy it again or re-run --mode compress")
+                     "copy it again or re-run --mode compress or --mode export")
 
 
 class OnnxModule(nn.Module):
@@ -185,7 +233,7 @@ def embedded_card(path: Path) -> str | None:
             return z.read(hits[0]).decode() if hits else None
     except (zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise CardError(f"{path}: damaged archive ({exc}); the file is truncated or not a TorchScript model: copy "
-                        "it again or re-run --mode compress") from exc
+                        "it again or re-run --mode compress or --mode export") from exc
 
 
 def read_card(path: Path, embedded: str | None = None) -> dict[str, Any]:
@@ -227,6 +275,8 @@ def load_exported(path: Path, threads: int | None = None) -> tuple[nn.Module, di
         _check_size(path, info)
         record = {**card["record"], "artifact_format": "onnx", "artifact": info, "device": "cpu",
                   "cam_capable": False, "card": card}
+        if "temperature" not in record and card.get("temperature") is not None:
+            record["temperature"] = card["temperature"]
         is_q = str(info.get("precision", "int8" if "int8" in path.name else "fp32")).startswith("int8")
         try:
             session = OnnxModule(path, threads)
@@ -236,14 +286,19 @@ def load_exported(path: Path, threads: int | None = None) -> tuple[nn.Module, di
     card = read_card(path, embedded_card(path))
     info = card.get("artifacts", {}).get(path.name, {})
     _check_size(path, info)
-    engine = card.get("quantized_engine", "x86")
-    # int8 weights are repacked for the engine that is active while loading: set it first, and leave it set
+    is_q = str(info.get("precision", "int8")).startswith("int8")
+    # int8 weights are repacked for the engine that is active while loading: set it first, and leave it set.
+    # An fp32 file needs no engine (and a card of float files records none).
+    engine = card.get("quantized_engine", "x86") if is_q else None
     try:
-        with quantized_engine(engine):
+        with quantized_engine(engine) if engine else contextlib.nullcontext():
             model = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise _unloadable(path, "a TorchScript model", exc) from exc
-    torch.backends.quantized.engine = engine
+    if engine:
+        torch.backends.quantized.engine = engine
     record = {**card["record"], "artifact_format": "torchscript", "artifact": info, "device": "cpu",
               "cam_capable": False, "card": card}
-    return model.eval(), record, str(info.get("precision", "int8")).startswith("int8")
+    if "temperature" not in record and card.get("temperature") is not None:
+        record["temperature"] = card["temperature"]
+    return model.eval(), record, is_q

@@ -1,4 +1,5 @@
-"""Optimisation recipe pieces: optimiser, learning-rate schedule, early stopping, losses and class weights."""
+"""Optimisation recipe pieces: optimiser (with layer-wise learning-rate decay), learning-rate schedule, early
+stopping, losses and class weights."""
 
 from __future__ import annotations
 
@@ -12,18 +13,80 @@ import torch
 
 from octa3d.config import Config
 from octa3d.errors import DataError
+from octa3d.model.registry import get_spec
 
 log = logging.getLogger("octa3d.optim")
 
 
-def build_optimizer(params: Any, cfg: Config) -> torch.optim.Optimizer:
+def layer_decay_groups(model: torch.nn.Module, model_name: str, params: Any, lr: float, decay: float
+                       ) -> list[dict[str, Any]]:
+    """Parameter groups for layer-wise learning-rate decay: a layer ``d`` steps below the head trains at
+    ``lr * decay**d`` (BEiT/MAE fine-tuning recipe).
+
+    Layers follow the registry's encoder stages (:attr:`~octa3d.model.registry.ModelSpec.stages`) in forward
+    order; a stage prefix that is a ``ModuleList`` (a ViT's ``blocks``) counts one layer per element. So a ViT has
+    the patch/position embeddings and class token deepest (``decay**(L+1)``), block ``i`` at ``decay**(L-i)`` and
+    the final norm with the head (``lr``), as in MAE's ``param_groups_lrd``; a ResNet has its stem deepest
+    (``decay**5``), ``layer1``..``layer4`` above it and ``fc`` at ``lr``.
+
+    Args:
+        model: the classifier.
+        model_name: its registered name.
+        params: the parameters to optimise (a subset of ``model``'s; others are left out).
+        lr: the head's learning rate (``--lr``).
+        decay: ``--layer-decay`` in (0, 1].
+
+    Returns:
+        Groups ``{"params", "lr", "lr_scale", "layer_id"}``, deepest first; the scheduler's factor multiplies
+        each group's own initial rate.
+    """
+    spec = get_spec(model_name)
+    layers: list[list[str]] = []
+    for si, stage in enumerate(spec.stages):
+        plain: list[str] = []
+        expanded = False
+        for prefix in stage:
+            module = getattr(model, prefix, None) if "." not in prefix else None
+            if isinstance(module, torch.nn.ModuleList):
+                if plain:
+                    layers.append(plain)
+                    plain = []
+                layers.extend([[f"{prefix}.{i}"] for i in range(len(module))])
+                expanded = True
+            else:
+                plain.append(prefix)
+        # a transformer's final norm (after the blocks, last stage) trains with the head, as in MAE/BEiT
+        if plain and not (expanded and si == len(spec.stages) - 1):
+            layers.append(plain)
+    top = len(layers)
+    wanted = {id(p) for p in params}
+    groups: dict[int, list[torch.Tensor]] = {}
+    for name, p in model.named_parameters():
+        if id(p) not in wanted:
+            continue
+        lid = next((i for i, prefixes in enumerate(layers)
+                    if any(name == q or name.startswith(q + ".") for q in prefixes)), top)
+        groups.setdefault(lid, []).append(p)
+    return [{"params": ps, "lr": lr * decay ** (top - i), "lr_scale": decay ** (top - i), "layer_id": i}
+            for i, ps in sorted(groups.items())]
+
+
+def build_optimizer(params: Any, cfg: Config, model: torch.nn.Module | None = None,
+                    model_name: str | None = None) -> torch.optim.Optimizer:
     """``--optimizer`` (AdamW, or SGD with Nesterov momentum 0.9) with ``--lr`` and ``--weight-decay``.
+
+    With ``--layer-decay`` below 1 and the classifier given (``model``, ``model_name``), the parameters are split
+    into per-layer groups with decayed learning rates (:func:`layer_decay_groups`).
 
     Uses PyTorch's fused kernels where every parameter allows them (CPU and CUDA, floating point): one kernel per
     parameter instead of a dozen, e.g. AdamW on a 3D ResNet-18 on CPU ~4x faster, the same update rule. Falls back
     to the default implementation otherwise.
     """
     params = list(params)  # may be a generator: it is read twice when the fused variant is refused
+    if model is not None and model_name and cfg.train.layer_decay < 1:
+        params = layer_decay_groups(model, model_name, params, cfg.train.lr, cfg.train.layer_decay)
+        log.info("--layer-decay %g: %d learning-rate groups, from %.3g (deepest) to %.3g (head)",
+                 cfg.train.layer_decay, len(params), params[0]["lr"], params[-1]["lr"])
     if cfg.train.optimizer == "sgd":
         cls, kw = torch.optim.SGD, {"momentum": 0.9, "nesterov": True}
     else:

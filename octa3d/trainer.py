@@ -169,7 +169,9 @@ def fit(spec: FitSpec, cfg: Config, train_loader: Any, out: Path, device: torch.
         StopTraining: ``--max-steps`` reached (``last.pt`` holds the last finished epoch).
     """
     params = spec.params or list(spec.model.parameters())
-    optimizer = build_optimizer(params, cfg)
+    classifier = spec.record.get("kind") == "classifier"  # --layer-decay: fine-tuning a classifier only
+    optimizer = build_optimizer(params, cfg, model=spec.model if classifier else None,
+                                model_name=spec.record.get("model_name"))
     steps_per_epoch = max(1, math.ceil(len(train_loader) / cfg.train.accum_steps))
     last_ckpt = out / "checkpoints" / "last.pt"
     ck = load_checkpoint(last_ckpt, kind=spec.record["kind"]) if cfg.train.resume and last_ckpt.exists() else None
@@ -228,7 +230,7 @@ def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out:
             value = -math.inf if spec.mode == "max" else math.inf
         tie = metrics.get("val_loss") if spec.monitor != "val_loss" else None
         improved = state.early.update(value, epoch, tie_break=tie)
-        lr = state.optimizer.param_groups[0]["lr"]
+        lr = max(g["lr"] for g in state.optimizer.param_groups)  # the head's rate under --layer-decay
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if spec.target == "label":
             row["train_accuracy"] = train_acc

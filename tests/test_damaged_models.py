@@ -98,3 +98,37 @@ def test_damaged_model_card_is_a_one_line_error(tmp_path):
     (tmp_path / CARD_NAME).write_text('{"format": "octa3d-model-card-1", "rec')
     with pytest.raises(CheckpointError, match=r"model_card.json: the model card is not valid JSON"):
         load_any_model(f)
+
+
+def _fp32_export(folder: Path, temperature) -> Path:
+    """An fp32 TorchScript file with its card, as --mode export / compress write them."""
+    from octa3d.model_card import add_artifact, build_card, save_torchscript_fp32, write_card
+
+    ckpt = {"kind": "classifier", "model_name": "tiny", "dim": "3d", "in_channels": 1, "num_classes": 2,
+            "class_names": ["a", "b"], "input_shape": [4, 4, 4], "preprocess": {}, "temperature": temperature}
+    card = build_card(ckpt, folder / "best.pt", None)
+    f = folder / "model_fp32.ts"
+    save_torchscript_fp32(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), torch.rand(1, 1, 4, 4, 4), f, card)
+    add_artifact(card, f, "torchscript", "fp32")
+    write_card(card, folder)
+    return f
+
+
+def test_cut_fp32_torchscript_is_named_and_its_temperature_travels(tmp_path):
+    f = _fp32_export(tmp_path, 1.5)
+    model, rec, is_q = load_any_model(f)
+    assert rec["temperature"] == 1.5 and not is_q and model(torch.rand(2, 1, 4, 4, 4)).shape == (2, 2)
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])  # the end of the zip is cut: no longer recognisable as TorchScript
+    with pytest.raises(CheckpointError, match=r"model_fp32.ts(: damaged archive| is corrupt| is \d+ bytes)") as err:
+        load_any_model(f)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), "2"])
+def test_a_bad_temperature_is_refused_when_exporting(tmp_path, bad):
+    from octa3d.model_card import CardError
+
+    with pytest.raises(CardError, match="temperature .* is not a positive number") as err:
+        _fp32_export(tmp_path, bad)
+    assert "\n" not in str(err.value)

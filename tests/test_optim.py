@@ -82,3 +82,40 @@ def test_a_tie_on_a_saturated_metric_is_won_by_a_lower_validation_loss():
     restored = optim.EarlyStopping()
     restored.load_state_dict(es.state_dict())
     assert restored.best_tie == 0.5 and not restored.update(1.0, 5, tie_break=0.7)
+
+
+def test_layer_decay_learning_rates_resnet_and_vit():
+    """--layer-decay: deepest layers get lr * decay^depth; the scheduler scales every group by the same factor."""
+    from octa3d.model import create_model
+
+    cfg = Config()
+    cfg.train.lr, cfg.train.layer_decay, cfg.train.epochs, cfg.train.warmup_epochs = 1e-3, 0.5, 2, 0
+    res = create_model("resnet18", 2, 1, 2)
+    opt = optim.build_optimizer(res.parameters(), cfg, model=res, model_name="resnet18")
+    by_module = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            name = next(n for n, q in res.named_parameters() if q is p)
+            by_module.setdefault(name.split(".")[0], set()).add(g["lr"])
+    want = {"conv1": 1e-3 / 32, "bn1": 1e-3 / 32, "layer1": 1e-3 / 16, "layer2": 1e-3 / 8, "layer3": 1e-3 / 4,
+            "layer4": 1e-3 / 2, "fc": 1e-3}
+    assert {k: v.pop() for k, v in by_module.items() if len(v) == 1} == pytest.approx(want)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(res.parameters()))
+    sched = optim.build_scheduler(opt, cfg, steps_per_epoch=4)
+    opt.step()
+    sched.step()
+    ratios = {g["lr"] / g["initial_lr"] for g in opt.param_groups}
+    assert len({round(r, 12) for r in ratios}) == 1  # one schedule factor for every group
+
+    vit = create_model("vit", 2, 1, 2, input_size=16, patch_size=8, num_layers=2, hidden_size=32, num_heads=4,
+                       mlp_dim=64)
+    opt = optim.build_optimizer(vit.parameters(), cfg, model=vit, model_name="vit")
+    lr_of = {n: g["lr"] for g in opt.param_groups for n, p in vit.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert lr_of["cls_token"] == lr_of["patch_embedding.position_embeddings"] == pytest.approx(1e-3 / 8)
+    assert lr_of["blocks.0.attn.qkv.weight"] == pytest.approx(1e-3 / 4)
+    assert lr_of["blocks.1.mlp.linear1.weight"] == pytest.approx(1e-3 / 2)
+    assert lr_of["norm.weight"] == lr_of["classification_head.weight"] == pytest.approx(1e-3)
+    # off (1.0) or no model: one group at --lr, as before
+    cfg.train.layer_decay = 1.0
+    assert len(optim.build_optimizer(vit.parameters(), cfg, model=vit, model_name="vit").param_groups) == 1

@@ -213,6 +213,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--max-steps {t.max_steps}: must be >= 0 (0 = no limit)")
     if t.accum_steps < 1 or t.clip_grad < 0 or not 0 <= t.label_smoothing < 1:
         raise ConfigError("--accum-steps must be >= 1, --clip-grad >= 0, --label-smoothing in [0, 1)")
+    if not 0 < t.layer_decay <= 1:
+        raise ConfigError(f"--layer-decay {t.layer_decay}: must be in (0, 1] (1 = off)")
+    if not 0 < t.mask_ratio < 1:
+        raise ConfigError(f"--mask-ratio {t.mask_ratio}: must be between 0 and 1 (fraction of patches hidden)")
+    if not 0 <= cfg.model.drop_path < 1:
+        raise ConfigError(f"--drop-path {cfg.model.drop_path}: must be in [0, 1)")
+    if cfg.eval.external and cfg.run.mode != "test":
+        raise ConfigError(f"--external {cfg.eval.external}: only for --mode test (external validation); "
+                          "use --input with --mode predict/explain")
     if cfg.eval.faithfulness_subjects < 0:
         raise ConfigError("--faithfulness-subjects must be >= 0 (0 = off)")
     if cfg.eval.bootstrap < 0:

@@ -10,7 +10,7 @@ from typing import Any, get_type_hints
 
 from octa3d.errors import ConfigError
 
-MODES = ("synth", "prepare", "ae_pretrain", "train", "test", "explain", "compress", "demo")
+MODES = ("synth", "prepare", "ae_pretrain", "train", "test", "explain", "predict", "export", "compress", "demo")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, factory: bool = False) -> Any:
@@ -94,6 +94,10 @@ class PreprocessConfig:
     patch_stride: int = opt(0, "2D: stride between patches (0 = --patch-size, no overlap).")
     aspect: str = opt("pad", "2D whole images: keep the aspect ratio by zero padding to the input's (pad) or "
                              "stretch them to it (stretch).", choices=("pad", "stretch"))
+    normalize: str = opt("none", "Intensity normalisation after scaling to 0..1: none, or imagenet (mean/std of "
+                                 "ImageNet, averaged over RGB for 1-2 channel inputs; RETFound-style checkpoints "
+                                 "expect it). Recorded in the checkpoint, so test/predict apply it.",
+                         choices=("none", "imagenet"))
     augment: bool = opt(True, "Random flips, small affine and intensity changes on training samples.")
     cache_dir: str | None = opt(None, "Persistent cache of preprocessed samples (default: <runs-dir>/.cache).")
 
@@ -104,6 +108,11 @@ class ModelConfig:
 
     dim: str = opt("3d", "2d (en-face/B-scan/fundus images) or 3d (volumes).", choices=("2d", "3d"))
     model: str = opt("resnet18", "Registered model name (see --list-models).")
+    shortcut_type: str = opt("B", "ResNet shortcut where the channel count changes: B = 1x1 convolution (MONAI "
+                                  "default), A = zero-padded identity (MedicalNet resnet18/34 checkpoints).",
+                             choices=("A", "B"))
+    drop_path: float = opt(0.0, "Stochastic depth (drop-path) rate of transformer blocks, linearly increasing "
+                                "with depth (ViT fine-tuning recipes use 0.1-0.2).")
 
 
 @dataclass
@@ -125,6 +134,16 @@ class TrainConfig:
                             "'random', or 'auto' (ae when that checkpoint exists).", choices=("auto", "ae", "random"))
     init_from: str | None = opt(None, "Local weight file (.pt/.pth, e.g. MedicalNet) loaded into the model "
                                       "before training; tensors with matching names and shapes are copied.")
+    init_format: str = opt("auto", "Layout of the --init-from file: auto (detected from its tensor names), octa3d "
+                                   "(an octa3d/MONAI checkpoint), retfound (timm-style 2D ViT, e.g. RETFound), "
+                                   "octcube (3D ViT with spatial + temporal position embeddings), medicalnet "
+                                   "(3D ResNet).", choices=("auto", "octa3d", "retfound", "octcube", "medicalnet"))
+    init_strict: bool = opt(False, "Make any encoder tensor missing from the --init-from file an error (loading "
+                                   "none of the encoder is always an error).")
+    layer_decay: float = opt(1.0, "Layer-wise learning-rate decay: a block at depth d below the head trains at "
+                                  "lr x decay^d (0.65-0.75 for pretrained ViTs; 1 = off).")
+    mask_ratio: float = opt(0.75, "ae_pretrain of a ViT (masked autoencoding): fraction of patches hidden from "
+                                  "the encoder.")
     freeze_encoder_stages: int = opt(0, "Keep the first N encoder stages frozen during --mode train.")
     freeze_epochs: int = opt(0, "Linear probe first: only the head trains for K epochs, then the whole network.")
     freeze_encoder: bool = opt(False, "Train the head only, for all epochs (encoder frozen).")
@@ -156,7 +175,12 @@ class EvalConfig:
 
     checkpoint: str | None = opt(None, "Model to test/explain (default: the experiment's train/checkpoints/best.pt; "
                                        "with --folds K all folds, ensembled by averaging probabilities).")
-    input: str | None = opt(None, "--mode explain: one scan (any supported format or an OCTA-500 subject folder).")
+    input: str | None = opt(None, "--mode explain: one scan (any supported format or an OCTA-500 subject folder); "
+                                  "--mode predict: a scan, an OCTA-500-layout folder, a manifest CSV or a folder "
+                                  "of images/volumes (labels optional).")
+    external: str | None = opt(None, "--mode test: a labelled external cohort (any supported layout) scored as "
+                                     "test data, every labelled subject, into test-external/<name>/; refused when "
+                                     "a subject or patient overlaps the experiment's train/val/AE subjects.")
     cam: str = opt("layercam", "Evidence-map method (gradcam, gradcam++, layercam, hirescam, occlusion = MONAI "
                                "occlusion sensitivity, medcam); 'none' switches maps off. Default chosen by "
                                "benchmarks/cam_quality.py (README 'Evidence maps').",
@@ -168,7 +192,7 @@ class EvalConfig:
                                         "subject; 0 = off).")
     cam_class: str | None = opt(None, "Class the CAM explains (name or index; default: the predicted class).")
     cam_subjects: list[str] | None = opt(None, "Comma-separated subject IDs that get CAM exports (default: all "
-                                               "test subjects).")
+                                               "test/predict subjects).")
     bootstrap: int = opt(1000, "Bootstrap resamples for the 95 % confidence intervals (0 = none).")
     calibrate: bool = opt(True, "Use the temperature-scaled probabilities (temperature fitted on each fold's "
                                 "validation split at the end of training) for predictions and metrics; "

@@ -74,6 +74,9 @@ class _Octa500Scan:
     ignored: list[str] = field(default_factory=list)         # non-image files in slice folders (skipped)
     no_projection: list[str] = field(default_factory=list)   # IDs without the requested projection map
     proj_types: set[str] = field(default_factory=set)        # every map type seen, for the message
+    #: keep unreadable eyes (their problems in ``meta["unreadable"]``) instead of stopping: --mode predict lists
+    #: them as skipped and goes on
+    keep_unreadable: bool = False
 
 
 def _check_listings(sid: str, listings: dict[str, SliceListing], found: _Octa500Scan) -> bool:
@@ -126,8 +129,12 @@ def _scan_fov(cfg: DataConfig, fov: str, fdir: Path, labels: dict[str, str], nee
                          for m in needed])
     for sid, paths, projections in eyes:
         listings = {m: checked[Path(paths[m])] for m in needed if Path(paths[m]) in checked}
+        meta: dict[str, str] = {"fov": fov}
         if listings and not _check_listings(sid, listings, found):
-            continue
+            if not found.keep_unreadable:
+                continue
+            meta["unreadable"] = found.unreadable[-1]
+            listings = {}
         spacing = None
         if needed:  # the first needed scan gives the stack's size
             first = listings.get(needed[0])
@@ -135,7 +142,7 @@ def _scan_fov(cfg: DataConfig, fov: str, fdir: Path, labels: dict[str, str], nee
                        else fov_spacing(fov, *first.size, first.count))
         mask = find_mask(fdir, sid)
         found.subjects.append(Subject(id=sid, label=labels.get(sid), paths=paths, projections=projections,
-                                      spacing=spacing, mask=str(mask) if mask else None, meta={"fov": fov}))
+                                      spacing=spacing, mask=str(mask) if mask else None, meta=meta))
 
 
 def _all_octa500_ids(root: Path) -> set[str]:
@@ -157,7 +164,10 @@ def _report_left_out(cfg: DataConfig, root: Path, found: _Octa500Scan) -> None:
     if found.ignored:
         log.warning("%s: %d file(s) in slice folders are not images and are ignored: %s", root, len(found.ignored),
                     short(sorted(found.ignored, key=natural_key), 10))
-    if found.unreadable:
+    if found.unreadable and found.keep_unreadable:
+        log.warning("%s: %d subject(s) have slice folders that cannot be read as one volume (skipped): %s", root,
+                    len(found.unreadable), short(sorted(found.unreadable, key=natural_key), 10))
+    elif found.unreadable:
         bad = sorted(found.unreadable, key=natural_key)
         raise DataError(f"{root}: {len(bad)} subject(s) have slice folders that cannot be read as one volume:\n  "
                         + "\n  ".join(bad) + "\nfix or restore these files, or move these subjects' folders out "
@@ -174,8 +184,12 @@ def _report_left_out(cfg: DataConfig, root: Path, found: _Octa500Scan) -> None:
                       "--skip-unlabeled to skip them")
 
 
-def discover_octa500(cfg: DataConfig, dim: str, require_labels: bool = True) -> list[Subject]:
+def discover_octa500(cfg: DataConfig, dim: str, require_labels: bool = True, keep_unreadable: bool = False
+                     ) -> list[Subject]:
     """The eyes of the OCTA-500 dataset at ``cfg.data_root`` (see :func:`octa3d.data.sources.discover`).
+
+    ``keep_unreadable``: eyes whose slice folders cannot be read as one volume are kept (a warning lists them) with
+    the problems in ``meta["unreadable"]``, for a caller that skips them one by one (``--mode predict``).
 
     Raises:
         DataError: a field-of-view or modality folder given as the root, no FOV folder, unreadable slice folders
@@ -198,7 +212,7 @@ def discover_octa500(cfg: DataConfig, dim: str, require_labels: bool = True) -> 
         if require_labels:
             raise
         labels, label_src = {}, "no label table"
-    found = _Octa500Scan()
+    found = _Octa500Scan(keep_unreadable=keep_unreadable)
     for fov, fdir in fov_dirs.items():
         # eyes without a label are dropped with --skip-unlabeled: their folders need not be readable
         _scan_fov(cfg, fov, fdir, labels, needed, use_projection, found,

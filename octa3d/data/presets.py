@@ -18,8 +18,9 @@ from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
 from octa3d.data.augment import train_augmentation
 from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
-                                    PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd, apply_transforms,
-                                    aspect_padding, drop_axis, patch_grid, resize)
+                                    Normalized, PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd,
+                                    apply_transforms, aspect_padding, drop_axis, normalization_stats, normalize,
+                                    patch_grid, resize)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")
@@ -37,8 +38,16 @@ class _Preset:
         p = cfg.preprocess
         self.depth_axis, self.slab_depth, self.percentiles = p.depth_axis, p.slab_depth, tuple(p.clip_percentiles)
         self._loader, self._reader = loader, image_reader
-        self.augment: Compose = (train_augmentation(cfg.spatial_dims, p.depth_axis) if p.augment
-                                 else Compose([]))
+        #: ``--normalize`` (mean, std) per channel, or None; applied after the cache, to every sample
+        self.normalization = normalization_stats(p.normalize, self.channels)
+        augment = train_augmentation(cfg.spatial_dims, p.depth_axis) if p.augment else Compose([])
+        if self.normalization and p.augment:
+            # augmentation is defined on 0..1 values: undo the normalisation around it (one flat Compose, so the
+            # random streams of the augmentations are those of the plain pipeline)
+            mean, std = self.normalization
+            augment = Compose([Normalized("image", mean, std, inverse=True), *augment.transforms,
+                               Normalized("image", mean, std)])
+        self.augment: Compose = augment
 
     # loaders are resolved lazily so that the preset pickles cheaply into DataLoader workers
     def load(self, subject: Subject) -> tuple[np.ndarray, Geometry]:
@@ -88,13 +97,18 @@ class _Preset:
                         f"needs {self.channels}")
 
     def sample(self, stored: np.ndarray, record: PreprocessRecord, patch: int = -1) -> np.ndarray:
-        """One network input ``(C, *input_shape)`` float32 from a stored (possibly memory-mapped) array."""
+        """One network input ``(C, *input_shape)`` float32 from a stored (possibly memory-mapped) array, normalised
+        with ``--normalize``."""
         if not record.patches:
-            return np.array(stored, dtype=np.float32)
-        box = record.patches[patch]
-        off = [s for s, _ in record.crop_box]
-        region = stored[(slice(None), *(slice(s - o, e - o) for (s, e), o in zip(box, off)))]
-        return resize(np.asarray(region, dtype=np.float32), self.input_shape)
+            out = np.array(stored, dtype=np.float32)
+        else:
+            box = record.patches[patch]
+            off = [s for s, _ in record.crop_box]
+            region = stored[(slice(None), *(slice(s - o, e - o) for (s, e), o in zip(box, off)))]
+            out = resize(np.asarray(region, dtype=np.float32), self.input_shape)
+        if self.normalization is not None:
+            out = normalize(out, *self.normalization)
+        return out
 
 
 class Clip3DPreset(_Preset):

@@ -3,7 +3,8 @@ deterministic preprocessing (:mod:`octa3d.data.transforms` wraps it in MONAI tra
 
 uint8 input, the common case (OCTA-500 BMP stacks), takes fast paths: exact percentiles from a 256-bin
 histogram and a 256-entry lookup table instead of float arithmetic. :func:`clip_scale_resize` fuses clipping and
-resizing so that a 400×640×400 uint8 scan never gets a full-resolution float copy.
+resizing so that a 400×640×400 uint8 scan never gets a full-resolution float copy. :func:`normalize` applies the
+``--normalize`` statistics (:func:`normalization_stats`) after the 0..1 scaling.
 """
 
 from __future__ import annotations
@@ -204,3 +205,41 @@ def resize(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
     t = torch.from_numpy(np.ascontiguousarray(arr))[None]
     return F.interpolate(t, size=size, mode=mode, align_corners=False)[0].numpy()
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+#: ImageNet channel statistics (RGB) of the 0..1 image: what RETFound-style (timm) checkpoints were trained with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: their averages over RGB, for 1-2 channel (grey) inputs
+IMAGENET_GREY_MEAN, IMAGENET_GREY_STD = 0.449, 0.226
+
+
+def normalization_stats(kind: str, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Per-channel ``(mean, std)`` of ``--normalize`` for ``channels`` inputs; None for ``none``.
+
+    ``imagenet``: the ImageNet RGB statistics for 3 channels, their RGB averages (0.449 / 0.226) on every channel
+    of 1-2 channel inputs (a grey image replicated to RGB and normalised per channel sees nearly these values).
+    """
+    if kind in (None, "", "none"):
+        return None
+    if kind != "imagenet":
+        raise ValueError(f"unknown normalisation {kind!r} (none or imagenet)")
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (IMAGENET_GREY_MEAN,) * channels, (IMAGENET_GREY_STD,) * channels
+
+
+def normalize(x: np.ndarray | torch.Tensor, mean: Sequence[float], std: Sequence[float], inverse: bool = False
+              ) -> np.ndarray | torch.Tensor:
+    """``(x - mean) / std`` per channel of a channel-first array (``inverse``: ``x * std + mean``), float32."""
+    shape = (len(mean),) + (1,) * (x.ndim - 1)
+    if isinstance(x, torch.Tensor):
+        m = torch.tensor(mean, dtype=torch.float32).reshape(shape)
+        sd = torch.tensor(std, dtype=torch.float32).reshape(shape)
+        x = x.float()
+    else:
+        m = np.asarray(mean, dtype=np.float32).reshape(shape)
+        sd = np.asarray(std, dtype=np.float32).reshape(shape)
+        x = np.asarray(x, dtype=np.float32)
+    return x * sd + m if inverse else (x - m) / sd

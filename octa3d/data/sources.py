@@ -11,13 +11,15 @@ Three layouts (``--source``; ``auto`` detects them with :func:`detect_source`):
 
 :func:`discover` lists a labelled dataset; :func:`discover_unlabelled` lists extra scans whose labels are not used
 (``--ae-extra-data``); :func:`~octa3d.data.octa500.subject_from_path` (re-exported here) makes one ``--input`` path
-a subject.
+a subject, and :func:`discover_input` lists every subject of a ``--mode predict --input`` (one scan, an OCTA-500
+folder, a manifest, class folders of 2D images, or a plain folder of scans), labels where the input has them.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,15 +33,15 @@ from octa3d.data.labels import (handle_unlabeled, normalise_header, normalise_id
 from octa3d.data.octa500 import (FOVS, MODALITIES, eyes_with_maps_only, find_label_tables, fov_dir, octa500_labels,
                                  subject_from_path)
 from octa3d.data.octa500_scan import discover_octa500, refuse_octa500_part
-from octa3d.data.slices import visible
+from octa3d.data.slices import visible, visible_files
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from octa3d.config import DataConfig
 
-__all__ = ["IMAGE_EXTS", "SOURCES", "SPLIT_DIRS", "detect_source", "discover", "discover_unlabelled", "label_origin",
-           "natural_key", "subject_from_path"]
+__all__ = ["IMAGE_EXTS", "INPUT_KINDS", "SOURCES", "SPLIT_DIRS", "detect_source", "discover", "discover_input",
+           "discover_unlabelled", "label_origin", "natural_key", "subject_from_path"]
 
 log = logging.getLogger("octa3d.data")
 
@@ -119,7 +121,8 @@ def detect_source(root: str | Path) -> str:
     raise DataError(f"--data-root {root}: unrecognised layout{hint}; expected {_LAYOUTS}")
 
 
-def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> list[Subject]:
+def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True, keep_unreadable: bool = False
+             ) -> list[Subject]:
     """List the subjects of the dataset at ``cfg.data_root``.
 
     Args:
@@ -129,6 +132,7 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
             named projection map instead of volumes.
         require_labels: False for scans used without labels (``--ae-extra-data``, ``--mode explain``): a missing
             label table is fine and unlabeled subjects are kept with ``label=None``.
+        keep_unreadable: keep unreadable OCTA-500 eyes, problems in ``meta["unreadable"]`` (``--mode predict``).
 
     Returns:
         Subjects sorted by ID (digit runs compared as numbers).
@@ -142,7 +146,7 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True) -> l
     if not root.exists() or (root.is_dir() and not visible(root)):
         raise _no_data(cfg.data_root)
     if source == "octa500":
-        subjects = discover_octa500(cfg, dim, require_labels)
+        subjects = discover_octa500(cfg, dim, require_labels, keep_unreadable)
         _eyes_with_maps_only(cfg, dim, require_labels)
     elif source == "manifest":
         subjects = _discover_manifest(cfg, require_labels)
@@ -211,7 +215,8 @@ def label_origin(cfg: DataConfig) -> str:
     return f"the class folder names under {root}"
 
 
-def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str) -> list[Subject]:
+def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str, keep_unreadable: bool = False
+                        ) -> list[Subject]:
     """The scans of another dataset whose labels are not used (``--ae-extra-data``), in any layout.
 
     The experiment's ``--labels`` and ``--source`` do not apply to it: its layout is detected and a label table
@@ -231,7 +236,7 @@ def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str) -> lis
     """
     cfg = copy.deepcopy(data_cfg)
     cfg.data_root, cfg.labels, cfg.source = str(root), None, "auto"
-    return discover(cfg, dim, require_labels=False)
+    return discover(cfg, dim, require_labels=False, keep_unreadable=keep_unreadable)
 
 
 # ------------------------------------------------------------------------------------------- manifest
@@ -336,3 +341,80 @@ def _discover_folders(cfg: DataConfig) -> list[Subject]:
                            f"{short(sorted(dangling, key=natural_key), 10)}",
                       "restore the files or remove the links, or pass --skip-unlabeled to skip them")
     return subjects
+
+
+# ------------------------------------------------------------------------------------------- predict inputs
+#: What :func:`discover_input` recognises (the ``kind`` it returns).
+INPUT_KINDS = ("scan", "octa500", "manifest", "folders", "files", "scan-folders")
+
+
+def _is_one_scan(p: Path, dim: str) -> bool:
+    """A folder that holds one scan: an OCTA-500 eye folder, a DICOM series, or (3D models) a folder of slices."""
+    if p.parent.name in MODALITIES and p.parent.parent.name.startswith("OCTA_"):
+        return True
+    entries = visible(p)
+    if any(c.is_dir() for c in entries):
+        return False
+    files = [f for f in entries if f.is_file()]
+    suffixes = {file_suffix(f) for f in files}
+    if suffixes & {".dcm", ".ima"} or (files and "" in suffixes):
+        return True  # DICOM series (their files often carry no extension)
+    return dim == "3d" and bool(files) and suffixes <= IMAGE_EXTS
+
+
+def discover_input(path: str | Path, data_cfg: DataConfig, dim: str = "3d") -> tuple[str, list[Subject]]:
+    """Every subject of a ``--mode predict --input`` path, with its label where the input says it.
+
+    Recognised (``kind``, see :data:`INPUT_KINDS`):
+
+    * ``scan``: one scan file (any supported format, a 2D image), an OCTA-500 eye folder, a DICOM folder, or - for
+      3D models - a folder of numbered slices;
+    * ``octa500``: an OCTA-500 dataset folder (``OCTA_6mm``/``OCTA_3mm``; its label table optional);
+    * ``manifest``: a ``.csv`` (or a folder holding ``manifest.csv``) with ``subject,path`` and optionally
+      ``label``/``group`` columns;
+    * ``folders``: 2D models: class folders of 2D images (``<root>/[train|test/]<CLASS>/*.png``), labelled by
+      their folder;
+    * ``files``: a folder of scan files or (2D models) 2D images, one subject per file, unlabelled;
+    * ``scan-folders``: 3D models: a folder whose subfolders are scans (slice or DICOM folders, e.g. an
+      OCTA-500 ``OCTA_6mm/OCTA`` folder), one subject per subfolder.
+
+    The experiment's ``--labels`` and ``--source`` do not apply to the input.
+
+    Returns:
+        ``(kind, subjects)``, subjects sorted by ID (a single scan: one).
+
+    Raises:
+        DataError: missing or empty input, or nothing recognisable in it (naming the accepted layouts).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"--input {p}: no such file or folder")
+    if p.is_file():
+        if p.suffix.lower() == ".csv":
+            return "manifest", discover_unlabelled(data_cfg, p, dim)
+        return "scan", [subject_from_path(p, data_cfg)]
+    if not visible(p):
+        raise DataError(f"--input {p}: the folder is empty")
+    if _is_one_scan(p, dim):
+        return "scan", [subject_from_path(p, data_cfg)]
+    names = {c.name for c in visible(p)}
+    if "manifest.csv" in {n.lower() for n in names}:
+        return "manifest", discover_unlabelled(data_cfg, p, dim)
+    if {fov_dir(p, f).name for f in FOVS} & names:
+        return "octa500", discover_unlabelled(data_cfg, p, dim, keep_unreadable=True)
+    subdirs = sorted((d for d in visible(p) if d.is_dir()), key=lambda d: natural_key(d.name))
+    if subdirs and dim == "2d":
+        cfg = copy.deepcopy(data_cfg)
+        cfg.data_root, cfg.labels, cfg.source = str(p), None, "folders"
+        return "folders", discover(cfg, dim, require_labels=False)
+    if subdirs:
+        return "scan-folders", [subject_from_path(d, data_cfg) for d in subdirs]
+    scans = [f for f in visible_files(p) if file_suffix(f) in SUPPORTED_EXTS or f.suffix.lower() in IMAGE_EXTS]
+    if not scans:
+        raise DataError(f"--input {p}: no scans in the folder; expected a scan file or folder, an OCTA-500 folder, "
+                        "a manifest CSV (subject,path[,label]), class folders of 2D images or a folder of scans")
+    subjects = [subject_from_path(f, data_cfg) for f in sorted(scans, key=lambda f: natural_key(f.name))]
+    dups = sorted((k for k, n in Counter(s.id for s in subjects).items() if n > 1), key=natural_key)
+    if dups:  # a.nii.gz and a.npy: one ID, two scans
+        raise DataError(f"--input {p}: several files share the subject ID(s) {short(dups)}; rename them")
+    return "files", subjects

@@ -20,22 +20,24 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from octa3d.config import Config
-from octa3d.data.identity import IdentityIndex
+from octa3d.data.identity import IdentityIndex, identity_key
+from octa3d.data.imagefiles import natural_key
 from octa3d.data.stratify import Splits, make_splits
-from octa3d.utils.io import read_csv
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError, LeakageError
-from octa3d.utils.io import atomic_write_csv, atomic_write_text
+from octa3d.utils.io import atomic_write_csv, atomic_write_text, read_csv
 from octa3d.utils.runs import experiments_over
 
 __all__ = ["SPLIT_KEYS", "Splits", "existing_splits", "format_counts", "guard", "labelled_subjects",
-           "load_or_make_splits", "make_splits", "read_splits", "training_overlap", "write_splits"]
+           "load_or_make_splits", "make_splits", "overlap_checker", "read_splits", "training_overlap",
+           "write_splits"]
 
 log = logging.getLogger("octa3d.data.splits")
 
@@ -171,26 +173,48 @@ def guard(stage: str, subject_ids: list[str] | set[str], sp: Splits, groups: dic
                            f"or use another --exp.")
 
 
-def training_overlap(splits: Splits, subject: Subject) -> str | None:
+def training_overlap(splits: Splits, subject: Subject, extra: dict[str, str] | None = None) -> str | None:
     """Why ``subject`` (one scan, e.g. ``--input``) is not new to the experiment's model, or None.
 
     The subject matches when it is a training/validation subject of ``splits`` (any fold), or of the same patient
     group as one, under the one identity of :mod:`octa3d.data.identity` that :func:`guard` uses: a Kermany image
     given by path (``CNV-6294785-1``, patient ``6294785`` via ``--group-regex``) matches the split's
-    ``CNV/CNV-6294785-1`` and every other image of patient 6294785. Hold-out test subjects do not match.
+    ``CNV/CNV-6294785-1`` and every other image of patient 6294785. Class-folder IDs found under another root
+    (``CNV/CNV-6294785-1`` of a predict input vs ``train/CNV/CNV-6294785-1`` of the split) match by file name.
+    Hold-out test subjects do not match.
 
     Args:
         splits: the experiment's splits (:func:`read_splits`).
-        subject: as :func:`~octa3d.data.sources.discover` or
+        subject: as :func:`~octa3d.data.sources.discover`, :func:`~octa3d.data.sources.discover_input` or
             :func:`~octa3d.data.octa500.subject_from_path` build it (``id`` and ``group``).
+        extra: subject → group of the autoencoder's extra data (``--ae-extra-data``; it trained the encoder).
 
     Returns:
         A clause for a warning (the caller names the experiment and the consequence), e.g. ``"CNV-6294785-2
         belongs to patient group 6294785, like training/validation subject CNV/CNV-6294785-1"``, or None.
     """
-    seen = splits.non_test()
-    index = IdentityIndex({s: splits.groups.get(s, s) for s in seen}, what="training/validation subject")
-    return index.reason(subject.id, subject.group)
+    return overlap_checker(splits, extra)(subject)
+
+
+def overlap_checker(splits: Splits, extra: dict[str, str] | None = None) -> Callable[[Subject], str | None]:
+    """:func:`training_overlap` for many subjects: the indexes are built once (a predict run of 1,000 scans)."""
+    sets = [("training/validation subject", {s: splits.groups.get(s, s) for s in splits.non_test()}),
+            ("autoencoder extra-data subject", dict(extra or {}))]
+    indexes = [(IdentityIndex(m, what=w), {identity_key(s).rsplit("/", 1)[-1]: s
+                                           for s in sorted(m, key=natural_key, reverse=True)}, w)
+               for w, m in sets if m]
+
+    def check(subject: Subject) -> str | None:
+        key = identity_key(subject.id)
+        for index, by_name, what in indexes:
+            reason = index.reason(subject.id, subject.group)
+            if reason is None and "/" in key and key.rsplit("/", 1)[-1] in by_name:
+                # a class-folder image listed under another root: train/CNV/x vs CNV/x
+                reason = f"{subject.id} is {what} {by_name[key.rsplit('/', 1)[-1]]} (same file name)"
+            if reason:
+                return reason
+        return None
+    return check
 
 
 def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:

@@ -16,6 +16,10 @@ Deterministic part (cached on disk by :mod:`octa3d.data.datasets`), in this orde
 For volumes, steps 2 and 3 run fused (:func:`clip_scale_resize`): only the source planes the interpolation reads
 are converted to float, so a 400×640×400 uint8 scan never gets a full-resolution float copy.
 
+After the cache, every sample a preset cuts is normalised with ``--normalize`` (:class:`Normalized`: ``imagenet``
+= ImageNet mean/std, averaged over RGB for 1-2 channels; recorded in the checkpoint's ``preprocess`` settings, so
+test/explain/predict normalise the same way).
+
 Everything needed to map an input-space array (a Grad-CAM map) back onto the source scan is kept in a
 :class:`PreprocessRecord`; :func:`to_source_space` does the mapping.
 
@@ -39,14 +43,15 @@ from monai.transforms import MapTransform
 from scipy.ndimage import gaussian_filter1d
 
 from octa3d.data.record import PreprocessRecord, drop_axis, to_source_space
-from octa3d.data.scaling import (channel_percentiles, clip_scale, clip_scale_resize, hist_percentiles, resize,
-                                 uint8_percentiles)
+from octa3d.data.scaling import (channel_percentiles, clip_scale, clip_scale_resize, hist_percentiles,
+                                 normalization_stats, normalize, resize, uint8_percentiles)
 from octa3d.data.subject import Geometry, Subject
 
-__all__ = ["PREPROCESS_VERSION", "ClipScaleIntensityd", "ClipScaleResized", "ImageReader", "Loader",
+__all__ = ["PREPROCESS_VERSION", "ClipScaleIntensityd", "ClipScaleResized", "ImageReader", "Loader", "Normalized",
            "PreprocessRecord", "ProjectSlabd", "ResizeToInputd", "RetinalSlabCropd", "apply_transforms",
            "aspect_padding", "channel_percentiles", "clip_scale", "clip_scale_resize", "drop_axis",
-           "hist_percentiles", "locate_retina", "patch_grid", "resize", "slab_bounds", "to_source_space",
+           "hist_percentiles", "locate_retina", "normalization_stats", "normalize", "patch_grid", "resize",
+           "slab_bounds", "to_source_space",
            "uint8_percentiles"]
 
 #: Bump when the deterministic preprocessing changes: it is part of every cache key.
@@ -249,6 +254,26 @@ class ClipScaleResized(MapTransform):
             d[key], used = clip_scale_resize(d[key], self.percentiles, self.spatial_size)
             if i == 0:
                 d[self.stats_key] = used
+        return d
+
+
+class Normalized(MapTransform):
+    """``--normalize``: per-channel ``(x - mean) / std`` of a 0..1 input (``inverse``: back to 0..1).
+
+    Not part of the cached preprocessing: presets apply it to every sample they cut (:meth:`sample`), and wrap the
+    training augmentation in inverse/forward steps so that augmentation still works on 0..1 values (zero padding
+    stays black, intensity changes stay relative to 0).
+    """
+
+    def __init__(self, keys: Any, mean: Sequence[float], std: Sequence[float], inverse: bool = False,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.mean, self.std, self.inverse = tuple(mean), tuple(std), inverse
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = normalize(d[key], self.mean, self.std, self.inverse)
         return d
 
 

@@ -1,4 +1,5 @@
-"""Autoencoder pretraining from any registered CNN, and the encoder transfer into the classifier.
+"""Autoencoder pretraining from any registered CNN (ViTs: masked autoencoding, :mod:`octa3d.model.mae`), and the
+encoder transfer into the classifier.
 
 ``build_autoencoder`` builds the classifier with the same factory, removes its head, and uses the rest as the
 encoder, so ``ae.encoder.state_dict()`` has exactly the classifier's encoder keys and shapes and the transfer
@@ -25,6 +26,7 @@ from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
 from octa3d.errors import ConfigError
+from octa3d.model.mae import build_mae, is_vit
 from octa3d.model.registry import ModelSpec, create_model, get_spec, normalize_input_size, parse_dim
 
 logger = logging.getLogger("octa3d.model")
@@ -220,7 +222,8 @@ def build_autoencoder(name: str, dim: int | str, in_channels: int, input_shape: 
     """Autoencoder whose encoder is the classifier ``name``'s own feature extractor.
 
     Args:
-        name: registered model name (any CNN; not ``vit``).
+        name: registered model name; for a ViT the result is a :class:`octa3d.model.mae.MaskedAutoEncoder`
+            (``**kw`` may then also hold its options: ``mask_ratio``, ``norm_pix_loss``, ``loss`` ...).
         dim: 2, 3, ``"2d"`` or ``"3d"``.
         in_channels: input channels.
         input_shape: spatial input size (one side or one per axis) the decoder is built for.
@@ -229,11 +232,13 @@ def build_autoencoder(name: str, dim: int | str, in_channels: int, input_shape: 
         **kw: model options, as for :func:`octa3d.model.create_model` (use the same as for the classifier).
 
     Returns:
-        The :class:`AutoEncoder`.
+        The :class:`AutoEncoder` (a ``MaskedAutoEncoder`` for a ViT).
 
     Raises:
-        ConfigError: unknown model, a model without AE support (``vit``), too small an input.
+        ConfigError: unknown model, a model without AE support, too small an input.
     """
+    if is_vit(name):  # token sequences have no spatial map to mirror: masked autoencoding instead
+        return build_mae(name, dim, in_channels, input_shape, **kw)  # type: ignore[return-value]
     spec = get_spec(name)
     if not spec.ae_supported:
         raise ConfigError(f"AE pretraining is not supported for {name}: its encoder output is a token sequence, "
@@ -267,8 +272,8 @@ class TransferReport:
         return f"copied {len(self.copied)} encoder tensors; kept {len(self.not_copied)} head tensors"
 
 
-def encoder_state_dict(ae: AutoEncoder) -> dict[str, torch.Tensor]:
-    """The AE encoder's state dict, keyed exactly as the classifier's encoder tensors."""
+def encoder_state_dict(ae: nn.Module) -> dict[str, torch.Tensor]:
+    """The (masked) autoencoder's encoder state dict, keyed exactly as the classifier's encoder tensors."""
     spec = get_spec(ae.name)
     state = ae.encoder.state_dict()
     stray = [k for k in state if not spec.is_encoder_key(k)]

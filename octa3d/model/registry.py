@@ -15,7 +15,8 @@ Every registered network follows the same small interface (like timm's ``forward
   (``ModelSpec.head_prefixes``); a pretrained encoder is transferred key by key.
 
 Models are always built with random weights (``pretrained=False``): nothing here downloads. Local weight files
-(e.g. MedicalNet) are applied with :func:`load_init_weights`.
+(octa3d, RETFound/timm, OCTCube, MedicalNet layouts) are applied with :func:`load_init_weights`
+(:mod:`octa3d.model.weights`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import torch
 from torch import nn
 
 from octa3d.errors import ConfigError
-from octa3d.model.weights import load_init_weights  # noqa: F401  (re-exported: --init-from)
 
 logger = logging.getLogger("octa3d.model")
 
@@ -60,6 +60,7 @@ class ModelSpec:
         head_prefixes: state-dict/module prefixes of the classification head (everything not in the encoder).
         needs_input_size: the factory requires ``input_size`` (ViT position embeddings).
         description: one line for the model table.
+        options: the model options of the configuration this family takes (keys of :data:`MODEL_OPTIONS`).
     """
 
     name: str
@@ -73,6 +74,7 @@ class ModelSpec:
     head_prefixes: tuple[str, ...]
     needs_input_size: bool = False
     description: str = ""
+    options: tuple[str, ...] = ()
     _param_cache: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------------ encoder / head split
@@ -152,6 +154,7 @@ def register_model(
     head_prefixes: Sequence[str],
     needs_input_size: bool = False,
     description: str = "",
+    options: Sequence[str] = (),
 ) -> Callable[[Factory], Factory]:
     """Decorator registering a model factory under ``name`` (see :class:`ModelSpec` for the fields).
 
@@ -166,7 +169,7 @@ def register_model(
             name=name, factory=fn, dims=tuple(dims), cam_layer=cam_layer, min_input=int(min_input),
             ae_supported=ae_supported, feature_size=int(feature_size),
             stages=tuple(tuple(s) for s in stages), head_prefixes=tuple(head_prefixes),
-            needs_input_size=needs_input_size, description=description,
+            needs_input_size=needs_input_size, description=description, options=tuple(options),
         )
         return fn
 
@@ -302,6 +305,43 @@ def create_model(
             raise ConfigError(f"model '{name}': unknown option ({e})") from None
         raise
     return disable_inplace(model)
+
+
+#: Model options of the configuration (``ModelConfig`` field -> (factory keyword, default)). A family lists the
+#: ones it takes in ``register_model(options=...)``; the factory gets them only when they differ from the default,
+#: so a checkpoint records (``model_kwargs``) only what rebuilds its model differently from the plain name.
+MODEL_OPTIONS: dict[str, tuple[str, Any]] = {"shortcut_type": ("shortcut_type", "B"),
+                                             "drop_path": ("drop_path_rate", 0.0)}
+
+
+def model_options(name: str, values: Mapping[str, Any], explicit: Callable[[str], bool] = lambda _: False
+                  ) -> dict[str, Any]:
+    """The factory keywords for the configuration's model options (``--shortcut-type``, ``--drop-path``).
+
+    Args:
+        name: registered model name.
+        values: option name -> value (e.g. ``dataclasses.asdict(cfg.model)``).
+        explicit: whether the user set an option explicitly (``cfg.is_explicit``).
+
+    Returns:
+        ``{factory keyword: value}`` for the options ``name`` takes whose value is not the default.
+
+    Raises:
+        ConfigError: an option set explicitly for a model that does not take it.
+    """
+    spec = get_spec(name)
+    out: dict[str, Any] = {}
+    for opt, (kw, default) in MODEL_OPTIONS.items():
+        value = values.get(opt, default)
+        if opt not in spec.options:
+            if explicit(opt):
+                takers = [n for n in list_models() if opt in _REGISTRY[n].options]
+                raise ConfigError(f"--{opt.replace('_', '-')} applies to {', '.join(takers)} only; --model {name} "
+                                  "has no such option (leave it out)")
+            continue
+        if value != default:
+            out[kw] = value
+    return out
 
 
 # ---------------------------------------------------------------------- table for --list-models

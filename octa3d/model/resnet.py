@@ -2,7 +2,9 @@
 
 The classes below only add the registry interface (``forward_features``/``forward_head``) to MONAI's networks;
 parameter names stay MONAI's, so MedicalNet 3D weights (``module.conv1.weight`` …) load with
-``--init-from`` (MedicalNet ResNet-18/34 use ``shortcut_type="A"``: pass it as an option to match them).
+``--init-from`` (:mod:`octa3d.model.weight_formats`). ``--shortcut-type A`` (MedicalNet ResNet-18/34: a zero-padded
+identity shortcut without parameters) and ``bias_downsample`` (MedicalNet's type-B shortcuts have no bias) are
+options; ``--init-from`` with a MedicalNet file sets both from the file.
 
 MONAI's defaults are kept: ``conv1`` has stride 1 (``conv1_t_stride=2`` halves the cost of the first stage).
 """
@@ -74,7 +76,7 @@ _RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("lay
 for _arch, (_block, _) in _RESNETS.items():
     register_model(
         _arch, cam_layer="layer4", min_input=16, feature_size=512 * _block.expansion,
-        stages=_RESNET_STAGES, head_prefixes=("fc",),
+        stages=_RESNET_STAGES, head_prefixes=("fc",), options=("shortcut_type",),
         description=f"MONAI ResNet ({_arch[6:]} layers)",
     )(partial(_resnet, _arch))
 

@@ -1,4 +1,4 @@
-"""``review/index.html``: one self-contained page per test (or explain) run, opened from disk with no server.
+"""``review/index.html``: one self-contained page per test (or explain, or predict) run, opened from disk with no server.
 
 The page holds the run's header (experiment, model, classes, data, date, octa3d version), the headline metrics
 with their 95 % CIs, the ROC and confusion-matrix figures, the map scores, and a table of the subjects (errors
@@ -84,6 +84,9 @@ def _table(rows: list[dict[str, Any]], classes: list[str]) -> str:
     extra = any("uncertainty" in r for r in rows)
     if extra:
         head.append("uncertainty")
+    seen = any("seen" in r for r in rows)  # predict: the scan trained/validated the model (optimistic)
+    if seen:
+        head.append("in training")
     out = ["<table id='subjects'><thead><tr>" + "".join(f"<th title='sort'>{e(h)}</th>" for h in head)
            + "</tr></thead><tbody id='rows'>"]
     for i, r in enumerate(rows):
@@ -96,6 +99,8 @@ def _table(rows: list[dict[str, Any]], classes: list[str]) -> str:
         if extra:
             u = r.get("uncertainty")
             cells.append((f"{u:.3f}" if isinstance(u, float) else "\u2013", str(u)))
+        if seen:
+            cells.append(("YES" if r.get("seen") else "no", "1" if r.get("seen") else "0"))
         cls = " class='error'" if correct is False else ""
         out.append(f"<tr data-idx='{i}' data-correct='{'0' if correct is False else '1'}'{cls}>"
                    + "".join(f"<td data-v=\"{e(str(v))}\">{e(str(t))}</td>" for t, v in cells) + "</tr>")
@@ -260,6 +265,35 @@ def write_explain_review(folder: Path, info: dict[str, Any], result: dict[str, A
                "cam_status": result.get("status", "none"), "stem": result.get("file_stem")}
         metrics = {"model": result.get("model"), "cam": result.get("cam")}
         return write_page(folder / "review", info, metrics, [row], classes, folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        log.warning("review page of %s not written: %s", folder, err)
+        return None
+
+
+def write_predict_review(folder: Path, info: dict[str, Any], summary: dict[str, Any]) -> Path | None:
+    """``<folder>/review/index.html`` for a predict run (``predictions.csv``, ``cams/``; ``summary``: its
+    summary.json). Labels, correctness and the ``uncertain`` flag are shown where known; no metrics."""
+    try:
+        from octa3d.utils.io import read_csv
+
+        classes = list(summary["class_names"])
+        pred = read_csv(folder / "predictions.csv", dtype={"subject": str, "label": str, "prediction": str},
+                        keep_default_na=False)
+        stems = _stems(folder / "cams")
+        rows = []
+        for rec in pred.to_dict("records"):
+            sid, status = rec["subject"], str(rec.get("cam_status", "none"))
+            correct = {"True": True, "False": False}.get(str(rec.get("correct", "")))
+            row = {"id": sid, "label": rec.get("label") or None, "prediction": rec["prediction"],
+                   "probs": [float(rec[f"p_{c}"]) for c in classes], "correct": correct, "cam_status": status,
+                   "stem": stems.get(sid, safe_name(sid)) if status not in ("none", "not computed") else None}
+            if "entropy" in rec:
+                row["uncertainty"] = float(rec["entropy"])
+            if "training_overlap" in rec:
+                row["seen"] = bool(rec["training_overlap"])
+            rows.append(row)
+        metrics = {"model": summary.get("model"), "cam": summary.get("cam")}
+        return write_page(folder / "review", info, metrics, rows, classes, folder / "cams")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         log.warning("review page of %s not written: %s", folder, err)
         return None

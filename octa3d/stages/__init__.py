@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "train": "octa3d.stages.train",
     "test": "octa3d.stages.test",
     "explain": "octa3d.stages.explain",
+    "predict": "octa3d.stages.predict",
+    "export": "octa3d.stages.export",
     "compress": "octa3d.stages.compress",
     "demo": "octa3d.stages.demo",
 }

@@ -7,11 +7,16 @@ early stopping. The loop is :func:`octa3d.engine.fit`, the same as ``--mode trai
 ``--clip-grad``, AMP, ``--max-steps`` and ``--resume`` behave the same. ``--mode train`` then starts from
 ``ae_pretrain/best.pt`` (``--init ae``/``auto``).
 
+A ViT (:func:`octa3d.model.mae.is_vit`) is pretrained by masked autoencoding instead (:mod:`octa3d.model.mae`):
+``--mask-ratio`` of its patches are hidden, a lightweight decoder predicts them, and the ``--ae-loss`` is taken on
+the hidden patches only; its encoder tensors carry the classifier's names, so the transfer is the same.
+
 Outputs: ``runs/<exp>/ae_pretrain/[fold-k/]{checkpoints/{best,last}.pt, history.csv, tensorboard/}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,8 @@ from octa3d.context import StageContext, setup_stage
 from octa3d.data.datasets import DataHandler
 from octa3d.data.sources import discover_unlabelled
 from octa3d.data.splits import guard
-from octa3d.model import build_autoencoder, encoder_state_dict
+from octa3d.model import build_autoencoder, encoder_state_dict, model_options
+from octa3d.model.mae import MaskedAutoEncoder, build_mae, is_vit, mae_loss
 from octa3d.optim import reconstruction_loss
 from octa3d.utils import dist
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
@@ -35,9 +41,10 @@ log = logging.getLogger("octa3d.ae_pretrain")
 
 STAGE = "ae_pretrain"
 #: Options the classifier must share with the autoencoder (repeated in the "Next:" hint when given).
-MODEL_FLAGS = ("dim", "model", "modality", "task", "classes", "negative", "positive", "labels", "source", "fov",
-               "projection", "input_size", "depth_axis", "slab_depth", "clip_percentiles", "patch_size",
-               "patch_stride", "cache_dir", "seed", "test_fraction", "val_fraction", "folds", "group_regex")
+MODEL_FLAGS = ("dim", "model", "shortcut_type", "modality", "task", "classes", "negative", "positive", "labels",
+               "source", "fov", "projection", "input_size", "depth_axis", "slab_depth", "clip_percentiles",
+               "patch_size", "patch_stride", "cache_dir", "seed", "test_fraction", "val_fraction", "folds",
+               "group_regex")
 
 
 class _AnyLabel:
@@ -73,11 +80,32 @@ def _reconstruction_images(ae: torch.nn.Module, loader: Any, device: torch.devic
         sample = next(iter(loader))["image"][:4].to(device)
         ae.eval()
         with torch.no_grad(), precision.autocast():
-            rec = ae(sample)
+            if isinstance(ae, MaskedAutoEncoder):  # its forward is the loss: show the masked input and the fill-in
+                masked, rec = ae.reconstruct(sample)
+                tb.add_image("reconstruction/masked_input", slice_grid(masked), epoch + 1)
+            else:
+                rec = ae(sample)
         tb.add_image("reconstruction/input", slice_grid(sample), epoch + 1)
         tb.add_image("reconstruction/output", slice_grid(rec), epoch + 1)
 
     return epoch_end
+
+
+def build_pretext_model(cfg: Config) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The model ``ae_pretrain`` trains for ``--model``, its loop loss function and a record of the method.
+
+    A ViT gets a masked autoencoder (its forward returns the masked-patch ``--ae-loss``, see
+    :func:`octa3d.model.mae.mae_loss`); every other model the mirrored-decoder autoencoder with ``--ae-loss``.
+    """
+    # the classifier's own options (e.g. --shortcut-type), so that the encoder tensors have its shapes
+    kw = model_options(cfg.model.model, dataclasses.asdict(cfg.model), cfg.is_explicit)
+    if is_vit(cfg.model.model):
+        mae = build_mae(cfg.model.model, cfg.model.dim, cfg.in_channels, cfg.input_shape,
+                        mask_ratio=cfg.train.mask_ratio, loss=cfg.train.ae_loss, **kw)
+        return mae, mae_loss, {"method": "MAE", "mask_ratio": mae.mask_ratio, "patch": list(mae.patch),
+                               "norm_pix_loss": mae.norm_pix_loss, "loss": mae.loss_kind}
+    ae = build_autoencoder(cfg.model.model, cfg.model.dim, cfg.in_channels, cfg.input_shape, **kw)
+    return ae, reconstruction_loss(cfg.train.ae_loss), {"method": "AE", "loss": cfg.train.ae_loss}
 
 
 def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[Any], val_subs: list[Any]
@@ -87,10 +115,9 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
     handler.warm(train_subs + val_subs)
     train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
     val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size) if val_subs else None
-    ae = build_autoencoder(cfg.model.model, cfg.model.dim, cfg.in_channels, cfg.input_shape)
+    ae, loss_fn, kind = build_pretext_model(cfg)
     ae.to(ctx.device, memory_format=engine.memory_format(cfg))
     precision = engine.Precision.for_device(ctx.device, cfg.train.amp)
-    loss_fn = reconstruction_loss(cfg.train.ae_loss)
 
     def validate(net: torch.nn.Module) -> dict[str, float]:
         if val_loader is None:  # no validation subjects: the training loss picks best.pt
@@ -103,12 +130,12 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
         record=model_record(cfg, None, "autoencoder"), kind_label="ae epoch",
         epoch_end=_reconstruction_images(ae, val_loader or train_loader, ctx.device, precision,
                                          max(1, cfg.train.epochs // 10)),
-        extra_record=lambda: {"encoder_state_dict": encoder_state_dict(ae)},
+        extra_record=lambda: {"encoder_state_dict": encoder_state_dict(ae), "pretext": kind},
         log_line=lambda r: f"train {r['train_loss']:.5f}  val {r.get('val_loss', r['train_loss']):.5f}  "
                            f"lr {r['lr']:.2e}")
     n_params = sum(p.numel() for p in ae.parameters())
-    log.info("AE %s (%s, %.1fM parameters): %d train / %d val scans, %d epochs", cfg.model.model, cfg.model.dim,
-             n_params / 1e6, len(train_subs), len(val_subs), cfg.train.epochs)
+    log.info("%s %s (%s, %.1fM parameters): %d train / %d val scans, %d epochs", kind["method"], cfg.model.model,
+             cfg.model.dim, n_params / 1e6, len(train_subs), len(val_subs), cfg.train.epochs)
     result = trainer.fit(spec, cfg, train_loader, out, ctx.device, name=f"autoencoder {out}")
     best = result.best
     return {"best_val_loss": best.get("val_loss", best.get("train_loss")), "best_epoch": best.get("epoch"),

@@ -2,13 +2,15 @@
 
 The scan (a file in any supported format, a slice/DICOM folder, or an OCTA-500 subject folder, see
 :func:`octa3d.data.sources.subject_from_path`) is preprocessed as the model was trained (settings from the
-checkpoint), predicted by the experiment's model or fold ensemble, and its map exported in the source geometry by
+checkpoint), predicted by the experiment's model or fold ensemble through the Python API
+(:class:`octa3d.inference.Predictor`: calibrated probabilities unless ``--no-calibrate``, raw ones, entropy and
+the ``uncertain`` flag in ``prediction.json``), and its map exported in the source geometry by
 :class:`octa3d.cam.CamExporter`, into ``runs/<exp>/explain/<name>/`` with ``prediction.json``.
 
 ``<name>`` (:func:`output_name`) is unique per input and settings: ``<ID>[_<modality>]_<cam>_<hash>``, e.g.
 ``10001_OCTA_layercam_3f9a1c0e``, where the modality names the OCTA-500 folder read (``OCT``, ``OCTA``,
 ``OCT+OCTA``, or a projection map type) and the hash covers the files read, the checkpoint(s) and the CAM method,
-layer and class. Explaining the OCT and the OCTA folder of one eye, or one scan with other CAM settings, thus never
+layer and class (and ``--no-calibrate``). Explaining the OCT and the OCTA folder of one eye, or one scan with other CAM settings, thus never
 writes into the same folder; the same command twice does, and is refused without ``--overwrite`` before the scan is
 read.
 """
@@ -21,20 +23,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from octa3d import engine
-from octa3d.cam import CamExporter, CamItem, cam_backend, check_cam_options
+from octa3d.cam import CamItem
 from octa3d.cam.sources import path_modality, scan_channels
-from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
-from octa3d.data.presets import build_preset
 from octa3d.data.sources import subject_from_path
 from octa3d.data.splits import read_splits, training_overlap
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError
+from octa3d.inference import Predictor
 from octa3d.review import write_explain_review
-from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json, safe_name
 from octa3d.utils.runs import init_run, plan_stage, releases_locks, stage_dir
 from octa3d.utils.tracking import tensorboard_writer
@@ -43,9 +40,12 @@ log = logging.getLogger("octa3d.explain")
 
 def _warn_if_seen(ecfg: Config, subject: Any) -> None:
     """Warn when the scan (or its patient) trained or validated the experiment's model: its prediction is then
-    optimistic. One identity rule for every source type (:func:`octa3d.data.splits.training_overlap`)."""
+    optimistic. One identity rule for every source type (:func:`octa3d.data.splits.training_overlap`), also against
+    the autoencoder's extra data."""
     if (ecfg.run_dir / "splits" / "split.json").is_file():
-        reason = training_overlap(read_splits(ecfg.run_dir / "splits"), subject)
+        from octa3d.context import ae_extra_subjects
+
+        reason = training_overlap(read_splits(ecfg.run_dir / "splits"), subject, ae_extra_subjects(ecfg))
         if reason:
             log.warning("%s of experiment '%s': its prediction and CAM are optimistic", reason, ecfg.exp_name)
 
@@ -76,7 +76,8 @@ def output_name(ecfg: Config, subject: Subject, checkpoints: list[Path]) -> tupl
         "files": sorted(str(Path(p).resolve()) for p in subject.paths.values()),
         "checkpoints": sorted(str(Path(p).resolve()) for p in checkpoints),
         "cam": cam, "cam_layer": (ecfg.eval.cam_layer or "default") if cam != "none" else None,
-        "cam_class": (ecfg.eval.cam_class or "predicted") if cam != "none" else None}
+        "cam_class": (ecfg.eval.cam_class or "predicted") if cam != "none" else None,
+        "calibrate": bool(ecfg.eval.calibrate)}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     parts = [subject.id, _input_modality(subject), cam if cam != "none" else "no-cam", digest]
     return safe_name("_".join(p for p in parts if p)), dict(settings, hash=digest)
@@ -103,37 +104,32 @@ def run(cfg: Config) -> dict[str, Any]:
     if not cfg.eval.input:
         raise ConfigError("--mode explain needs --input PATH: a scan file (NIfTI, NRRD, MHA, .npy, TIFF, DICOM "
                           "folder, folder of slices) or an OCTA-500 subject folder")
-    models, ref = load_models(find_checkpoints(cfg))
-    ecfg = checkpoint_config(cfg, ref)
-    ecfg.eval.cam = cam_backend(ecfg, models)
-    names = list(ref["class_names"])
-    check_cam_options(ecfg.eval, [m for *_, m in models], names, ecfg.model.model)
-    device = place_models(models, dist.init_from_env(cfg.run.device))
+    predictor = Predictor.from_config(cfg)  # the one code path of the Python API (octa3d.load)
+    ecfg, models, ref, names = predictor.cfg, predictor.models, predictor.ref, predictor.classes
     subject = subject_from_path(cfg.eval.input, ecfg.data)
     folder, settings = output_name(ecfg, subject, [p for _, p, *_ in models])
     # before the scan is decoded (seconds for a full-size eye)
     plan_stage(ecfg, f"explain/{folder}", hint=REFUSAL_HINT)
-    preset = build_preset(ecfg)
-    image, record = preset.preprocess(subject)
-    patches = range(len(record.patches)) if record.patches else [-1]
-    samples = np.stack([preset.sample(image, record, p) for p in patches])
-    probs = engine.predict_samples([m for *_, m in models], samples, device)
-    pred = names[int(np.argmax(probs))]
+    prep = predictor.prepare(subject)
+    pred = predictor.predict_prepared(prep)
+    probs = pred.probs
     init_run(ecfg)
     _warn_if_seen(ecfg, subject)
     with stage_dir(ecfg, f"explain/{folder}", hint=REFUSAL_HINT) as sf:
         out = sf.path
-        channels = [c.modality for c in scan_channels(subject, record, ecfg.data.modality)]
+        channels = [c.modality for c in scan_channels(subject, prep.record, ecfg.data.modality)]
         result: dict[str, Any] = {"subject": subject.id, "input": str(cfg.eval.input), "folder": str(sf.final),
-                                  "channels": channels, "settings": settings, "prediction": pred,
+                                  "channels": channels, "settings": settings, "prediction": pred.prediction,
                                   "probabilities": {n: float(p) for n, p in zip(names, probs)},
-                                  "checkpoints": {n: str(p) for n, p, *_ in models}, "model": ref["model_name"],
+                                  "probabilities_raw": {n: float(p) for n, p in zip(names, pred.raw)},
+                                  "calibrated": pred.calibrated, "entropy": pred.entropy,
+                                  "uncertain": pred.uncertain,
+                                  "checkpoints": predictor.checkpoints, "model": ref["model_name"],
                                   "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}
         if ecfg.eval.cam != "none":
             tb = tensorboard_writer(out / "tensorboard")
-            item = CamItem(subject, record, lambda: samples, probs, None)
-            report = CamExporter(ecfg, [m for *_, m in models], names, out, preset, tb=tb,
-                                 device=device).export([item])
+            item = CamItem(subject, prep.record, lambda: prep.samples, probs, None)
+            report = predictor.cam_exporter(out, tb=tb).export([item])
             tb.close()
             result["cam"] = report["cam"]
             result.update(report["subjects"][subject.id])
@@ -142,6 +138,7 @@ def run(cfg: Config) -> dict[str, Any]:
         page = write_explain_review(out, {"experiment": ecfg.exp_name, "stage": "explain",
                                           "data": str(cfg.eval.input)}, result)
         out = sf.finish(ecfg)
+    pred = pred.prediction
     print(f"{subject.id} ({cfg.eval.input}): predicted {pred} ("
           + ", ".join(f"p({n}) = {p:.3f}" for n, p in zip(names, probs)) + f") by {ref['model_name']} "
           f"[{', '.join(str(p) for _, p, *_ in models)}]")

@@ -4,7 +4,10 @@ Per fold (``--folds K`` → ``train/fold-k/``): class-weighted cross-entropy, Ad
 validation every epoch (accuracy, balanced accuracy, ROC-AUC from probabilities, macro-F1; 2D patches aggregated
 per subject), ``best.pt`` (weights) on ``--monitor``, ``last.pt`` (weights + optimiser/scheduler/RNG state for
 ``--resume``) every epoch, early stopping, history.csv, TensorBoard — the loop is :func:`octa3d.engine.fit`.
-The encoder starts from this experiment's autoencoder (``--init ae``/``auto``) or ``--init-from`` weights.
+The encoder starts from this experiment's autoencoder (``--init ae``/``auto``) or ``--init-from`` weights (octa3d,
+RETFound, OCTCube or MedicalNet layouts: :mod:`octa3d.model.weights`; the load report goes to the log and to
+``init_report.json`` in the fold's folder). Model options (``--shortcut-type``, ``--drop-path``) and what the
+``--init-from`` file requires (ViT patch size, qkv bias ...) are recorded in the checkpoint as ``model_kwargs``.
 Validation scores are reported for every fold (mean ± sd); nothing is retrained until a score is reached and no
 fold is picked on test data. At the end of each fold a temperature is fitted on that fold's validation predictions
 of ``best.pt`` (:func:`octa3d.calibration.fit_temperature`; never on test subjects) and stored in ``best.pt`` as
@@ -13,6 +16,8 @@ of ``best.pt`` (:func:`octa3d.calibration.fit_temperature`; never on test subjec
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,14 +35,20 @@ from octa3d.data.datasets import DataHandler
 from octa3d.data.splits import guard
 from octa3d.errors import ConfigError, DataError
 from octa3d.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
-from octa3d.model import (create_model, freeze_encoder_stages, get_spec, load_init_weights, set_encoder_trainable,
-                          transfer_encoder)
+from octa3d.model import (create_model, freeze_encoder_stages, get_spec, init_model_kwargs, load_init_weights,
+                          model_options, read_init_file, set_encoder_trainable, transfer_encoder)
+from octa3d.model.weights import InitFile
 from octa3d.optim import build_loss, class_weights
 from octa3d.plots import confusion_figure
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_torch_save, atomic_write_json
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
-from octa3d.utils.tracking import next_command, rerun_command, slice_grid, tensorboard_writer
+from octa3d.utils.tracking import (
+    next_command,
+    rerun_command,
+    slice_grid,
+    tensorboard_writer,
+)
 
 log = logging.getLogger("octa3d.train")
 
@@ -45,12 +56,50 @@ STAGE = "train"
 SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "auc", "f1_macro")
 
 
-def initialise(model: torch.nn.Module, cfg: Config, fold_suffix: str) -> str:
-    """Apply ``--init-from`` and ``--init`` to a fresh classifier; returns a description of the start point."""
+def _init_file(path: str, fmt: str) -> InitFile:
+    """The ``--init-from`` file, read once for all folds (the cache is keyed by the file's size and time stamp and
+    cleared at the end of :func:`run`)."""
+    try:
+        st = Path(path).stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = None  # read_init_file names the missing file
+    return _read_init_file(path, fmt, stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _read_init_file(path: str, fmt: str, stamp: Any) -> InitFile:
+    return read_init_file(path, fmt)
+
+
+def model_kwargs(cfg: Config) -> dict[str, Any]:
+    """Factory keywords of this run's classifier: the model options and what the ``--init-from`` file needs.
+
+    Raises:
+        ConfigError: an option the model does not take, or one that contradicts the ``--init-from`` file.
+    """
+    kw = model_options(cfg.model.model, dataclasses.asdict(cfg.model), cfg.is_explicit)
+    if cfg.train.init_from:
+        explicit = {"shortcut_type": cfg.model.shortcut_type} if cfg.is_explicit("shortcut_type") else {}
+        kw.update(init_model_kwargs(_init_file(str(cfg.train.init_from), cfg.train.init_format), cfg.model.model,
+                                    cfg.spatial_dims, explicit))
+    return kw
+
+
+def initialise(model: torch.nn.Module, cfg: Config, fold_suffix: str, out: Path | None = None) -> str:
+    """Apply ``--init-from`` and ``--init`` to a fresh classifier; returns a description of the start point.
+
+    The ``--init-from`` load report is written to ``out/init_report.json`` (when ``out`` is given).
+    """
     desc = "random"
     if cfg.train.init_from:
-        loaded, _ = load_init_weights(model, cfg.train.init_from)
-        desc = f"--init-from {cfg.train.init_from} ({len(loaded)} tensors)"
+        report = load_init_weights(model, _init_file(str(cfg.train.init_from), cfg.train.init_format),
+                                   model_name=cfg.model.model, strict=cfg.train.init_strict)
+        if out is not None and dist.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "init_report.json", report.to_dict())
+        desc = (f"--init-from {cfg.train.init_from} ({report.format}, {report.encoder_loaded}/{report.encoder_total} "
+                "encoder tensors)")
     ae_ckpt = cfg.run_dir / "ae_pretrain" / fold_suffix / "checkpoints" / "best.pt"
     if cfg.train.init == "ae" or (cfg.train.init == "auto" and ae_ckpt.exists()):
         if not ae_ckpt.exists():
@@ -143,9 +192,13 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
     train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
     val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size)
 
-    model = create_model(cfg.model.model, cfg.model.dim, cfg.in_channels, len(names), input_size=cfg.input_shape)
-    resuming = cfg.train.resume and (out / "checkpoints" / "last.pt").exists()
-    start = "resume" if resuming else initialise(model, cfg, f"fold-{fold}" if sp.n_folds > 1 else "")
+    last = out / "checkpoints" / "last.pt"
+    resuming = cfg.train.resume and last.exists()
+    # a resumed run rebuilds the recorded model (the --init-from file may be gone); a new one asks the file
+    kwargs = (load_checkpoint(last, kind="classifier").get("model_kwargs") or {}) if resuming else model_kwargs(cfg)
+    model = create_model(cfg.model.model, cfg.model.dim, cfg.in_channels, len(names), input_size=cfg.input_shape,
+                         **kwargs)
+    start = "resume" if resuming else initialise(model, cfg, f"fold-{fold}" if sp.n_folds > 1 else "", out)
     model.to(ctx.device, memory_format=engine.memory_format(cfg))
     precision = engine.Precision.for_device(ctx.device, cfg.train.amp)
     first_epoch = [0]
@@ -161,7 +214,8 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
     monitor = cfg.train.monitor
     spec = trainer.FitSpec(model=model, loss_fn=build_loss(cfg, weights), validate=validate, monitor=monitor,
                           mode="max" if HIGHER_IS_BETTER[monitor] else "min",
-                          record=model_record(cfg, names, "classifier"), prepare_epoch=prepare_epoch,
+                          record={**model_record(cfg, names, "classifier"), "model_kwargs": kwargs},
+                          prepare_epoch=prepare_epoch,
                           epoch_end=epoch_end, log_line=_log_line,
                           row_extra=lambda: {"encoder_frozen": bool(schedule.frozen)})
     log.info("train %s fold %d: %d train / %d val subjects, classes %s, start: %s", cfg.model.model, fold,
@@ -245,6 +299,8 @@ def run(cfg: Config) -> dict[str, Any]:
     earlier results are replaced only when this run has finished.
     """
     cfg = trainer.resume_config(cfg, STAGE)
+    if not cfg.train.resume:
+        model_kwargs(cfg)  # model options and the --init-from file checked before anything is written
     plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched
     ctx = setup_stage(cfg)
     sp = ctx.splits
@@ -258,6 +314,7 @@ def run(cfg: Config) -> dict[str, Any]:
         except engine.StopTraining as stop:
             print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: "
                   f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
+            _read_init_file.cache_clear()
             dist.cleanup()
             return {"stopped_at_step": stop.step, "folds": per_fold}
         summary = {"monitor": cfg.train.monitor, "folds": per_fold,
@@ -268,5 +325,6 @@ def run(cfg: Config) -> dict[str, Any]:
             out = folder.finish(cfg)
             print(summary_line(summary, sp.n_folds))
             print(f"Checkpoints and history in {out}. Next: {next_command(cfg, 'test')}")
+    _read_init_file.cache_clear()  # the file's tensors are in the model by now
     dist.cleanup()
     return summary

@@ -390,3 +390,66 @@ def test_discover_unlabelled_names_the_root_when_empty(tmp_path):
     (tmp_path / "bare" / "OCTA_6mm" / "OCTA").mkdir(parents=True)  # the layout, but no eye in it
     with pytest.raises(DataError, match="bare: no subjects found"):
         discover_unlabelled(cfg(tmp_path), tmp_path / "bare", "3d")
+
+
+# ------------------------------------------------------------------------------------------- predict inputs
+def _npy(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.zeros((4, 6, 5), np.uint8))
+    return path
+
+
+def test_discover_input_recognises_every_predict_input_kind(tmp_path):
+    """Issue 16 item 1: one scan, an OCTA-500 folder (labels optional), a manifest (label column optional), class
+    folders of 2D images (labelled by folder), a folder of files, a folder of scan folders; a slice folder is one
+    scan for a 3D model and many images for a 2D one."""
+    from octa3d.data.sources import discover_input
+
+    dc = DataConfig()
+    kind, subs = discover_input(_npy(tmp_path / "one" / "s1.npy"), dc, "3d")
+    assert (kind, [s.id for s in subs], subs[0].label) == ("scan", ["s1"], None)
+    root = make_octa500(tmp_path / "o500", "6mm", [10001, 10002], labels={10001: "CNV"})
+    kind, subs = discover_input(root, dc, "3d")
+    assert kind == "octa500" and {s.id: s.label for s in subs} == {"10001": "CNV", "10002": None}
+    assert discover_input(root / "OCTA_6mm" / "OCTA" / "10002", dc, "3d")[0] == "scan"  # an eye folder
+    kind, subs = discover_input(root / "OCTA_6mm" / "OCTA", dc, "3d")                  # the modality folder
+    assert kind == "scan-folders" and [s.id for s in subs] == ["10001", "10002"] and subs[0].spacing
+    for name in ("a", "b"):
+        _npy(tmp_path / "m" / f"{name}.npy")
+    (tmp_path / "m" / "manifest.csv").write_text("subject,path,label\na,a.npy,DR\nb,b.npy,\n")
+    kind, subs = discover_input(tmp_path / "m", dc, "3d")
+    assert kind == "manifest" and {s.id: s.label for s in subs} == {"a": "DR", "b": None}
+    (tmp_path / "m" / "nolabel.csv").write_text("subject,path\na,a.npy\n")
+    assert discover_input(tmp_path / "m" / "nolabel.csv", dc, "3d")[1][0].label is None
+    for cls, pid in (("CNV", 7), ("NORMAL", 8)):
+        write_png(tmp_path / "k" / cls / f"{cls}-{pid}-1.png")
+    kind, subs = discover_input(tmp_path / "k", dc, "2d")
+    assert kind == "folders" and {s.id: (s.label, s.group) for s in subs} == {
+        "CNV/CNV-7-1": ("CNV", "7"), "NORMAL/NORMAL-8-1": ("NORMAL", "8")}
+    for n in (1, 2, 10):
+        write_png(tmp_path / "flat" / f"CNV-9-{n}.png")
+    kind, subs = discover_input(tmp_path / "flat", dc, "2d")
+    assert kind == "files" and [s.id for s in subs] == ["CNV-9-1", "CNV-9-2", "CNV-9-10"] and subs[0].group == "9"
+    assert discover_input(tmp_path / "flat", dc, "3d")[0] == "scan"  # numbered slices: one volume
+    _npy(tmp_path / "vols" / "x.npy")
+    _npy(tmp_path / "vols" / "y.npy")
+    (tmp_path / "vols" / "notes.txt").write_text("not a scan")
+    assert [s.id for s in discover_input(tmp_path / "vols", dc, "3d")[1]] == ["x", "y"]
+
+
+def test_discover_input_refuses_missing_empty_and_ambiguous_inputs(tmp_path):
+    from octa3d.data.sources import discover_input
+
+    with pytest.raises(DataError, match="no such file"):
+        discover_input(tmp_path / "nope", DataConfig(), "3d")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        discover_input(tmp_path / "empty", DataConfig(), "3d")
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="no scans"):
+        discover_input(tmp_path / "txt", DataConfig(), "3d")
+    _npy(tmp_path / "dup" / "a.npy")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.uint8)), str(tmp_path / "dup" / "a.nii.gz"))
+    with pytest.raises(DataError, match="share the subject ID.*a"):
+        discover_input(tmp_path / "dup", DataConfig(), "3d")

@@ -301,3 +301,23 @@ def test_a_label_typo_stops_a_binary_task_naming_subject_and_file(tmp_path):
     with pytest.raises(DataError, match=r"NORMAI \(2 subject\(s\): NORMAI/NORMAI-13-1, NORMAI/NORMAI-13-2\); .*Fix "
                                         rf"the label\(s\) in the class folder names under {re.escape(str(root2))}"):
         labelled_subjects(cfg)
+
+
+def test_training_overlap_matches_class_folder_ids_under_another_root_and_autoencoder_data(tmp_path):
+    """Issue 16: a predict input of class folders lists ``train/CNV/CNV-21-1`` (or ``CNV/CNV-21-1`` against a split
+    made under ``train/``): the same image, matched by file name, for every source type; the autoencoder's extra
+    data counts as seen too."""
+    from octa3d.data.splits import overlap_checker
+
+    root = kermany(tmp_path / "data", {"NORMAL": [11, 12, 13, 14], "CNV": [21, 22, 23, 24]})
+    sp = load_or_make_splits(kermany_cfg(root, tmp_path / "runs"))
+    trained = next(s for s in sp.train if s.startswith("CNV/"))
+    other_root = Subject("new/" + trained, None, {"image": "x.png"}, group="no-regex-match")
+    assert training_overlap(sp, other_root) == (f"new/{trained} is training/validation subject {trained} (same "
+                                                "file name)")
+    tested = next(s for s in sp.test if s.startswith("CNV/"))
+    assert training_overlap(sp, Subject("new/" + tested, None, {}, group=sp.groups[tested])) is None
+    check = overlap_checker(sp, extra={"ae/scan-7": "scan-7", "s99": "p99"})
+    assert "autoencoder extra-data subject ae/scan-7" in check(Subject("scan-7", None, {}, group="scan-7"))
+    assert "patient group p99" in check(Subject("s100", None, {}, group="p99"))
+    assert check(Subject("fresh", None, {}, group="fresh")) is None

@@ -370,3 +370,39 @@ def test_clip3d_pipeline_equals_unfused_steps():
                 ResizeToInputd("image", (12, 10, 8))], {"image": vol})
     np.testing.assert_allclose(image, ref["image"], atol=1e-5)
     assert record.crop_box == ref["crop_box"] and record.intensity == ref["intensity"]
+
+
+# ---------------------------------------------------------------------------------------------- --normalize
+def test_normalization_stats_constants():
+    assert scaling.normalization_stats("none", 1) is None
+    assert scaling.normalization_stats("imagenet", 3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert scaling.normalization_stats("imagenet", 2) == ((0.449, 0.449), (0.226, 0.226))
+    x = np.random.default_rng(0).random((3, 4, 4), dtype=np.float32)
+    y = scaling.normalize(x, *scaling.normalization_stats("imagenet", 3))
+    np.testing.assert_allclose(y[1], (x[1] - 0.456) / 0.224, rtol=1e-6)
+    np.testing.assert_allclose(scaling.normalize(torch.from_numpy(y), *scaling.normalization_stats("imagenet", 3),
+                                                 inverse=True).numpy(), x, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", ["3d", "2d"])
+def test_presets_normalize_samples_and_augment_in_unit_range(dim):
+    """Samples are (x - 0.449) / 0.226 of the 0..1 preprocessing; augmentation runs on 0..1 values in between."""
+    vol = band_volume()
+    plain_cfg = make_cfg(dim=dim, size=(16,) * int(dim[0]))
+    norm_cfg = make_cfg(dim=dim, size=(16,) * int(dim[0]), normalize="imagenet")
+    cls = Clip3DPreset if dim == "3d" else Patch2DPreset
+    plain, norm = cls(plain_cfg, loader=fake_loader({"a": vol})), cls(norm_cfg, loader=fake_loader({"a": vol}))
+    stored, rec = plain.preprocess(Subject("a", "DR", {"OCTA": "x"}))
+    stored2, _ = norm.preprocess(Subject("a", "DR", {"OCTA": "x"}))
+    np.testing.assert_array_equal(stored, stored2)  # the cache holds 0..1 values either way
+    assert plain.cache_settings() == norm.cache_settings()
+    np.testing.assert_allclose(norm.sample(stored, rec), (plain.sample(stored, rec) - 0.449) / 0.226, rtol=1e-5)
+
+    for c in (plain_cfg, norm_cfg):
+        c.preprocess.augment = True
+    plain, norm = cls(plain_cfg), cls(norm_cfg)
+    plain.augment.set_random_state(seed=3)
+    norm.augment.set_random_state(seed=3)
+    a = plain.augment({"image": torch.from_numpy(plain.sample(stored, rec))})["image"]
+    b = norm.augment({"image": torch.from_numpy(norm.sample(stored, rec))})["image"]
+    torch.testing.assert_close(torch.as_tensor(b), (torch.as_tensor(a) - 0.449) / 0.226, atol=1e-5, rtol=1e-5)

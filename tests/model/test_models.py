@@ -145,3 +145,20 @@ def test_anisotropic_input() -> None:
 def test_dimension_not_supported_message() -> None:
     with pytest.raises(ConfigError, match="2d or 3d"):
         M.create_model("cnn", "4d", 1, 2)
+
+
+def test_vit_sizes_and_options() -> None:
+    """vit_base / vit_large are timm's ViT-B/16 and ViT-L/16 (qkv bias, LayerNorm eps 1e-6); vit keeps MONAI's."""
+    assert M.get_spec("vit_base").count_parameters(2) == pytest.approx(85.8e6, rel=0.01)
+    assert M.get_spec("vit_large").count_parameters(2) == pytest.approx(303.3e6, rel=0.01)
+    with torch.device("meta"):
+        base = M.create_model("vit_base", 3, 1, 2, input_size=(48, 64, 64), patch_size=(3, 16, 16),
+                              drop_path_rate=0.2)
+        plain = M.create_model("vit", 2, 1, 2, input_size=32)
+    assert base.grid == (16, 4, 4) and base.patch_embedding.patch_embeddings.kernel_size == (3, 16, 16)
+    assert base.blocks[0].attn.qkv.bias is not None and base.norm.eps == 1e-6
+    assert base.blocks[-1].drop_path.drop_prob == pytest.approx(0.2)
+    assert base.blocks[6].drop_path.drop_prob == pytest.approx(0.2 * 6 / 11)
+    assert plain.blocks[0].attn.qkv.bias is None and plain.norm.eps == 1e-5
+    with pytest.raises(ConfigError, match="fixed size"):
+        M.create_model("vit_large", 2, 1, 2, input_size=32, num_layers=2)

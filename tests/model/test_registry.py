@@ -65,7 +65,7 @@ def test_format_model_table_lists_every_model() -> None:
         row = next(line for line in lines if line.split()[0] == name)
         assert M.get_spec(name).cam_layer in row
         assert row.split()[-1] in ("yes", "no")
-    assert next(line for line in lines if line.startswith("vit ")).split()[-1] == "no"
+    assert next(line for line in lines if line.startswith("vit ")).split()[-1] == "yes"  # masked autoencoding
     assert "params" not in lines[0]  # listing builds no model (fast); counting is opt-in
     with_params = M.format_model_table(params=True).splitlines()
     assert "params" in with_params[0] and next(line for line in with_params if line.startswith("cnn ")).endswith("M")
@@ -83,9 +83,13 @@ def test_load_init_weights_nested_module_prefix(tmp_path) -> None:
     path = tmp_path / "medicalnet.pth"
     torch.save({"state_dict": state, "epoch": 3}, path)
 
-    loaded, skipped = M.load_init_weights(target, path)
-    assert set(skipped) == {"module.extra.weight", "module.classifier.6.weight"}
+    report = M.load_init_weights(target, path, model_name="cnn")
+    loaded = [r["key"] for r in report.loaded]
+    assert report.format == "octa3d"
+    assert [u["key"] for u in report.unexpected] == ["module.extra.weight"]
+    assert [(m["key"], m["file_shape"]) for m in report.mismatched] == [("classifier.6.weight", [5, 64])]
     assert "classifier.6.weight" not in loaded and "features.block1.conv.weight" in loaded
+    assert report.encoder_loaded == report.encoder_total and not report.encoder_missing
     own = target.state_dict()
     for k in loaded:
         assert torch.equal(own[k], src.state_dict()[k]), k
@@ -97,9 +101,10 @@ def test_load_init_weights_from_ae_checkpoint(tmp_path) -> None:
     path = tmp_path / "ae.pt"
     torch.save({"model": ae.state_dict()}, path)
     clf = M.create_model("cnn", 2, 1, 2)
-    loaded, skipped = M.load_init_weights(clf, path)
-    assert set(loaded) == set(M.get_spec("cnn").encoder_keys(clf.state_dict()))
-    assert all(k.startswith("decoder.") for k in skipped)
+    report = M.load_init_weights(clf, path, model_name="cnn")
+    assert {r["key"] for r in report.loaded} == set(M.get_spec("cnn").encoder_keys(clf.state_dict()))
+    assert all(u["key"].startswith("decoder.") for u in report.unexpected)
+    assert {m["key"] for m in report.missing} == set(M.get_spec("cnn").head_keys(clf.state_dict()))
 
 
 def test_load_init_weights_errors(tmp_path) -> None:
@@ -112,8 +117,20 @@ def test_load_init_weights_errors(tmp_path) -> None:
         M.load_init_weights(model, bad)
     other = tmp_path / "other.pth"
     torch.save({"foo.weight": torch.zeros(2)}, other)
-    with pytest.raises(ConfigError, match="none of the 1 tensors"):
-        M.load_init_weights(model, other)
+    with pytest.raises(ConfigError, match="none of the model's .* encoder tensors"):
+        M.load_init_weights(model, other, model_name="cnn")
+
+
+def test_model_options_reach_only_their_family() -> None:
+    values = {"shortcut_type": "A", "drop_path": 0.1}
+    assert M.model_options("resnet18", values) == {"shortcut_type": "A"}
+    assert M.model_options("vit_base", values) == {"drop_path_rate": 0.1}
+    assert M.model_options("resnet18", {"shortcut_type": "B", "drop_path": 0.0}) == {}  # defaults: nothing recorded
+    assert M.model_options("cnn", values) == {}  # not explicit: the defaults of other families are ignored
+    with pytest.raises(ConfigError, match="--shortcut-type applies to resnet18.*--model cnn"):
+        M.model_options("cnn", values, explicit=lambda name: name == "shortcut_type")
+    with pytest.raises(ConfigError, match="--drop-path applies to vit, vit_base, vit_large only; --model resnet18"):
+        M.model_options("resnet18", values, explicit=lambda name: name == "drop_path")
 
 
 def test_param_count_on_meta_matches_real() -> None:

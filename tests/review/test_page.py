@@ -142,3 +142,30 @@ def test_explain_page_of_one_scan(tmp_path):
     assert s["id"] == EVIL and s["has_map"] and s["sheet"] is None
     assert [f["href"] for f in s["files"]] == ["../a_input.nii.gz", "../a_cam.nii.gz"]
     assert "<img src=x" not in page.read_text(encoding="utf-8")
+
+
+def test_predict_review_page_without_labels_and_with_skipped_maps(tmp_path):
+    """Issue 16: a predict run's page (no metrics; labels, correctness and maps only where known)."""
+    from octa3d.review import write_predict_review
+
+    folder = _test_folder(tmp_path, ["a", EVIL, "c"])
+    pred = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+    pred.loc[0, ["label", "correct"]] = ["", ""]
+    pred["entropy"] = "0.5"
+    pred.loc[2, "cam_status"] = "not computed"
+    pred["training_overlap"] = ["", "", "subject c is in the train split"]
+    pred.to_csv(folder / "predictions.csv", index=False)
+    summary = {"class_names": ["NORMAL", "CNV"], "model": "cnn",
+               "cam": {"backend": "layercam", "layer": "default", "target": "predicted class", "n_subjects": 2,
+                       "status_counts": {"ok": 2, "not computed": 1}}}
+    page = write_predict_review(folder, {"experiment": "e", "stage": "predict", "data": "new/"}, summary)
+    text = page.read_text(encoding="utf-8")
+    assert EVIL not in text and "95 % CI" not in text  # no metrics table for unlabelled new scans
+    # a scan that trained the model is marked in the table (its prediction is optimistic)
+    assert "<th title='sort'>in training</th>" in text and text.count(">YES</td>") == 1
+    subjects = {s["id"]: s for s in _data(page)["subjects"]}
+    assert subjects["a"]["label"] is None and subjects["a"]["volumes"]
+    assert subjects["c"]["volumes"] is None and "not in --cam-subjects" in subjects["c"]["reason"]
+    assert (folder / "review" / "subjects" / "s0.js").is_file()
+    (folder / "predictions.csv").unlink()
+    assert write_predict_review(folder, {}, summary) is None  # logged, never raised

@@ -168,7 +168,8 @@ def compressed(tmp_path_factory):
 
 def test_stage_writes_every_file_and_report_field(compressed):
     out, rep, _ = compressed
-    for name in ("model_int8.pt", "model.onnx", "model_int8.onnx", "pruned.pt", "model_card.json", "report.json",
+    for name in ("model_int8.pt", "model_fp32.pt", "model.onnx", "model_int8.onnx", "pruned.pt", "model_card.json",
+                 "report.json",
                  "report.md", "confusion_matrices.png", "history.csv", "config.yaml", "command.txt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     doc = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -190,6 +191,7 @@ def test_stage_writes_every_file_and_report_field(compressed):
     checks = doc["export_checks"]
     assert checks["model_int8.pt"]["max_abs_prob_diff"] < 1e-4  # TorchScript file == in-process int8 model
     assert checks["model.onnx"]["max_abs_prob_diff"] < 1e-4  # ONNX fp32 == in-process pruned model
+    assert checks["model_fp32.pt"]["max_abs_logit_diff"] < 1e-4  # fp32 TorchScript == in-process pruned model
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "Which layers were quantized" in md and "| int8 |" in md
     assert rep["models"]["int8"]["file"] == "model_int8.pt"
@@ -200,7 +202,11 @@ def test_compressed_files_load_without_training_code_and_agree(compressed):
     card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
     assert card["class_names"] == ["NORMAL", "ABNORMAL"] and card["input"]["shape"] == ["N", 1, 16, 16, 16]
     assert card["input"]["modality"] == "OCTA" and "clip_percentiles" in card["preprocess"]
-    assert set(card["artifacts"]) == {"model_int8.pt", "model.onnx", "model_int8.onnx", "pruned.pt"}
+    assert set(card["artifacts"]) == {"model_int8.pt", "model_fp32.pt", "model.onnx", "model_int8.onnx", "pruned.pt"}
+    # issue 17: the source's fitted temperature is in the card and in every loaded record (test/predict apply it)
+    source_t = torch.load(out.parent / "train" / "checkpoints" / "best.pt", weights_only=True)["temperature"]
+    assert source_t is not None and card["temperature"] == pytest.approx(source_t)
+    assert card["record"]["temperature"] == pytest.approx(source_t)
     x = torch.rand(2, 1, 16, 16, 16)
     pruned, rec, is_q = load_any_model(out / "pruned.pt")
     assert not is_q and rec["cam_capable"] and rec["class_names"] == card["class_names"]
@@ -211,6 +217,13 @@ def test_compressed_files_load_without_training_code_and_agree(compressed):
         torch.testing.assert_close(onnx_fp32(x), pruned(x), atol=1e-4, rtol=1e-4)
     int8, rec_q, is_q_q = load_any_model(out / "model_int8.pt")
     assert is_q_q and rec_q["config"]["data"]["modality"] == "OCTA"
+    assert rec_q["temperature"] == rec["temperature"] == rec_o["temperature"] == card["temperature"]
+    # fp32 TorchScript next to the int8 one: not quantized, same logits as the pruned checkpoint, card usable
+    ts32, rec_t, is_q_t = load_any_model(out / "model_fp32.pt")
+    assert not is_q_t and rec_t["artifact_format"] == "torchscript" and rec_t["temperature"] == card["temperature"]
+    assert card["artifacts"]["model_fp32.pt"]["precision"] == "fp32"
+    with torch.no_grad():
+        torch.testing.assert_close(ts32(x), pruned(x), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         assert int8(x).shape == (2, 2)
     with pytest.raises(ConfigError, match="float model"):
@@ -257,6 +270,13 @@ def test_test_and_explain_accept_compressed_models(compressed, caplog):
     res = explain.run(parse_config(argv)[0])
     assert res["model_format"] == "onnx" and "cam" not in res
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    # the fp32 TorchScript: test calibrates it with the temperature its card carries (issue 17), as the checkpoint
+    argv = ["--mode", "test", *common, "--checkpoint", str(out / "model_fp32.pt"), "--bootstrap", "20", "--overwrite",
+            "--cam", "none"]
+    m = test_stage.run(parse_config(argv)[0])
+    card = json.loads((out / "model_card.json").read_text(encoding="utf-8"))
+    assert m["calibration"]["applied"] and m["calibration"]["temperature"] == pytest.approx(card["temperature"])
+    assert m["model_format"] == "torchscript"
 
 
 # ------------------------------------------------------------------------------------------------ ViT: torchao

@@ -39,6 +39,9 @@ def test_explain_single_nifti(tmp_path, capsys, nifti_scan, same_geometry):
     doc = json.loads((out / "prediction.json").read_text())
     assert doc["prediction"] in ("NORMAL", "CNV")
     assert sum(doc["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+    # through the Python API (issue 16): raw probabilities, entropy and the flag beside the reported ones
+    assert doc["calibrated"] is False and doc["probabilities_raw"] == doc["probabilities"]  # no temperature stored
+    assert doc["entropy"] >= 0 and doc["uncertain"] is None
     same_geometry(out / "scanA_cam.nii.gz", src)
     same_geometry(out / "scanA_input.nii.gz", src)  # a NIfTI does not say its modality
     assert (out / "scanA_review.png").is_file() and res["cam"]["backend"] == "layercam"  # the default method
@@ -87,7 +90,7 @@ def test_explain_refuses_an_existing_folder_before_reading_the_scan(tmp_path, mo
         raise AssertionError("the scan was read before the existing output folder was refused")
 
     with monkeypatch.context() as m:
-        m.setattr(explain, "build_preset", no_read)
+        m.setattr(explain.Predictor, "prepare", no_read)
         with pytest.raises(RunExistsError, match="--overwrite"):
             explain.run(parse_config(args)[0])
     assert (first / "scanA_cam.nii.gz").is_file()  # untouched

@@ -108,6 +108,8 @@ def _args(root: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """12 synthetic eyes (NORMAL/CNV, 16x32x16), splits, and an untrained cnn saved as train/best.pt."""
+    import torch
+
     from octa3d.stages.prepare import run as prepare
     from octa3d.data.synthetic import generate
     from octa3d.model import create_model
@@ -116,6 +118,7 @@ def experiment(tmp_path_factory):
     generate(root / "data", 12, (16, 32, 16), seed=0, classes=("NORMAL", "CNV"))
     cfg, _ = parse_config(_args(root, "--mode", "prepare"))
     sp = prepare(cfg)
+    torch.manual_seed(0)  # the same untrained model in every run of the tests
     model = create_model("cnn", "3d", 1, 2)
     checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", model,
                            checkpoint.model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
@@ -274,6 +277,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(experiment, tmp_path, monkeypatch):
     """Item 5: --overwrite with a CAM layer or class the model does not have is refused before test/ is touched,
     and a run that fails while writing (disk full) leaves the earlier results complete, with no partial folder."""
+    from octa3d import evaluation_outputs
     from octa3d.stages import test as test_stage
 
     root = _fresh(experiment, tmp_path)
@@ -296,7 +300,7 @@ def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(experiment, t
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(test_stage, "save_figure", full)
+        m.setattr(evaluation_outputs, "save_figure", full)
         with pytest.raises(OSError, match="No space"):
             test_stage.run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
     unchanged()
@@ -308,12 +312,13 @@ def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(experiment, t
 def test_a_failed_attempt_never_blocks_the_retry(experiment, tmp_path, monkeypatch):
     """Item 6: a crash mid-run (or the config.yaml/command.txt an earlier version wrote before failing) is no
     result: the retry needs no --overwrite."""
+    from octa3d import evaluation_outputs
     from octa3d.stages import test as test_stage
 
     root = _fresh(experiment, tmp_path)
     out = root / "runs" / "e" / "test"
     with monkeypatch.context() as m:
-        m.setattr(test_stage, "save_figure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+        m.setattr(evaluation_outputs, "save_figure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
         with pytest.raises(RuntimeError, match="crash"):
             test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
     out.mkdir(exist_ok=True)
@@ -414,6 +419,9 @@ def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(experime
 
     root = _fresh(experiment, tmp_path)
     best = root / "runs" / "e" / "train" / "checkpoints" / "best.pt"
+    # random weights: the untrained cnn gives (nearly) one probability for every eye, and entropies tied at the
+    # 6 decimals of predictions.csv leave no eye above their median
+    _perturb(best)
     first = run(parse_config(_args(root, "--mode", "test"))[0])
     pred = pd.read_csv(root / "runs" / "e" / "test" / "predictions.csv", dtype={"subject": str})
     e = pred["entropy"].to_numpy()
@@ -437,3 +445,23 @@ def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(experime
     assert "error rate flagged" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--tta"):
         parse_config(_args(root, "--mode", "test", "--tta", "-1"))
+
+
+def test_tta_on_a_multi_class_model_is_refused_not_ignored(experiment, tmp_path):
+    """The passes give the spread of P(positive): on a 3-class model they would do nothing, so they are refused."""
+    from octa3d.model import create_model
+    from octa3d.stages.test import run
+
+    root = _fresh(experiment, tmp_path)
+    cfg, _ = parse_config(_args(root, "--mode", "test"))
+    ckpt = root / "three.pt"
+    checkpoint.save_checkpoint(ckpt, create_model("cnn", "3d", 1, 3),
+                               checkpoint.model_record(cfg, ["NORMAL", "CNV", "AMD"], "classifier"), epoch=1, config=cfg)
+    with pytest.raises(ConfigError, match="binary models; this model has 3 classes"):
+        run(parse_config(_args(root, "--mode", "test", "--checkpoint", str(ckpt), "--tta", "2"))[0])
+    assert not (root / "runs" / "e" / "test").exists()
+
+
+def test_external_outside_test_mode_is_refused():
+    with pytest.raises(ConfigError, match="--external .* only for --mode test"):
+        parse_config(["--mode", "predict", "--input", "x", "--external", "y"])

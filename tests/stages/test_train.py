@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import subprocess
@@ -376,3 +378,71 @@ def test_overwrite_keeps_finished_training_until_the_new_one_finishes(blob_root,
     train_mod.run(cfg_for(blob_root, tmp_path, "ow", "--epochs", "2", "--resume")[0])
     assert not partial.exists() and load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
     assert len(pd.read_csv(out / "history.csv")) == 2 and (out / ".complete").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- --init-from recipe
+def _medicalnet_file(path: Path, drop: str | None = None) -> Path:
+    """A MedicalNet-layout resnet18 (shortcut A, 1 channel, module. prefixes, conv_seg head) at ``path``."""
+    from octa3d.model import create_model
+
+    torch.manual_seed(11)
+    src = create_model("resnet18", 3, 1, 2, shortcut_type="A", conv1_t_stride=2)
+    state = {f"module.{k}": v for k, v in src.state_dict().items() if not k.startswith("fc.") and k != drop}
+    state["module.conv_seg.2.weight"] = torch.zeros(2, 32, 1, 1, 1)
+    torch.save({"state_dict": state, "epoch": 200}, path)
+    return path
+
+
+def test_init_from_medicalnet_report_layer_decay_and_rebuild(blob_root, tmp_path):
+    from octa3d.checkpoint import build_classifier, checkpoint_config
+
+    weights = _medicalnet_file(tmp_path / "resnet_18_23dataset.pth")
+    cfg, _ = cfg_for(blob_root, tmp_path, "mednet", "--model", "resnet18", "--init-from", str(weights),
+                     "--epochs", "1", "--layer-decay", "0.5", "--normalize", "imagenet", "--init-strict")
+    train_mod.run(cfg)
+    out = tmp_path / "mednet" / "train"
+    report = json.loads((out / "init_report.json").read_text())
+    assert report["format"] == "medicalnet" and report["encoder_loaded"] == report["encoder_total"] > 50
+    assert [u["key"] for u in report["unexpected"]] == ["module.conv_seg.2.weight"]
+    assert {m["key"] for m in report["missing"]} == {"fc.weight", "fc.bias"}
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["model_kwargs"] == {"conv1_t_stride": 2, "shortcut_type": "A"}
+    scales = sorted(g["lr_scale"] for g in last["optimizer"]["param_groups"])
+    assert scales == pytest.approx([0.5 ** k for k in range(5, -1, -1)])  # stem, layer1..4, head
+    best = load_checkpoint(out / "checkpoints" / "best.pt", kind="classifier")
+    assert best["preprocess"]["normalize"] == "imagenet"
+    model = build_classifier(best, out / "checkpoints" / "best.pt")  # shortcut A + stride 2 rebuilt
+    assert model.conv1.stride == (2, 2, 2) and not hasattr(model.layer2[0].downsample, "state_dict")
+    test_cfg = parse_config(["--mode", "test", "--runs-dir", str(tmp_path), "--exp", "mednet"])[0]
+    assert checkpoint_config(test_cfg, best).preprocess.normalize == "imagenet"  # test/predict normalise alike
+    bad = parse_config(["--mode", "test", "--runs-dir", str(tmp_path), "--exp", "mednet",
+                        "--shortcut-type", "B", "--normalize", "none"])[0]
+    with pytest.raises(ConfigError, match="--shortcut-type B \\(the model: A\\).*--normalize none"):
+        checkpoint_config(bad, best)
+
+
+def test_init_from_partial_file_warns_and_strict_refuses(blob_root, tmp_path, capture_log):
+    from octa3d.model import create_model
+
+    weights = _medicalnet_file(tmp_path / "partial.pth", drop="layer3.1.conv2.weight")
+    cfg, _ = cfg_for(blob_root, tmp_path, "strict", "--model", "resnet18", "--init-from", str(weights),
+                     "--init-strict")
+    kw = train_mod.model_kwargs(cfg)
+    with pytest.raises(ConfigError, match="--init-strict: 1 encoder tensor.*layer3.1.conv2.weight"):
+        train_mod.initialise(create_model("resnet18", 3, 1, 2, **kw), cfg, "", tmp_path / "strict")
+    records = capture_log("octa3d.model")
+    cfg.train.init_strict = False
+    start = train_mod.initialise(create_model("resnet18", 3, 1, 2, **kw), cfg, "", tmp_path / "loose")
+    assert "(medicalnet, 101/102 encoder tensors)" in start
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("missing   layer3.1.conv2.weight" in m for m in warned)
+    report = json.loads((tmp_path / "loose" / "init_report.json").read_text())
+    assert report["encoder_loaded"] == report["encoder_total"] - 1 == 101
+    # options the model does not take, or that contradict the file, are refused before anything is built
+    cfg, _ = cfg_for(blob_root, tmp_path, "opts", "--shortcut-type", "A")
+    with pytest.raises(ConfigError, match="--shortcut-type applies to resnet18"):
+        train_mod.model_kwargs(cfg)
+    cfg, _ = cfg_for(blob_root, tmp_path, "opts", "--model", "resnet18", "--init-from", str(weights),
+                     "--shortcut-type", "B")
+    with pytest.raises(ConfigError, match="trained with shortcut type A"):
+        train_mod.model_kwargs(cfg)

@@ -182,7 +182,7 @@
   } else if (params.get("subject") !== null) {
     const idx = D.subjects.findIndex((s) => s.id === params.get("subject"));
     if (idx >= 0) openSubject(idx);
-  } else if (D.subjects.length === 1) {
-    openSubject(0);
+  } else if (tbody.rows.length) {
+    openSubject(+tbody.rows[0].dataset.idx);  // the first row: the viewer is never an empty pane
   }
 })();

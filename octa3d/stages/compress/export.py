@@ -4,6 +4,7 @@ Files (all in ``runs/<exp>/compress/``, written atomically):
 
 * ``model_int8.pt``: TorchScript (``torch.jit.trace``) of the FX-converted int8 model; the model card is embedded
   as the extra file ``model_card.json``.
+* ``model_fp32.pt``: TorchScript of the pruned fp32 model (:func:`octa3d.model_card.save_torchscript_fp32`).
 * ``model.onnx``: the pruned fp32 model, ``torch.onnx.export(dynamo=False, opset_version=17)``, dynamic batch.
 * ``model_int8.onnx``: onnxruntime static QDQ quantization of ``model.onnx`` (int8 weights per channel, int8
   activations), calibrated on training samples.

@@ -283,7 +283,7 @@ def build(job: Any, fp32: Any, model: Any, converted: Any, exported: dict[str, A
         "latency": {"threads": threads, "runs": measure.LATENCY_RUNS, "warmup": measure.LATENCY_WARMUP, "batch": 1,
                     "input_shape": list(job.example.shape), "per_model": results["latency"],
                     "note": "The machine may be shared: compare ratios measured in one run, not absolute times."},
-        "export_checks": _export_checks(results, exported["runtime_engine"]),
+        "export_checks": {**_export_checks(results, exported["runtime_engine"]), **exported.get("checks", {})},
         "files": {p.name: p.stat().st_size for p in sorted(job.out.iterdir()) if p.is_file()},
         "environment": {"torch": torch.__version__, "platform": platform.platform(),
                         "processor": platform.processor() or platform.machine(),

@@ -214,7 +214,12 @@ def _prune(job: Job, model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, 
 
 def _record(job: Job, sparsity: dict[str, Any]) -> dict[str, Any]:
     c = job.cfg.compress
-    return {**model_record(job.cfg, job.names, "classifier"),
+    # the source's calibration temperature travels with every file (issue 17): test/predict apply it to them as to
+    # the source; it was fitted before pruning/QAT, which change the logits little (see report.json's agreement)
+    temperature = {"temperature": job.ckpt["temperature"]} if job.ckpt.get("temperature") is not None else {}
+    # the options the network was built with (ViT patch size, MedicalNet shortcut A ...) rebuild pruned.pt
+    return {**model_record(job.cfg, job.names, "classifier"), "model_kwargs": job.ckpt.get("model_kwargs") or {},
+            **temperature,
             "compress": {"source_checkpoint": str(job.src), "prune_mode": c.prune_mode,
                          "prune_amount": c.prune_amount, "prune_rounds": c.prune_rounds, "sparsity": sparsity}}
 
@@ -261,15 +266,21 @@ def _quantize_linear(job: Job, model: nn.Module, masks: dict[str, torch.Tensor])
 
 def _export(job: Job, model: nn.Module, converted: nn.Module, sparsity: dict[str, Any],
             sparsity_int8: dict[str, Any], threads: int) -> dict[str, Any]:
-    """TorchScript int8, ONNX fp32/int8 and the model card (the int8 file runs with the fastest engine here)."""
+    """TorchScript int8/fp32, ONNX fp32/int8 and the model card (the int8 file runs with the fastest engine here)."""
     c, out = job.cfg.compress, job.out
     runtime_engine, engine_ms = measure.pick_engine(converted, job.example, c.qbackend, threads)
     if engine_ms:
         log.info("int8 engine: %s (median ms at batch 1: %s)", runtime_engine,
                  ", ".join(f"{k} {v:.1f}" for k, v in engine_ms.items()))
     card = model_card.build_card({**_record(job, sparsity), "config": to_dict(job.cfg)}, job.src, runtime_engine)
-    paths = {"int8": out / "model_int8.pt", "onnx_fp32": out / "model.onnx", "onnx_int8": out / "model_int8.onnx"}
+    paths = {"int8": out / "model_int8.pt", "onnx_fp32": out / "model.onnx", "onnx_int8": out / "model_int8.onnx",
+             "ts_fp32": out / "model_fp32.pt"}
+    if card.get("temperature") is not None:
+        card["temperature_note"] = "fitted on the source checkpoint's validation split, before pruning and QAT"
     export.save_torchscript(converted, job.example, paths["int8"], card, c.qbackend)
+    traced = model_card.save_torchscript_fp32(copy.deepcopy(model), job.example, paths["ts_fp32"], card)
+    with torch.no_grad():
+        fp32_diff = float((traced(job.example.cpu()) - model(job.example.cpu())).abs().max())
     export.export_onnx(model, job.example, paths["onnx_fp32"])
     onnx_q = export.quantize_onnx(paths["onnx_fp32"], paths["onnx_int8"], [x.numpy() for x in job.calib])
     model_card.add_artifact(card, out / "pruned.pt", "octa3d-checkpoint", "fp32", sparsity=sparsity["weights"])
@@ -277,10 +288,14 @@ def _export(job: Job, model: nn.Module, converted: nn.Module, sparsity: dict[str
                             sparsity=sparsity_int8["weights"],
                             quantization=("torchao QAT of nn.Linear, then PyTorch dynamic int8 nn.Linear"
                                           if job.path == "torchao" else "PyTorch FX QAT, static int8"))
+    model_card.add_artifact(card, paths["ts_fp32"], "torchscript", "fp32", sparsity=sparsity["weights"],
+                            max_abs_logit_diff=fp32_diff)
     model_card.add_artifact(card, paths["onnx_fp32"], "onnx", "fp32", opset=model_card.ONNX_OPSET)
     model_card.add_artifact(card, paths["onnx_int8"], "onnx", "int8 (QDQ)", opset=model_card.ONNX_OPSET, **onnx_q)
     model_card.write_card(card, out)
-    return {"paths": paths, "runtime_engine": runtime_engine, "engine_ms": engine_ms, "onnx_q": onnx_q}
+    return {"paths": paths, "runtime_engine": runtime_engine, "engine_ms": engine_ms, "onnx_q": onnx_q,
+            "checks": {"model_fp32.pt": {"max_abs_logit_diff": fp32_diff,
+                                         "against": "in-process pruned fp32 model, on the trace input"}}}
 
 
 def _evaluate(job: Job, fp32: nn.Module, model: nn.Module, converted: nn.Module, exported: dict[str, Any],
