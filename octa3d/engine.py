@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from octa3d.config import Config
-from octa3d.errors import DataError, Octa3dError
+from octa3d.errors import ConfigError, DataError, Octa3dError
 from octa3d.utils import dist
 from octa3d.utils.tracking import progress
 
@@ -202,6 +202,35 @@ def _read_back(pending: list[tuple[int, torch.Tensor, torch.Tensor, int, list[st
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has dropout layers (what ``--mc-dropout`` samples)."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.modules())
+
+
+def check_spread_options(cfg: Config, models: Sequence[torch.nn.Module], classes: Sequence[str]) -> None:
+    """Refuse ``--tta``/``--mc-dropout`` where they would do nothing: they give the spread of P(positive) of binary
+    models, and MC dropout needs dropout layers.
+
+    Raises:
+        ConfigError: naming the flag and what to do.
+    """
+    if (cfg.eval.tta or cfg.eval.mc_dropout) and len(classes) != 2:
+        raise ConfigError(f"--tta/--mc-dropout give the spread of P(positive) of binary models; this model has "
+                          f"{len(classes)} classes (its per-eye uncertainty is the entropy column): drop the flag")
+    if cfg.eval.mc_dropout and not any(has_dropout(m) for m in models):
+        raise ConfigError(f"--mc-dropout: model {cfg.model.model} has no dropout layers; use --tta N instead")
+
+
+def sample_dropout(model: torch.nn.Module, on: bool) -> None:
+    """Evaluation mode, with the dropout modules sampling (train mode) when ``on`` (MC dropout); everything else,
+    BatchNorm included, stays in eval."""
+    model.eval()
+    if on:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+                m.train()
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: Any = None,
             augment: Callable[[torch.Tensor, list[str], list[int]], torch.Tensor] | None = None,
@@ -218,11 +247,7 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
     """
     from octa3d.data.datasets import aggregate_patches
 
-    model.eval()
-    if mc_dropout:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
-                m.train()
+    sample_dropout(model, mc_dropout)
     rows: dict[tuple[str, int], tuple[int, np.ndarray, float]] = {}
     for batch in progress(loader, desc="val", unit="batch"):
         x = batch["image"]

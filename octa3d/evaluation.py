@@ -12,8 +12,7 @@ softmax. ``metrics.json`` holds both (``calibration: {temperature, applied, raw,
 from __future__ import annotations
 
 import logging
-import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from octa3d.calibration import (UNCERTAIN_COVERAGE, apply_temperature, calibrati
 from octa3d.cam import CamExporter, cam_items_from_cache
 from octa3d.config import Config
 from octa3d.evaluation_outputs import cam_scalars, write_outputs, write_predictions
+from octa3d.data.augment import tta_augment  # noqa: F401  (re-exported)
 from octa3d.inference import entropy_threshold_of, temperatures  # noqa: F401  (re-exported)
 from octa3d.metrics import bootstrap_ci, evaluation_metrics, resampling_units
 from octa3d.utils import dist
@@ -54,30 +54,6 @@ def predict_all(models: Models, loader: Any, precision: engine.Precision, **kw: 
         order = {s: i for i, s in enumerate(sids)}
         per[name] = np.asarray(probs)[[order[s] for s in ids]]
     return ids, y, per
-
-
-def tta_augment(ecfg: Config, seed: int, n_pass: int) -> Callable[[torch.Tensor, list[str], list[int]], torch.Tensor]:
-    """Pass ``n_pass`` of test-time augmentation: the flips and small affine of training (intensity changes left
-    out), drawn from (seed, pass, subject, patch) alone: the same with one ``--seed`` whatever the batch order."""
-    from monai.transforms import Compose, RandFlipd
-
-    from octa3d.data.augment import RandPlaneAffined, train_augmentation
-    from octa3d.data.transforms import Normalized, normalization_stats
-
-    geo = Compose([t for t in train_augmentation(ecfg.spatial_dims, ecfg.preprocess.depth_axis).transforms
-                   if isinstance(t, (RandFlipd, RandPlaneAffined))])
-    stats = normalization_stats(ecfg.preprocess.normalize, ecfg.in_channels)
-    if stats is not None:  # as in training: the affine's zero padding is black on the 0..1 scale
-        geo = Compose([Normalized("image", *stats, inverse=True), *geo.transforms, Normalized("image", *stats)])
-
-    def augment(x: torch.Tensor, subjects: list[str], patches: list[int]) -> torch.Tensor:
-        out = []
-        for img, sid, patch in zip(x, subjects, patches):
-            key = [seed % 2**32, n_pass, zlib.crc32(str(sid).encode()), patch + 1]
-            geo.set_random_state(seed=int(np.random.SeedSequence(key).generate_state(1)[0]))
-            out.append(torch.as_tensor(geo({"image": img})["image"], dtype=torch.float32))
-        return torch.stack(out).contiguous()
-    return augment
 
 
 def spread(ecfg: Config, seed: int, models: Models, loader: Any, precision: engine.Precision, ids: list[str],

@@ -12,7 +12,7 @@ checkpoint_config` + :func:`octa3d.data.presets.build_preset`), including the fl
 preprocessing cache, so a subject gets the probabilities ``--mode test`` reports for it. Probabilities are
 temperature-scaled per model (each checkpoint's ``temperature``, :mod:`octa3d.calibration`) before a fold ensemble
 averages them; ``calibrate=False`` reports the raw softmax. Every prediction also carries the raw probabilities,
-the predictive entropy and the ``uncertain`` flag (entropy above the checkpoints' validation threshold).
+the entropy, the ``uncertain`` flag (entropy above the validation threshold) and, for binary models, ``p_sd``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,8 @@ class Prediction:
         uncertain: entropy above the validation threshold; None when the checkpoint has no threshold.
         calibrated: whether ``probs`` are temperature-scaled.
         label: the subject's label when the input says it (manifest column, class folder, label table).
+        p_sd: binary models: sd of P(positive) over the ``--tta``/``--mc-dropout`` passes, else over a fold
+            ensemble's members (as ``--mode test``); None without either.
     """
 
     subject: str
@@ -91,6 +94,7 @@ class Prediction:
     uncertain: bool | None
     calibrated: bool
     label: str | None = None
+    p_sd: float | None = None
 
     def row(self, classes: list[str]) -> dict[str, Any]:
         """A ``predictions.csv`` row: subject, label, ``p_<class>``, ``p_raw_<class>``, prediction, entropy,
@@ -102,6 +106,8 @@ class Prediction:
         out.update(prediction=self.prediction, entropy=round(self.entropy, 6),
                    uncertain="" if self.uncertain is None else bool(self.uncertain),
                    correct=(self.label == self.prediction) if known else "")
+        if self.p_sd is not None:
+            out["p_sd"] = round(self.p_sd, 6)
         return out
 
 
@@ -135,12 +141,15 @@ class Predictor:
         ref: the reference record (classes, model name).
         cfg: the checkpoint-derived configuration (:func:`octa3d.checkpoint.checkpoint_config`).
         device: where the models run.
+        seed: this invocation's ``--seed`` (``--tta``/``--mc-dropout`` passes; ``cfg.run.seed`` is the split's).
     """
 
-    def __init__(self, models: Models, ref: dict[str, Any], cfg: Config, device: torch.device) -> None:
+    def __init__(self, models: Models, ref: dict[str, Any], cfg: Config, device: torch.device,
+                 seed: int | None = None) -> None:
         from octa3d.data.presets import build_preset
 
         self.models, self.ref, self.cfg, self.device = models, ref, cfg, device
+        self.seed = cfg.run.seed if seed is None else seed
         self.classes: list[str] = list(ref["class_names"])
         self.temperatures = temperatures(models)
         self.calibrated = bool(cfg.eval.calibrate) and any(t is not None for t in self.temperatures.values())
@@ -159,8 +168,9 @@ class Predictor:
         ecfg = checkpoint_config(cfg, ref)
         ecfg.eval.cam = cam_backend(ecfg, models)
         check_cam_options(ecfg.eval, [m for *_, m in models], list(ref["class_names"]), ecfg.model.model)
+        engine.check_spread_options(ecfg, [m for *_, m in models], list(ref["class_names"]))
         device = place_models(models, dist.init_from_env(cfg.run.device))
-        return cls(models, ref, ecfg, device)
+        return cls(models, ref, ecfg, device, seed=cfg.run.seed)
 
     # ------------------------------------------------------------------------------------------------ inputs
     @property
@@ -207,19 +217,50 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------------ predicting
     @torch.no_grad()
-    def forward(self, samples: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw softmax ``(K,)`` of each model for one subject's samples (mean over its patches)."""
+    def forward(self, samples: np.ndarray | torch.Tensor, mc_dropout: bool = False) -> dict[str, np.ndarray]:
+        """Raw softmax ``(K,)`` of each model for one subject's samples (mean over its patches); ``mc_dropout``:
+        dropout layers sample."""
         out: dict[str, np.ndarray] = {}
-        x_all = torch.from_numpy(np.ascontiguousarray(samples, np.float32))
+        x_all = torch.as_tensor(np.ascontiguousarray(samples, np.float32))
         for name, _, _, model in self.models:
             parts = []
+            engine.sample_dropout(model, mc_dropout)
             for i in range(0, len(x_all), PATCH_BATCH):
                 x = x_all[i:i + PATCH_BATCH].to(self.device)
                 with self.precision.autocast():
-                    logits = model.eval()(x)
+                    logits = model(x)
                 parts.append(torch.softmax(logits.float(), dim=1).cpu().numpy().astype(np.float64))
+            model.eval()
             out[name] = np.concatenate(parts).mean(axis=0)
         return out
+
+    def spread(self, prepared: Prepared, per_model: dict[str, np.ndarray]) -> float | None:
+        """sd of P(positive) (binary models) over the ``--tta`` / ``--mc-dropout`` passes of every model, each
+        calibrated like the reported probabilities, else over a fold ensemble's members; the passes are drawn
+        from (``--seed``, pass, subject, patch) as in ``--mode test``, so both give the same numbers."""
+        from octa3d.data.augment import tta_augment
+
+        if len(self.classes) != 2:
+            return None
+        n_tta, n_mc, seed = self.cfg.eval.tta, self.cfg.eval.mc_dropout, self.seed
+        sid, x = prepared.subject.id, torch.from_numpy(np.ascontiguousarray(prepared.samples, np.float32))
+        patches = list(range(len(x))) if prepared.record.patches else [-1]
+
+        def positive(per: dict[str, np.ndarray]) -> list[float]:
+            return [float((apply_temperature(p[None], self.temperatures[n])[0] if self.calibrated else p)[1])
+                    for n, p in per.items()]
+
+        samples: list[float] = []
+        for k in range(n_tta):
+            samples += positive(self.forward(tta_augment(self.cfg, seed, k)(x, [sid] * len(x), patches)))
+        for k in range(n_mc):
+            torch.manual_seed((seed + 7919 * (k + 1) + zlib.crc32(sid.encode())) % 2**32)  # masks fixed by --seed
+            samples += positive(self.forward(x, mc_dropout=True))
+        if samples:
+            return float(np.std(samples, ddof=int(len(samples) > 1)))
+        if len(self.models) > 1:
+            return float(np.std(positive(per_model), ddof=1))
+        return None
 
     def combine(self, subject_id: str, per_model: dict[str, np.ndarray], label: str | None = None) -> Prediction:
         """A :class:`Prediction` from per-model raw probabilities: each member calibrated with its own temperature,
@@ -237,7 +278,10 @@ class Predictor:
     def predict_prepared(self, prepared: Prepared) -> Prediction:
         """The prediction of one preprocessed subject."""
         s = prepared.subject
-        return self.combine(s.id, self.forward(prepared.samples), _label(s, self.classes))
+        per_model = self.forward(prepared.samples)
+        pred = self.combine(s.id, per_model, _label(s, self.classes))
+        pred.p_sd = self.spread(prepared, per_model)
+        return pred
 
     def iter_inputs(self, x: Any) -> Iterator[tuple[Subject, np.ndarray | None]]:
         """``(subject, array or None)`` per subject of any input: path(s), array, tensor (nothing read yet)."""

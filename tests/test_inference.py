@@ -108,3 +108,25 @@ def test_import_octa3d_is_light_and_load_is_lazy():
     assert octa3d.load is inference.load
     with pytest.raises(AttributeError, match="nothing"):
         octa3d.nothing  # noqa: B018
+
+
+def test_tta_spread_of_the_api_equals_the_test_stage(trained, tmp_path):
+    """Issue 17 in predict outputs: ``--tta N`` passes are drawn from (seed, pass, subject, patch), so the API (and
+    --mode predict) report the p_sd that --mode test reports for the same eyes; a multi-class model refuses it."""
+    import shutil
+
+    from octa3d.inference import Predictor
+    from octa3d.stages.test import run as test
+
+    shutil.copytree(trained / "runs", tmp_path / "runs")
+    base = ["--data-root", str(trained / "data"), "--runs-dir", str(tmp_path / "runs"), "--exp", "e",
+            "--model", "cnn", "--input-size", "16", "--batch-size", "4", "--cam", "none", "--seed", "3"]
+    test(parse_config(["--mode", "test", "--bootstrap", "0", "--tta", "3", "--overwrite", *base])[0])
+    want = pd.read_csv(tmp_path / "runs" / "e" / "test" / "predictions.csv", dtype={"subject": str})
+    model = Predictor.from_config(parse_config(["--mode", "predict", "--tta", "3", *base])[0])
+    got = model.predict([trained / "data" / "OCTA_6mm" / "OCTA" / sid for sid in want["subject"]])
+    assert (want["p_sd"] > 0).all()
+    assert np.allclose(got["p_sd"].to_numpy(float), want["p_sd"].to_numpy(float), atol=1e-5)
+    # without passes a single model has no spread: no column
+    assert "p_sd" not in octa3d.load(tmp_path / "runs" / "e").predict(trained / "data" / "OCTA_6mm" / "OCTA" /
+                                                                       want["subject"][0]).columns

@@ -9,7 +9,8 @@ from MONAI's per-transform random state, so a sample's augmentation is a functio
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -199,3 +200,34 @@ def train_augmentation(spatial_dims: int, depth_axis: int | None, keys: Sequence
         RandGaussianNoiseTorchd(keys, prob=0.2, std=0.01),
         EnsureTyped(keys, data_type="tensor", dtype=torch.float32, track_meta=False),
     ])
+
+
+def tta_augment(cfg: Any, seed: int, n_pass: int) -> Callable[[torch.Tensor, list[str], list[int]], torch.Tensor]:
+    """Pass ``n_pass`` of test-time augmentation (``--tta``): the flips and small affine of training (intensity
+    changes left out), drawn from (seed, pass, subject, patch) alone: the same with one ``--seed`` whatever the
+    batch order or the stage (test, predict, the Python API).
+
+    Args:
+        cfg: the checkpoint-derived :class:`~octa3d.config.Config` (dimensions, depth axis, ``--normalize``).
+        seed: the run's ``--seed``.
+        n_pass: the pass index.
+
+    Returns:
+        ``augment(images (B, C, *spatial) on CPU, subject IDs, patch indices) -> images``.
+    """
+    from octa3d.data.transforms import Normalized, normalization_stats
+
+    geo = Compose([t for t in train_augmentation(cfg.spatial_dims, cfg.preprocess.depth_axis).transforms
+                   if isinstance(t, (RandFlipd, RandPlaneAffined))])
+    stats = normalization_stats(cfg.preprocess.normalize, cfg.in_channels)
+    if stats is not None:  # as in training: the affine's zero padding is black on the 0..1 scale
+        geo = Compose([Normalized("image", *stats, inverse=True), *geo.transforms, Normalized("image", *stats)])
+
+    def augment(x: torch.Tensor, subjects: list[str], patches: list[int]) -> torch.Tensor:
+        out = []
+        for img, sid, patch in zip(x, subjects, patches):
+            key = [seed % 2**32, n_pass, zlib.crc32(str(sid).encode()), patch + 1]
+            geo.set_random_state(seed=int(np.random.SeedSequence(key).generate_state(1)[0]))
+            out.append(torch.as_tensor(geo({"image": img})["image"], dtype=torch.float32))
+        return torch.stack(out).contiguous()
+    return augment

@@ -8,11 +8,12 @@ off) and written while only the next one is read ahead (on a second thread, hidi
 forward pass), so memory stays flat for any number of scans.
 
 Outputs in ``runs/<exp>/predict/<name>/`` (:func:`output_name`: ``<input stem>_<cam>_<hash8>``, the hash over the
-resolved input path, the checkpoint file(s), the map settings and ``--no-calibrate``; the same command again uses
-the same folder, another input or other settings another one):
+resolved input path, the checkpoint file(s), the map settings, ``--no-calibrate``, ``--tta``, ``--mc-dropout``; the
+same command again uses the same folder, another input or other settings another one):
 
 * ``predictions.csv``: subject, label (when known), ``p_<class>`` (calibrated), ``p_raw_<class>``, prediction,
-  entropy, uncertain, correct (when labelled), cam_status, training_overlap (why the scan is not new to the model);
+  entropy, uncertain, p_sd (binary: ``--tta``/``--mc-dropout``/fold ensemble), correct (when labelled), cam_status,
+  training_overlap (why the scan is not new to the model);
 * ``skipped.csv``: subjects whose scan could not be read, with the reason (the run goes on without them);
 * ``cams/`` (as in ``--mode test``), ``summary.json``, ``review/index.html``;
 * ``subjects/<stem>.json``: one per finished subject, written last (atomically) once its map files exist.
@@ -70,7 +71,7 @@ def output_name(ecfg: Config, input_path: str | Path, checkpoints: list[Path]) -
         "cam": cam, "cam_layer": (ecfg.eval.cam_layer or "default") if cam != "none" else None,
         "cam_class": (ecfg.eval.cam_class or "predicted") if cam != "none" else None,
         "cam_subjects": sorted(ecfg.eval.cam_subjects or []) if cam != "none" else None,
-        "calibrate": bool(ecfg.eval.calibrate)}
+        "calibrate": bool(ecfg.eval.calibrate), "tta": ecfg.eval.tta, "mc_dropout": ecfg.eval.mc_dropout}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     stem = strip_ext(Path(input_path).resolve().name) or "input"
     return safe_name(f"{stem}_{cam if cam != 'none' else 'no-cam'}_{digest}"), dict(settings, hash=digest)
@@ -187,9 +188,6 @@ def run(cfg: Config) -> dict[str, Any]:
                           "(subject,path[,label]), class folders of 2D images or a folder of scans")
     predictor = Predictor.from_config(cfg)
     ecfg = predictor.cfg
-    ignored = [f for f, on in (("--tta", ecfg.eval.tta), ("--mc-dropout", ecfg.eval.mc_dropout)) if on]
-    if ignored:
-        log.warning("%s: --mode test only; predict reports each model's probabilities once", ", ".join(ignored))
     kind, subjects = discover_input(cfg.eval.input, ecfg.data, ecfg.model.dim)
     name, settings = output_name(ecfg, cfg.eval.input, [p for _, p, *_ in predictor.models])
     final = ecfg.run_dir / STAGE / name

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from octa3d import engine
 from octa3d.cam import cam_backend, check_cam_options
 from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
 from octa3d.config import Config
@@ -82,14 +83,7 @@ def run(cfg: Config) -> dict[str, Any]:
     ecfg = checkpoint_config(experiment_config(cfg) if external else cfg, ref)
     ecfg.eval.cam = cam_backend(ecfg, models)
     check_cam_options(ecfg.eval, [m for *_, m in models], list(ref["class_names"]), ecfg.model.model)
-    if ecfg.eval.mc_dropout and not any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for *_, net in models
-                                        for m in net.modules()):
-        raise ConfigError(f"--mc-dropout: model {ref['model_name']} has no dropout layers; use --tta N instead")
-    if (ecfg.eval.tta or ecfg.eval.mc_dropout) and len(ref["class_names"]) != 2:
-        # the passes give the spread of P(positive); a multi-class model's per-eye uncertainty is its entropy
-        raise ConfigError(f"--tta/--mc-dropout give the spread of P(positive) of binary models; this model has "
-                          f"{len(ref['class_names'])} classes (its per-eye uncertainty is the entropy column): "
-                          "drop the flag")
+    engine.check_spread_options(ecfg, [m for *_, m in models], list(ref["class_names"]))
     ctx = setup_stage(ecfg)
     device = place_models(models, ctx.device)
     sp = ctx.splits
