@@ -169,3 +169,54 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {res['benchmark']} | {f['name']} | {val} {f['unit']} | {f['target'] or ''} | {met} | "
                          f"{f['note']} |")
     return "\n".join(lines) + "\n"
+
+
+def _fork_target(conn: Any, fn: Callable[..., dict], args: tuple) -> None:
+    try:
+        conn.send(fn(*args))
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent
+        conn.send({"error": repr(exc)})
+    finally:
+        conn.close()
+
+
+def in_own_process(module: str, func: str, args: tuple, fresh: bool, preload: tuple[str, ...] = ()) -> dict:
+    """``module.func(*args)`` (a JSON-able dict) in a process of its own, so that its peak RSS is its own: a fresh
+    interpreter (``fresh``: nothing imported beforehand) or a fork of this one (``preload`` modules imported first,
+    so the child starts with them loaded).
+
+    Raises:
+        RuntimeError: the child failed (its error or the end of its stderr).
+    """
+    import importlib
+    import json
+    import multiprocessing
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    if fresh:
+        tag = f"{func.upper()}-RESULT "
+        code = f"import json; from {module} import {func}; print({tag!r} + json.dumps({func}(*{args!r})))"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep)}
+        proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, env=env,
+                              check=False)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(tag)]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{func} subprocess failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        return json.loads(lines[-1][len(tag):])
+    for name in preload:
+        importlib.import_module(name)
+    fn = getattr(importlib.import_module(module), func)
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_fork_target, args=(child, fn, args))
+    p.start()
+    child.close()
+    res = parent.recv()
+    p.join()
+    if "error" in res:
+        raise RuntimeError(f"{func} child failed: {res['error']}")
+    return res

@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import math
-import multiprocessing
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, bench_threads, finish, peak_rss_mb, reset_peak_rss, result, threads
+from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, reset_peak_rss, result,
+                               threads)
 
 log = logging.getLogger("octa3d.bench")
 
@@ -222,41 +219,10 @@ def rss_case(root: str, runs: str, input_size: int | None, epochs: int = 1) -> d
             "samples": sum(res["samples"])}
 
 
-def _rss_fork_target(conn: Any, *args: Any) -> None:
-    try:
-        conn.send(rss_case(*args))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent
-        conn.send({"error": repr(exc)})
-    finally:
-        conn.close()
-
-
 def measure_rss(root: Path, runs: Path, input_size: int | None, epochs: int, fresh: bool) -> dict[str, float]:
     """Run :func:`rss_case` in its own process: a fresh interpreter (``fresh``) or a fork of this one."""
-    args = (str(root), str(runs), input_size, epochs)
-    if fresh:
-        code = ("import json, sys; from benchmarks.data_pipeline import rss_case; "
-                f"print('RSS-RESULT ' + json.dumps(rss_case(*{args!r})))")
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
-                                  "PYTHONPATH", "")]).rstrip(os.pathsep)})
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RSS-RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"RSS subprocess failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-        return json.loads(lines[-1][len("RSS-RESULT "):])
-    for module in ("octa3d.cli", "octa3d.data.datasets", "octa3d.data.splits"):
-        importlib.import_module(module)  # before forking: the child starts with them loaded
-
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_rss_fork_target, args=(child, *args))
-    p.start()
-    child.close()
-    res = parent.recv()
-    p.join()
-    if "error" in res:
-        raise RuntimeError(f"RSS child failed: {res['error']}")
-    return res
+    return in_own_process("benchmarks.data_pipeline", "rss_case", (str(root), str(runs), input_size, epochs), fresh,
+                          preload=("octa3d.cli", "octa3d.data.datasets", "octa3d.data.splits"))
 
 
 # ------------------------------------------------------------------------------------------- main

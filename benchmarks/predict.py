@@ -19,19 +19,15 @@ runs with ``$OCTA3D_BENCH_THREADS`` threads (default 1).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import multiprocessing
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, bench_threads, finish, peak_rss_mb, reset_peak_rss, result, threads
+from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, reset_peak_rss, result,
+                               threads)
 from benchmarks.data_pipeline import clone_dataset, source_eye
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,41 +96,10 @@ def predict_case(cohort: str, runs: str, bare: bool, repeat: int = 1) -> dict[st
     return out
 
 
-def _fork_target(conn: Any, *args: Any) -> None:
-    try:
-        conn.send(predict_case(*args))
-    except BaseException as exc:  # noqa: BLE001 - reported by the parent
-        conn.send({"error": repr(exc)})
-    finally:
-        conn.close()
-
-
 def measure(cohort: Path, runs: Path, bare: bool, fresh: bool, repeat: int = 1) -> dict[str, Any]:
     """Run :func:`predict_case` in its own process: a fresh interpreter (``fresh``) or a fork of this one."""
-    args = (str(cohort), str(runs), bare, repeat)
-    if fresh:
-        code = ("import json; from benchmarks.predict import predict_case; "
-                f"print('PREDICT-RESULT ' + json.dumps(predict_case(*{args!r})))")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(
-            os.pathsep)}
-        proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env,
-                              check=False)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PREDICT-RESULT ")]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(f"predict subprocess failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-        return json.loads(lines[-1][len("PREDICT-RESULT "):])
-    import octa3d.stages.predict  # noqa: F401 - loaded before forking
-
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_fork_target, args=(child, *args))
-    p.start()
-    child.close()
-    res = parent.recv()
-    p.join()
-    if "error" in res:
-        raise RuntimeError(f"predict child failed: {res['error']}")
-    return res
+    return in_own_process("benchmarks.predict", "predict_case", (str(cohort), str(runs), bare, repeat), fresh,
+                          preload=("octa3d.stages.predict",))
 
 
 def main(args: list[str] | None = None) -> dict:
