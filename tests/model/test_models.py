@@ -81,7 +81,7 @@ def test_forward_backward_cam_split(name: str, dim: int) -> None:
         handle.remove()
 
     assert logits.shape == (B, NUM_CLASSES)
-    if name == "vit":  # tokens (B, 1 + patches, hidden)
+    if name.startswith("vit"):  # vit, vit_base, vit_large: tokens (B, 1 + patches, hidden)
         assert feats.shape[-1] == options(name, dim).get("hidden_size", spec.feature_size)
     else:
         assert feats.ndim == dim + 2 and feats.shape[1] == spec.feature_size
