@@ -9,7 +9,8 @@ import pytest
 from octa3d.cli import parse_config
 from octa3d.config import to_argv
 from octa3d.errors import ConfigError
-from octa3d.stages.demo import DEMO_DEFAULTS, STAGE_DEFAULTS, _data_root, demo_classes, ensure_data, stage_config
+from octa3d.stages.demo import (DEMO_DEFAULTS, NEW_COHORT_SIZE, STAGE_DEFAULTS, _data_root, demo_classes, ensure_data,
+                                stage_config)
 
 
 def user(*args: str):
@@ -87,8 +88,23 @@ def test_demo_end_to_end_twice(tmp_path, capsys):
     assert metrics["class_names"] == ["NORMAL", "CNV"] and metrics["n_subjects"] == 4
     assert len(list((run / "test" / "cams").glob("*_cam.nii.gz"))) == 4
     assert (run / "ae_pretrain" / "checkpoints" / "best.pt").is_file()
+    # the second cohort: external validation (other eyes, 3 mm IDs), prediction as new scans, then the export
+    ext = json.loads(next((run / "test-external").glob("*/metrics.json")).read_text(encoding="utf-8"))
+    assert ext["cohort"]["n_subjects"] == ext["n_subjects"] > 0 and "External cohort" in out
+    pred = next((run / "predict").glob("new_eyes_*/predictions.csv"))
+    assert len(pred.read_text(encoding="utf-8").splitlines()) == 1 + NEW_COHORT_SIZE
+    assert (run / "export" / "bundle" / "models" / "model.ts").is_file()
     assert "localization" in metrics and "faithfulness" in metrics  # CNV eyes carry lesion masks
     assert "pointing game" in out and "deletion AUC" in out
     # a second `make demo`: data reused, every stage re-run into a fresh folder
     assert main(argv) == 0
     assert "(reused)" in capsys.readouterr().out
+
+
+def test_steps_after_test_read_the_second_cohort():
+    ext = stage_config("test --external", user("--epochs", "2"), "/d", "/runs/demo/new_eyes")
+    assert ext.run.mode == "test" and ext.eval.external == "/runs/demo/new_eyes" and ext.data.data_root == "/d"
+    assert ext.argv[-2:] == ("--mode", "test") and "--external" in ext.argv
+    pred = stage_config("predict", user(), "/d", "/runs/demo/new_eyes")
+    assert pred.run.mode == "predict" and pred.eval.input == "/runs/demo/new_eyes" and pred.eval.external is None
+    assert stage_config("export", user(), "/d", "/x").run.mode == "export"
