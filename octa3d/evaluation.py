@@ -131,7 +131,7 @@ def score_metrics(cfg: Config, y: np.ndarray, probs: np.ndarray, per_model: dict
 
 def evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[str, Any], handler: Any,
              subjects: list[Any], names: list[str], group_of: Mapping[str, str], wanted: set[str],
-             device: torch.device) -> dict[str, Any]:
+             device: torch.device, cohort: str = "test") -> dict[str, Any]:
     """Predict ``subjects``, score them and write the outputs (predictions, plots, TensorBoard, CAMs) into ``out``.
 
     Args:
@@ -146,6 +146,7 @@ def evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[str
         group_of: subject ID -> patient group (the bootstrap's resampling unit); an ID missing is its own group.
         wanted: the subjects whose CAMs are exported (when ``--cam`` is not none).
         device: where the models are.
+        cohort: what the figure titles call the subjects ("test" hold-out, "external" cohort).
 
     Returns:
         The metrics dictionary (to be written as ``metrics.json`` by the caller).
@@ -170,7 +171,7 @@ def evaluate(cfg: Config, ecfg: Config, out: Path, models: Models, ref: dict[str
     metrics["uncertainty"], extra = uncertainty_block(models, y, probs, applied, p_sd, source, ecfg)
     tb = tensorboard_writer(out / "tensorboard")
     if dist.is_main():
-        write_outputs(out, tb, ids, y, probs, per_model, names, metrics, raw_cols, extra)
+        write_outputs(out, tb, ids, y, probs, per_model, names, metrics, raw_cols, extra, cohort)
     if ecfg.eval.cam != "none" and dist.is_main():
         by_id = {s: i for i, s in enumerate(ids)}
         cam_subs = [s for s in subjects if s.id in wanted]

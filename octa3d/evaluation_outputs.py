@@ -42,22 +42,26 @@ def write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarra
 
 def write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.ndarray,
                   per_model: dict[str, np.ndarray], names: list[str], metrics: dict[str, Any],
-                  raw: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None) -> None:
+                  raw: np.ndarray | None = None, extra: dict[str, np.ndarray] | None = None,
+                  cohort: str = "test") -> None:
     """predictions CSV(s), ROC, confusion-matrix, reliability and coverage PNGs, and the same in TensorBoard."""
     write_predictions(out, ids, y, probs, names, raw=raw, extra=extra)
     if len(per_model) > 1:
         for n, p in per_model.items():
             atomic_write_csv(out / f"predictions_{n}.csv", predictions_frame(ids, y, p, names))
     cm = np.asarray(metrics["confusion_matrix"])
-    save_figure(roc_figure(y, probs, names, metrics["auc"]), out / "roc.png")
-    save_figure(confusion_figure(cm, names), out / "confusion_matrix.png")
-    tb.add_figure("test/roc", roc_figure(y, probs, names, metrics["auc"]), 0)
-    tb.add_figure("test/confusion_matrix", confusion_figure(cm, names), 0)
+    # figure titles name the cohort ("test" or "external"): the PNGs travel into papers and slides alone
+    save_figure(roc_figure(y, probs, names, metrics["auc"], cohort), out / "roc.png")
+    save_figure(confusion_figure(cm, names, f"Confusion matrix ({cohort})"), out / "confusion_matrix.png")
+    tb.add_figure("test/roc", roc_figure(y, probs, names, metrics["auc"], cohort), 0)
+    tb.add_figure("test/confusion_matrix", confusion_figure(cm, names, f"Confusion matrix ({cohort})"), 0)
     raw_bins = reliability_bins(y, raw, metrics["ece_bins"]) if raw is not None and len(y) else None
     # entropy ranks the eyes when known (the same order as max probability for two classes)
     curve = risk_coverage(y, probs, confidence=-extra["entropy"] if extra else None)
-    for tag, make in (("reliability", lambda: reliability_figure(metrics["reliability"], metrics["ece"], raw_bins)),
-                      ("coverage", lambda: coverage_figure(curve, metrics["aurc"]))):
+    for tag, make in (("reliability", lambda: reliability_figure(metrics["reliability"], metrics["ece"], raw_bins,
+                                                                  title=f"Reliability diagram ({cohort})")),
+                      ("coverage", lambda: coverage_figure(curve, metrics["aurc"],
+                                                           title=f"Selective prediction ({cohort})"))):
         save_figure(make(), out / f"{tag}.png")
         tb.add_figure(f"test/{tag}", make(), 0)
     for k in CI_METRICS:

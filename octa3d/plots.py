@@ -45,7 +45,7 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
 
 
 def roc_figure(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
-               auc: float | None = None) -> Figure:
+               auc: float | None = None, cohort: str = "test") -> Figure:
     """ROC curve(s) from probabilities: binary = P(class 1); multi-class = one-vs-rest per class.
 
     Args:
@@ -73,7 +73,7 @@ def roc_figure(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
-    title = "ROC (test subjects)"
+    title = f"ROC ({cohort} subjects)"
     if auc is not None and np.isfinite(auc):
         title += f", AUC {auc:.3f}" + (" (OvR macro)" if len(classes) > 1 else "")
     ax.set_title(title, fontsize=10)

@@ -139,7 +139,7 @@ def _score(cfg: Config, ecfg: Config, stage: str, models: Models, ref: dict[str,
     handler.warm(subjects)
     with shared_stage_dir(ecfg, stage) as folder:
         metrics = evaluate(cfg, ecfg, folder.path, models, ref, handler, subjects, list(ctx.splits.class_names),
-                           group_of, wanted, device)
+                           group_of, wanted, device, "test" if stage == STAGE else "external")
         metrics["cohort"] = about["cohort"]
         if dist.is_main():
             atomic_write_json(folder.path / "metrics.json", folder.rebase(metrics))

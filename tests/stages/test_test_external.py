@@ -51,8 +51,14 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_disjoint_cohort_is_scored_into_test_external(experiment, capsys, caplog):
+def test_disjoint_cohort_is_scored_into_test_external(experiment, capsys, caplog, monkeypatch):
+    from octa3d import evaluation_outputs
     from octa3d.stages.test import run
+
+    titles: list[str] = []  # the figures name their cohort: a PNG pasted into a paper says what it shows
+    real = evaluation_outputs.confusion_figure
+    monkeypatch.setattr(evaluation_outputs, "confusion_figure",
+                        lambda cm, names, title: titles.append(title) or real(cm, names, title))
 
     cohort = experiment / "site2" / "cohort"
     internal = experiment / "runs" / "e" / "test"
@@ -64,6 +70,7 @@ def test_disjoint_cohort_is_scored_into_test_external(experiment, capsys, caplog
     with caplog.at_level("WARNING", logger="octa3d"):
         m = run(parse_config(_args(experiment, "--mode", "test", "--external", str(cohort), "--skip-unlabeled"))[0])
     assert "also name training/validation subjects" in caplog.text
+    assert titles and set(titles) == {"Confusion matrix (external)"}
     out = experiment / "runs" / "e" / "test-external" / cohort_name(cohort)
     assert out.name.startswith("cohort-") and (out / ".complete").is_file()
     for f in ("metrics.json", "predictions.csv", "roc.png", "confusion_matrix.png", "reliability.png",
