@@ -373,7 +373,7 @@ def _label(subject: Subject, classes: list[str]) -> str | None:
     return next((c for c in classes if normalise_label(c) == norm), str(subject.label))
 
 
-def _config_for(path: Path, device: str | None, calibrate: bool, cam: str | None) -> Config:
+def _config_for(path: Path, device: str | None, calibrate: bool, cam: str | None, tta: int, seed: int) -> Config:
     """A configuration whose model is ``path``: a run folder (its best.pt or fold ensemble) or a model file."""
     cfg = Config()
     if path.is_dir():
@@ -389,10 +389,12 @@ def _config_for(path: Path, device: str | None, calibrate: bool, cam: str | None
     cfg.eval.calibrate = calibrate
     if cam is not None:
         cfg.eval.cam = cam
+    cfg.eval.tta, cfg.run.seed = int(tta), int(seed)
     return cfg
 
 
-def load(path: str | Path, device: str | None = None, calibrate: bool = True, cam: str | None = None) -> Predictor:
+def load(path: str | Path, device: str | None = None, calibrate: bool = True, cam: str | None = None,
+         tta: int = 0, seed: int = 42) -> Predictor:
     """Load a trained model for prediction.
 
     Args:
@@ -401,6 +403,8 @@ def load(path: str | Path, device: str | None = None, calibrate: bool = True, ca
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` (default: a GPU when there is one).
         calibrate: temperature-scaled probabilities (default); False reports the raw softmax as ``probs``.
         cam: evidence-map method for :meth:`Predictor.explain` (default: the checkpoint's ``--cam`` default).
+        tta: test-time-augmentation passes giving ``p_sd`` (binary models), drawn from ``seed`` as ``--tta``/
+            ``--seed`` in ``--mode test``.
 
     Returns:
         A :class:`Predictor`.
@@ -408,4 +412,4 @@ def load(path: str | Path, device: str | None = None, calibrate: bool = True, ca
     Raises:
         CheckpointError: no model at ``path``, or a damaged one.
     """
-    return Predictor.from_config(_config_for(Path(path), device, calibrate, cam))
+    return Predictor.from_config(_config_for(Path(path), device, calibrate, cam, tta, seed))

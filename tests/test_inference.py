@@ -124,9 +124,12 @@ def test_tta_spread_of_the_api_equals_the_test_stage(trained, tmp_path):
     test(parse_config(["--mode", "test", "--bootstrap", "0", "--tta", "3", "--overwrite", *base])[0])
     want = pd.read_csv(tmp_path / "runs" / "e" / "test" / "predictions.csv", dtype={"subject": str})
     model = Predictor.from_config(parse_config(["--mode", "predict", "--tta", "3", *base])[0])
-    got = model.predict([trained / "data" / "OCTA_6mm" / "OCTA" / sid for sid in want["subject"]])
+    eyes = [trained / "data" / "OCTA_6mm" / "OCTA" / sid for sid in want["subject"]]
+    got = model.predict(eyes)
     assert (want["p_sd"] > 0).all()
     assert np.allclose(got["p_sd"].to_numpy(float), want["p_sd"].to_numpy(float), atol=1e-5)
+    api = octa3d.load(tmp_path / "runs" / "e", tta=3, seed=3).predict(eyes)  # the notebook spelling
+    assert np.allclose(api["p_sd"].to_numpy(float), want["p_sd"].to_numpy(float), atol=1e-5)
     # without passes a single model has no spread: no column
     assert "p_sd" not in octa3d.load(tmp_path / "runs" / "e").predict(trained / "data" / "OCTA_6mm" / "OCTA" /
                                                                        want["subject"][0]).columns
