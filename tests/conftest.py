@@ -89,3 +89,17 @@ def capture_log(request):
         return out
 
     return capture
+
+
+@pytest.fixture
+def private_copy(tmp_path):
+    """``copy(experiment_root) -> root``: a private copy of a module-scoped experiment (tests modify its splits and
+    checkpoints); its ``data`` folder is a link, so the resolved data root the split settings record stays the same."""
+    import shutil
+
+    def copy(experiment: Path) -> Path:
+        dst = tmp_path / "copy"
+        shutil.copytree(experiment, dst, ignore=lambda d, names: ["data"] if Path(d) == experiment else [])
+        (dst / "data").symlink_to(experiment / "data")
+        return dst
+    return copy

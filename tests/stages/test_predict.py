@@ -45,11 +45,6 @@ def experiment(tmp_path_factory):
     return root
 
 
-def _fresh(experiment: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "copy"
-    shutil.copytree(experiment, dst, ignore=lambda d, names: ["data"] if Path(d) == experiment else [])
-    (dst / "data").symlink_to(experiment / "data")
-    return dst
 
 
 def _args(root: Path, inp: Path | str, *extra: str) -> list[str]:
@@ -62,8 +57,8 @@ def _run(root: Path, inp: Path | str, *extra: str) -> dict:
     return run(parse_config(_args(root, inp, *extra))[0])
 
 
-def test_octa500_folder_calibrated_labelled_warned_and_reported_complete(experiment, tmp_path, capsys, capture_log):
-    root = _fresh(experiment, tmp_path)
+def test_octa500_folder_calibrated_labelled_warned_and_reported_complete(private_copy, experiment, tmp_path, capsys, capture_log):
+    root = private_copy(experiment)
     logs = capture_log("octa3d.predict")
     s = _run(root, root / "data", "--cam", "none")
     out = Path(s["folder"])
@@ -94,8 +89,8 @@ def test_octa500_folder_calibrated_labelled_warned_and_reported_complete(experim
     assert s2["folder"] != s["folder"] and np.allclose(pred2[["p_NORMAL", "p_CNV"]].to_numpy(), raw, atol=2e-6)
 
 
-def test_one_scan_manifest_and_an_unreadable_scan_in_the_middle(experiment, tmp_path, nifti_scan, capture_log):
-    root = _fresh(experiment, tmp_path)
+def test_one_scan_manifest_and_an_unreadable_scan_in_the_middle(private_copy, experiment, tmp_path, nifti_scan, capture_log):
+    root = private_copy(experiment)
     logs = capture_log("octa3d.predict")
     scan, _ = nifti_scan(tmp_path / "scanA.nii.gz")
     s = _run(root, scan, "--cam-layer", LAYER)
@@ -145,10 +140,10 @@ predict.run(parse_config(sys.argv[1:])[0])
 """
 
 
-def test_resume_after_kill_9_mid_subject(experiment, tmp_path, monkeypatch):
+def test_resume_after_kill_9_mid_subject(private_copy, experiment, tmp_path, monkeypatch):
     from octa3d.stages import predict
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     eyes = sorted((root / "data" / "OCTA_6mm" / "OCTA").iterdir())[:5]
     (tmp_path / "five.csv").write_text("subject,path\n" + "".join(f"{e.name},{e}\n" for e in eyes))
     args = _args(root, tmp_path / "five.csv", "--cam", "gradcam", "--cam-layer", LAYER)
@@ -173,8 +168,8 @@ def test_resume_after_kill_9_mid_subject(experiment, tmp_path, monkeypatch):
     assert len(names) == 5 and all((out / "cams" / f"{n}_cam.nii.gz").is_file() for n in names["file_stem"])
 
 
-def test_fold_ensemble_averages_calibrated_members(experiment, tmp_path):
-    root = _fresh(experiment, tmp_path)
+def test_fold_ensemble_averages_calibrated_members(private_copy, experiment, tmp_path):
+    root = private_copy(experiment)
     train = root / "runs" / "e" / "train"
     best = train / "checkpoints" / "best.pt"
     raw = pd.read_csv(Path(_run(root, root / "data", "--cam", "none")["folder"]) / "predictions.csv",
@@ -229,8 +224,8 @@ def test_2d_class_folders_and_single_images_warn_about_training_images(tmp_path,
     assert sum("optimistic" in r.getMessage() for r in logs) == 2
 
 
-def test_an_octa500_eye_with_a_gap_in_its_slices_is_skipped_and_the_others_predicted(experiment, tmp_path):
-    root = _fresh(experiment, tmp_path)
+def test_an_octa500_eye_with_a_gap_in_its_slices_is_skipped_and_the_others_predicted(private_copy, experiment, tmp_path):
+    root = private_copy(experiment)
     data = tmp_path / "cohort"
     shutil.copytree(experiment / "data", data)
     eye = sorted((data / "OCTA_6mm" / "OCTA").iterdir())[2]

@@ -125,19 +125,12 @@ def experiment(tmp_path_factory):
     return root
 
 
-def _fresh(experiment: Path, tmp_path: Path) -> Path:
-    """A private copy of the experiment (tests modify splits/checkpoints)."""
-    dst = tmp_path / "copy"
-    shutil.copytree(experiment, dst, ignore=lambda d, names: ["data"] if Path(d) == experiment else [])
-    # a link: the split settings record the *resolved* data root, which stays the same
-    (dst / "data").symlink_to(experiment / "data")
-    return dst
 
 
-def test_test_stage_outputs(experiment, tmp_path, capsys):
+def test_test_stage_outputs(private_copy, experiment, tmp_path, capsys):
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     # --input-size 24 contradicts the checkpoint (16): refused, naming the model's value
     with pytest.raises(ConfigError, match=r"--input-size 24 \(the model: 16,16,16\)"):
         run(parse_config(_args(root, "--mode", "test", "--input-size", "24"))[0])
@@ -197,10 +190,10 @@ def test_checkpoint_config_takes_preprocessing_from_the_checkpoint(experiment):
     assert checkpoint_config(cfg, ckpt).data.data_root == "/elsewhere"
 
 
-def test_test_refuses_training_subjects(experiment, tmp_path):
+def test_test_refuses_training_subjects(private_copy, experiment, tmp_path):
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     splits = root / "runs" / "e" / "splits"
     test = pd.read_csv(splits / "test.csv", dtype=str)
     train = pd.read_csv(splits / "train.csv", dtype=str)
@@ -211,12 +204,12 @@ def test_test_refuses_training_subjects(experiment, tmp_path):
     assert not (root / "runs" / "e" / "test" / "metrics.json").exists()
 
 
-def test_test_refuses_autoencoder_extra_data(experiment, tmp_path):
+def test_test_refuses_autoencoder_extra_data(private_copy, experiment, tmp_path):
     """Scans that pretrained the encoder (--ae-extra-data, recorded in ae_pretrain/config.yaml) are not test data."""
     from octa3d.config import to_yaml
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     ae_cfg, _ = parse_config(_args(root, "--mode", "ae_pretrain", "--ae-extra-data", str(root / "data")))
     (root / "runs" / "e" / "ae_pretrain").mkdir()
     (root / "runs" / "e" / "ae_pretrain" / "config.yaml").write_text(to_yaml(ae_cfg))
@@ -225,10 +218,10 @@ def test_test_refuses_autoencoder_extra_data(experiment, tmp_path):
         run(cfg)
 
 
-def test_fold_ensemble_and_missing_checkpoint(experiment, tmp_path):
+def test_fold_ensemble_and_missing_checkpoint(private_copy, experiment, tmp_path):
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     train = root / "runs" / "e" / "train"
     best = train / "checkpoints" / "best.pt"
     for k in (0, 1):
@@ -274,13 +267,13 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(experiment, tmp_path, monkeypatch):
+def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(private_copy, experiment, tmp_path, monkeypatch):
     """Item 5: --overwrite with a CAM layer or class the model does not have is refused before test/ is touched,
     and a run that fails while writing (disk full) leaves the earlier results complete, with no partial folder."""
     from octa3d import evaluation_outputs
     from octa3d.stages import test as test_stage
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
     out = root / "runs" / "e" / "test"
     before = _files(out)
@@ -309,13 +302,13 @@ def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(experiment, t
     unchanged()
 
 
-def test_a_failed_attempt_never_blocks_the_retry(experiment, tmp_path, monkeypatch):
+def test_a_failed_attempt_never_blocks_the_retry(private_copy, experiment, tmp_path, monkeypatch):
     """Item 6: a crash mid-run (or the config.yaml/command.txt an earlier version wrote before failing) is no
     result: the retry needs no --overwrite."""
     from octa3d import evaluation_outputs
     from octa3d.stages import test as test_stage
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     out = root / "runs" / "e" / "test"
     with monkeypatch.context() as m:
         m.setattr(evaluation_outputs, "save_figure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
@@ -335,11 +328,11 @@ def _set_temperature(path: Path, t: float) -> None:
     checkpoint.atomic_torch_save(ck, path)
 
 
-def test_temperature_scaled_probabilities_by_default_and_per_fold_in_an_ensemble(experiment, tmp_path):
+def test_temperature_scaled_probabilities_by_default_and_per_fold_in_an_ensemble(private_copy, experiment, tmp_path):
     from octa3d.calibration import apply_temperature
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     train = root / "runs" / "e" / "train"
     best = train / "checkpoints" / "best.pt"
     _set_temperature(best, 3.0)
@@ -385,10 +378,10 @@ def _perturb(path: Path) -> None:
     checkpoint.atomic_torch_save(ck, path)
 
 
-def test_tta_spread_is_deterministic_with_the_seed_and_mc_dropout_samples(experiment, tmp_path, capsys):
+def test_tta_spread_is_deterministic_with_the_seed_and_mc_dropout_samples(private_copy, experiment, tmp_path, capsys):
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     out = root / "runs" / "e" / "test"
     _perturb(root / "runs" / "e" / "train" / "checkpoints" / "best.pt")
 
@@ -413,11 +406,11 @@ def test_tta_spread_is_deterministic_with_the_seed_and_mc_dropout_samples(experi
     assert "P(positive) sd" in capsys.readouterr().out
 
 
-def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(experiment, tmp_path, capsys):
+def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(private_copy, experiment, tmp_path, capsys):
     from octa3d.calibration import entropy
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     best = root / "runs" / "e" / "train" / "checkpoints" / "best.pt"
     # random weights: the untrained cnn gives (nearly) one probability for every eye, and entropies tied at the
     # 6 decimals of predictions.csv leave no eye above their median
@@ -447,12 +440,12 @@ def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(experime
         parse_config(_args(root, "--mode", "test", "--tta", "-1"))
 
 
-def test_tta_on_a_multi_class_model_is_refused_not_ignored(experiment, tmp_path):
+def test_tta_on_a_multi_class_model_is_refused_not_ignored(private_copy, experiment, tmp_path):
     """The passes give the spread of P(positive): on a 3-class model they would do nothing, so they are refused."""
     from octa3d.model import create_model
     from octa3d.stages.test import run
 
-    root = _fresh(experiment, tmp_path)
+    root = private_copy(experiment)
     cfg, _ = parse_config(_args(root, "--mode", "test"))
     ckpt = root / "three.pt"
     checkpoint.save_checkpoint(ckpt, create_model("cnn", "3d", 1, 3),
