@@ -11,14 +11,13 @@ and epochs; figures are hold-out test metrics (probability-based AUC, balanced a
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import Figure, finish, result, run_stage
+from benchmarks.common import Figure, finish, quiet_logs, result, run_stage
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -29,10 +28,8 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
     from octa3d.data.synthetic import generate
-    from octa3d.utils.log import setup_logging
 
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     q = ns.quick
     ns.models = ns.models or ("cnn" if q else "cnn,resnet18")
     n_lab, n_extra, shape = (16, 4, (16, 32, 16)) if q else (40, 60, (32, 64, 32))

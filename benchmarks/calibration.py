@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, finish, result, run_stage
+from benchmarks.common import Figure, finish, quiet_logs, result, run_stage
 
 log = logging.getLogger("octa3d.bench")
 
@@ -89,10 +89,7 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--work", help="folder for data and runs (default: a temporary folder, removed)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.log import setup_logging
-
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     q = ns.quick
     n, shape, size, epochs, tta, boot = ((16, (16, 32, 16), 16, 1, 2, 50) if q
                                          else (120, (32, 64, 32), 32, ns.epochs, 8, 1000))

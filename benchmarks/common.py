@@ -21,6 +21,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+def quiet_logs() -> None:
+    """octa3d logs WARNING and above only: a benchmark's output is its table."""
+    import logging
+
+    from octa3d.utils.log import setup_logging
+
+    setup_logging("WARNING")
+    logging.getLogger("octa3d").setLevel(logging.WARNING)
+
+
 def run_stage(argv: list[str]) -> object:
     """Run one octa3d stage in-process (same parsing as ``python main.py ARGV``) and return its result."""
     from octa3d.cli import parse_config

@@ -17,10 +17,9 @@ with an fp32 baseline below 0.9 balanced accuracy is reported as not meaningful 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from benchmarks.common import Figure, finish, result, run_stage
+from benchmarks.common import Figure, finish, quiet_logs, result, run_stage
 
 
 #: A compressed model is compared with its fp32 baseline only when that baseline is good: on a weak one ("int8
@@ -46,10 +45,7 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="also write the result here (JSON)")
     ap.add_argument("compress_args", nargs="*", help="extra --mode compress flags (after --)")
     ns = ap.parse_args(args)
-    from octa3d.utils.log import setup_logging
-
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     work = Path(ns.work)
     n, model, size, epochs = (24, "cnn", "16", "1") if ns.quick else (90, "resnet18", "32", "30")
     if not (work / "data").exists():

@@ -35,8 +35,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, reset_peak_rss, result,
-                               threads)
+from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, quiet_logs,
+                               reset_peak_rss, result, threads)
 
 log = logging.getLogger("octa3d.bench")
 
@@ -234,10 +234,7 @@ def main(args: list[str] | None = None) -> dict:
                                    "removed afterwards; a given folder is kept and its full-size eye reused)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.log import setup_logging
-
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     q = ns.quick
     shape = (16, 32, 16) if q else (400, 640, 400)
     small_shape = (16, 32, 16) if q else (32, 64, 32)

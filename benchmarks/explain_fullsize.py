@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Figure, bench_threads, finish, result, run_stage
+from benchmarks.common import Figure, bench_threads, finish, quiet_logs, result, run_stage
 
 log = logging.getLogger("octa3d.bench.explain_fullsize")
 
@@ -110,10 +110,7 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--shape", help="eye shape B-scans,depth,width (default 400,640,400; quick 40,64,40)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.log import setup_logging
-
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     default = (40, 64, 40) if ns.quick else (400, 640, 400)
     shape = tuple(int(v) for v in ns.shape.split(",")) if ns.shape else default
     if len(shape) != 3:

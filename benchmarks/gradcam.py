@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Figure, bench_threads, finish, result, threads
+from benchmarks.common import Figure, bench_threads, finish, quiet_logs, result, threads
 
 log = logging.getLogger("octa3d.bench.gradcam")
 
@@ -201,10 +201,7 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--repeat", type=int, help="timed exports per backend, best kept (default 2; quick 1)")
     ap.add_argument("--out", help="also write the result here (JSON)")
     ns = ap.parse_args(args)
-    from octa3d.utils.log import setup_logging
-
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     cases = QUICK if ns.quick else FULL
     n = ns.subjects or (3 if ns.quick else 8)
     repeat = ns.repeat or (1 if ns.quick else 2)

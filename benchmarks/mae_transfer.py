@@ -14,7 +14,6 @@ metrics (probability-based AUC, balanced accuracy, bootstrap 95 % CIs from ``--m
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from functools import partial
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.common import Figure, finish, result, run_stage
+from benchmarks.common import Figure, finish, quiet_logs, result, run_stage
 
 MODEL = "vit-mae-bench"
 #: The benchmark's ViT: small enough for a CPU, deep enough that pretraining has layers to shape.
@@ -54,10 +53,8 @@ def main(args: list[str] | None = None) -> dict:
     ns = ap.parse_args(args)
     from octa3d.data.synthetic import generate
     from octa3d.model.registry import _REGISTRY
-    from octa3d.utils.log import setup_logging
 
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     q = ns.quick
     n_lab, n_extra, shape = (16, 4, (16, 32, 16)) if q else (40, 60, (32, 64, 32))
     n_lab, n_extra = ns.labelled or n_lab, ns.extra if ns.extra is not None else n_extra

@@ -19,15 +19,14 @@ runs with ``$OCTA3D_BENCH_THREADS`` threads (default 1).
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, reset_peak_rss, result,
-                               threads)
+from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, quiet_logs,
+                               reset_peak_rss, result, threads)
 from benchmarks.data_pipeline import clone_dataset, source_eye
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,10 +58,8 @@ def predict_case(cohort: str, runs: str, bare: bool, repeat: int = 1) -> dict[st
     import torch
 
     from benchmarks.common import run_stage
-    from octa3d.utils.log import setup_logging
 
-    setup_logging("WARNING")
-    logging.getLogger("octa3d").setLevel(logging.WARNING)
+    quiet_logs()
     torch.set_num_threads(bench_threads())
     reset_peak_rss()
     start = peak_rss_mb()
