@@ -78,6 +78,9 @@ def run(cfg: Config) -> dict[str, Any]:
                         f"against them); run --mode prepare and --mode train first (same --exp/--runs-dir), or "
                         f"predict single scans with --mode explain --input PATH")
     external = cfg.eval.external
+    if external and not Path(external).expanduser().exists():
+        raise DataError(f"--external {external}: no such file or folder (give a labelled cohort: an OCTA-500 folder, "
+                        "a manifest CSV with a label column, or 2D class folders)")
     models, ref = load_models(ckpt_paths)
     # --labels, --skip-unlabeled ... given with --external describe that cohort, not the experiment
     ecfg = checkpoint_config(experiment_config(cfg) if external else cfg, ref)

@@ -132,6 +132,9 @@ def test_overlapping_cohorts_are_refused(experiment, tmp_path):
     internal = experiment / "runs" / "e" / "test"
     before = _files(internal)
     data = experiment / "data"
+    # a path that is not there: named as --external, before anything is set up
+    with pytest.raises(DataError, match=r"--external .*nowhere: no such file or folder"):
+        run(parse_config(_args(experiment, "--mode", "test", "--external", str(tmp_path / "nowhere")))[0])
     # the experiment's own data root
     with pytest.raises(DataError, match="own data root"):
         run(parse_config(_args(experiment, "--mode", "test", "--external", str(data)))[0])
