@@ -78,7 +78,8 @@ def layer_sets(case: Case, work: Path) -> dict[str, list[str]]:
     """Layer sets to compare: single stage outputs between 1/2 and 1/16 of the input, the adaptive default and the
     registered (old default) layer."""
     from octa3d.cam.layers import default_layers, feature_shapes, stage_outputs
-    from octa3d.checkpoint import build_classifier, load_checkpoint
+    from octa3d.checkpoint.io import load_checkpoint
+    from octa3d.checkpoint.models import build_classifier
     from octa3d.model import get_spec
 
     best = work / "runs" / f"{case.model}-{case.size}" / "train" / "checkpoints" / "best.pt"

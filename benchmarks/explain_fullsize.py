@@ -50,8 +50,8 @@ RSS_TARGET = "<= 3000"
 EXP, EYE = "fullsize", "20001"
 #: The measured child: ``main.py``'s entry point, after importing what the stage imports and recording the peak RSS
 #: so far (``VmHWM``) into the file named by its first argument.
-_CHILD = ("import sys, octa3d.cli, octa3d.stages.explain, octa3d.stages.test, octa3d.cam, octa3d.plots, octa3d.data.presets, "
-          "octa3d.data.readers, torch, monai, SimpleITK\n"
+_CHILD = ("import sys, octa3d.cli, octa3d.stages.explain, octa3d.stages.test, octa3d.cam, octa3d.cam.sheets, "
+          "octa3d.data.presets, octa3d.data.readers, torch, monai, SimpleITK\n"
           "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
           "open(sys.argv[1], 'w').write(hwm[0] if hwm else '0')\n"
           "sys.exit(octa3d.cli.main(sys.argv[2:]))\n")

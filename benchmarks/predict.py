@@ -25,8 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, quiet_logs,
-                               reset_peak_rss, result, threads)
+from benchmarks.common import (
+    Figure,
+    bench_threads,
+    finish,
+    in_own_process,
+    peak_rss_mb,
+    quiet_logs,
+    reset_peak_rss,
+    result,
+    threads,
+)
 from benchmarks.data_pipeline import clone_dataset, source_eye
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,17 +45,17 @@ def make_model(runs: Path, input_size: int) -> Path:
     """An experiment ``bench`` whose ``train/checkpoints/best.pt`` is an untrained cnn (NORMAL/DR, temperature 1.5)."""
     import torch
 
-    from octa3d import checkpoint
+    from octa3d.checkpoint.io import model_record, save_checkpoint
     from octa3d.cli import parse_config
     from octa3d.model import create_model
 
     cfg, _ = parse_config(["--mode", "train", "--runs-dir", str(runs), "--exp", "bench", "--model", "cnn",
                            "--input-size", str(input_size)])
     torch.manual_seed(0)
-    rec = checkpoint.model_record(cfg, ["NORMAL", "DR"], "classifier")
+    rec = model_record(cfg, ["NORMAL", "DR"], "classifier")
     rec.update(temperature=1.5, entropy_threshold=0.6, entropy_threshold_raw=0.6)
     path = cfg.run_dir / "train" / "checkpoints" / "best.pt"
-    checkpoint.save_checkpoint(path, create_model("cnn", "3d", 1, 2, input_size=(input_size,) * 3), rec, epoch=1,
+    save_checkpoint(path, create_model("cnn", "3d", 1, 2, input_size=(input_size,) * 3), rec, epoch=1,
                                config=cfg)
     return path
 
@@ -75,11 +84,11 @@ def predict_case(cohort: str, runs: str, bare: bool, repeat: int = 1) -> dict[st
     out: dict[str, Any] = {"start_mb": start, "peak_mb": peak, "subjects": n, "stage_s_per_subject": min(stage),
                            "stage_runs_s_per_subject": stage, "total_s_per_subject": min(total) / max(1, n)}
     if bare:
-        from octa3d.inference import load
+        from octa3d.deploy.api import load
 
         model = load(Path(runs) / "bench", device="cpu")
         inputs = [model.prepare(s).samples for s in model.subjects(cohort)]
-        net = model.models[0][3]
+        net = model.models[0].model
         passes = []
         with torch.no_grad():
             net(torch.from_numpy(inputs[0]))  # warm-up

@@ -4,7 +4,8 @@ full ``--mode train`` stage over a bare forward/backward/step loop.
 1. **Step throughput** (volumes/s): one optimiser step (forward, cross-entropy, backward, AdamW) of a 3D
    classifier from ``octa3d.model.create_model(name, "3d", 1, 2)`` on a batch of random volumes already in memory.
    CPU: fp32 only, ``$OCTA3D_BENCH_THREADS`` threads (default 1). CUDA (when ``torch.cuda.is_available()``): fp32,
-   AMP (``octa3d.engine.Precision.for_device``: bf16 where supported), AMP + channels-last and AMP + channels-last +
+   AMP (``octa3d.training.precision.Precision.for_device``: bf16 where supported), AMP + channels-last and AMP +
+   channels-last +
    ``torch.compile``, timed with ``torch.cuda.synchronize``; speed-ups are ratios within this run.
 2. **Stage overhead** (x): the real training stage, run in-process on a synthetic dataset
    (``octa3d.data.synthetic.generate``)::
@@ -13,7 +14,7 @@ full ``--mode train`` stage over a bare forward/backward/step loop.
            --patience 0 --device cpu --data-root WORK/data --runs-dir WORK/runs --exp step
 
    Timestamps are taken around the stage's training loops and validation passes (thin wrappers around
-   ``engine.progress`` and ``engine.predict``; nothing else changes). One epoch *cycle* runs from the start of an
+   ``engine.progress`` and ``forward.predict``; nothing else changes). One epoch *cycle* runs from the start of an
    epoch's training loop to the start of the next one, so it holds the training steps (data loading from the warm
    preprocessing cache, augmentation, loss/accuracy bookkeeping, progress bar), the validation pass, metrics,
    history.csv, TensorBoard (scalars + confusion-matrix figure), ``best.pt``/``last.pt`` and logging. Epochs >= 2
@@ -92,9 +93,9 @@ def _throughput(name: str, size: int, batch: int, device: Any, variant: str, rep
     import torch
 
     from octa3d.config import Config
-    from octa3d.engine import Precision
-    from octa3d.optim import build_optimizer
     from octa3d.model import create_model
+    from octa3d.training.optim import build_optimizer
+    from octa3d.training.precision import Precision
 
     torch.manual_seed(0)
     fmt = torch.channels_last_3d if "cl" in variant.split("+") else torch.contiguous_format
@@ -244,10 +245,10 @@ def mfu_figures(gpu: Any, batch: int, repeat: int, raw: dict[str, float], setup:
 
 
 def amp_name(device: Any) -> str:
-    """Name of the AMP dtype :class:`octa3d.engine.Precision` picks on ``device`` (``"fp32"`` if none)."""
+    """Name of the AMP dtype :class:`octa3d.training.precision.Precision` picks on ``device`` (``"fp32"`` if none)."""
     import torch
 
-    from octa3d.engine import Precision
+    from octa3d.training.precision import Precision
 
     dtype = Precision.for_device(device, True).dtype
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
@@ -292,8 +293,8 @@ class BareLoop:
                  cfg: Any) -> None:
         import torch
 
-        from octa3d.optim import build_optimizer
         from octa3d.model import create_model
+        from octa3d.training.optim import build_optimizer
 
         torch.manual_seed(0)
         self.model = create_model(model_name, "3d", 1, 2)
@@ -328,7 +329,8 @@ class BareLoop:
 class StageClock:
     """Timestamps of the train stage's epochs, with a bare-loop epoch slotted in after each validation pass.
 
-    While active it wraps ``octa3d.engine.progress`` (the start of each training loop) and ``octa3d.engine.predict``
+    While active it wraps ``octa3d.training.epoch.progress`` (the start of each training loop) and
+    ``octa3d.evaluation.forward.predict``
     (the validation pass); after each validation pass it runs ``between(clock)`` (here: one :class:`BareLoop`
     epoch), whose duration is recorded and later taken out of the stage's epoch cycle. Slotting the bare epochs
     between the stage's epochs puts both under the same machine load.
@@ -343,10 +345,11 @@ class StageClock:
         self.val_loader: Any = None
 
     def __enter__(self) -> StageClock:
-        from octa3d import engine
+        from octa3d.evaluation import forward
+        from octa3d.training import epoch
 
-        self._engine = engine
-        self._progress, self._predict = engine.progress, engine.predict
+        self._modules = epoch, forward
+        self._progress, self._predict = epoch.progress, forward.predict
 
         def progress(iterable: Any, **kw: Any) -> Any:
             if str(kw.get("desc", "")).startswith("epoch"):
@@ -365,11 +368,12 @@ class StageClock:
             self.between_s.append(_span(t1, _now()))
             return out
 
-        engine.progress, engine.predict = progress, predict
+        epoch.progress, forward.predict = progress, predict
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._engine.progress, self._engine.predict = self._progress, self._predict
+        epoch, forward = self._modules
+        epoch.progress, forward.predict = self._progress, self._predict
 
 
 def overhead_figures(work: Path, model: str, size: int, n_subjects: int, shape: tuple[int, int, int], epochs: int,

@@ -45,9 +45,16 @@ def imports_of(path: Path, name: str, known: set[str]) -> list[tuple[str, int]]:
     return [(m, line) for m, line in out if m in known]
 
 
+#: Modules of ``octa3d.stages`` that are no stage: the set-up every stage shares.
+SHARED_STAGE_MODULES = ("octa3d.stages.context",)
+
+
 def stage_of(mod: str) -> str | None:
-    """The stage a module belongs to (``octa3d.stages.<stage>[.*]``), or None (library, CLI, the stage table)."""
+    """The stage a module belongs to (``octa3d.stages.<stage>[.*]``), or None (library, CLI, the stage table, the
+    stages' shared set-up)."""
     parts = mod.split(".")
+    if mod in SHARED_STAGE_MODULES:
+        return None
     return parts[2] if len(parts) > 2 and parts[1] == "stages" else None
 
 
@@ -78,6 +85,12 @@ def test_library_modules_never_import_a_stage(graph):
     bad += [f"{m} line {line} imports the stage table" for m, deps in graph.items() for dep, line in deps
             if stage_of(m) is None and m != "octa3d.cli" and dep == "octa3d.stages"]
     assert not bad, "library -> stage imports:\n" + "\n".join(bad)
+
+
+def test_only_stages_import_their_shared_set_up(graph):
+    bad = [f"{m} line {line} imports {dep}" for m, deps in graph.items() for dep, line in deps
+           if dep in SHARED_STAGE_MODULES and not m.startswith("octa3d.stages.")]
+    assert not bad, "library -> stage set-up imports (move what they need into the library):\n" + "\n".join(bad)
 
 
 def test_stages_import_no_other_stage_and_not_the_cli(graph):
@@ -122,7 +135,7 @@ def test_rule_checker_catches_a_violation(tmp_path):
     fake.write_text("import os\n\ndef f():\n    from octa3d.stages.train import run\n", encoding="utf-8")
     deps = imports_of(fake, "octa3d.metrics_fake", {"octa3d.stages.train", "octa3d.metrics_fake"})
     assert deps == [("octa3d.stages.train", 4)]
-    assert stage_of("octa3d.stages.train") == "train" and stage_of("octa3d.engine") is None
+    assert stage_of("octa3d.stages.train") == "train" and stage_of("octa3d.training") is None
 
 
 def test_no_module_over_the_size_limit():

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from octa3d.checkpoint import check_cam_capable
 from octa3d.config import Config
 from octa3d.errors import ConfigError
 
@@ -51,6 +50,23 @@ OK, EMPTY, CONSTANT, NONFINITE = "ok", "empty", "constant", "non-finite"
 STATUS_TEXT = {EMPTY: "all zero: no positive evidence for the explained class at this layer",
                CONSTANT: "constant: the map does not vary over the input",
                NONFINITE: "not finite: NaN or infinite values in the gradients or activations"}
+
+
+def check_cam_capable(path: str | Path, record: dict[str, Any], is_quantized: bool) -> None:
+    """Refuse class activation maps for a model without float PyTorch gradients (int8 TorchScript, ONNX).
+
+    Raises:
+        ConfigError: naming the file and the float model to explain instead.
+    """
+    if record.get("cam_capable") and not is_quantized:
+        return
+    p = Path(path)
+    why = ("an int8 model: quantized kernels have no gradients" if is_quantized
+           else f"a {record.get('artifact_format')} model: Grad-CAM needs gradients of a PyTorch float model")
+    alt = p.parent / "pruned.pt"
+    hint = f"{alt} (the same network before int8 conversion)" if alt.is_file() else "the experiment's float checkpoint"
+    raise ConfigError(f"--checkpoint {p}: class activation maps need a float model, and this is {why}. Explain "
+                      f"{hint} or train/checkpoints/best.pt instead, or use --cam none")
 
 
 def minmax(x: torch.Tensor) -> torch.Tensor:
@@ -357,15 +373,20 @@ class CamComputer:
 CAM_FLAGS = ("cam", "cam_layer", "cam_class", "cam_subjects")
 
 
-def cam_backend(cfg: Config, models: Sequence[tuple[str, Path, dict[str, Any], torch.nn.Module]]) -> str:
+def cam_backend(cfg: Config, models: Sequence[Any]) -> str:
     """The CAM backend to run: ``--cam``, or ``none`` when a model cannot give class activation maps (int8, ONNX).
+
+    Args:
+        cfg: the configuration (``--cam`` and whether CAM options were given explicitly).
+        models: :class:`~octa3d.checkpoint.models.LoadedModel` members (their ``path`` and ``record``).
 
     Raises:
         ConfigError: CAM options were given explicitly for a model without float gradients (names the float model).
     """
     if cfg.eval.cam == "none":
         return "none"
-    for _, path, rec, _ in models:
+    for m in models:
+        path, rec = m.path, m.record
         if rec.get("cam_capable") and not rec.get("is_quantized"):
             continue
         if any(cfg.is_explicit(f) for f in CAM_FLAGS):

@@ -34,11 +34,11 @@ from octa3d.cam import faithfulness
 from octa3d.cam.backends import OK, STATUS_TEXT, CamComputer, check_layer, minmax, parse_layers, resolve_cam_class
 from octa3d.cam.layers import default_layers
 from octa3d.cam.localization import localization, summarize, tolerance
+from octa3d.cam.sheets import central_slices, review_figure_2d, review_figure_3d, save_png
 from octa3d.cam.sources import CamItem, read_mask, scan_channels, slice_files, source_image
 from octa3d.config import Config
 from octa3d.data.nifti import write_nifti
 from octa3d.data.transforms import PreprocessRecord, to_source_space
-from octa3d.plots import central_slices, review_figure_2d, review_figure_3d, save_png
 from octa3d.utils.io import atomic_write_csv, safe_name, unique_names
 
 log = logging.getLogger("octa3d.cam")

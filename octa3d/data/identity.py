@@ -1,6 +1,6 @@
 """One identity for a subject, whatever its source: the normalised subject ID and patient group that the leakage
-guard (:func:`octa3d.data.splits.guard`) and the "seen in training" check
-(:func:`octa3d.data.splits.training_overlap`) compare.
+guard (:func:`octa3d.data.leakage.guard`) and the "seen in training" check
+(:func:`octa3d.data.leakage.training_overlap`) compare.
 
 Subjects reach these checks in two forms. Discovery names a 2D class-folder image by its path below the data root
 (``CNV/CNV-6294785-1``, ``train/CNV/CNV-6294785-1``) and gives it the patient of ``--group-regex``
@@ -23,7 +23,6 @@ import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from octa3d.data.imagefiles import natural_key, strip_ext
@@ -32,7 +31,7 @@ from octa3d.data.slices import JUNK_FILES
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError
 
-__all__ = ["IdentityIndex", "compile_group_regex", "content_matches", "identity_key", "image_group",
+__all__ = ["IdentityIndex", "compile_group_regex", "scan_sources", "identity_key", "image_group",
            "source_fingerprint"]
 
 #: Bytes hashed at the start, the middle and the end of a file; a smaller file is hashed whole (an OCTA-500 B-scan
@@ -174,34 +173,8 @@ def source_fingerprint(path: str | Path) -> str | None:
     return h.hexdigest()
 
 
-def _sources(subject: Subject) -> list[str]:
+def scan_sources(subject: Subject) -> list[str]:
     """Every scan source of a subject: its volumes/images and its projection maps."""
     return sorted({*subject.paths.values(), *subject.projections.values()})
 
 
-def content_matches(these: Iterable[Subject], those: Iterable[Subject]) -> list[tuple[str, str, str]]:
-    """Pairs of subjects, one of ``these`` and one of ``those``, whose scans hold the same bytes.
-
-    Args:
-        these: e.g. the hold-out test subjects.
-        those: e.g. the autoencoder's ``--ae-extra-data`` subjects.
-
-    Returns:
-        ``(id in these, id in those, the first matching source of the ``those`` subject)`` per matching pair of
-        subjects, in natural order.
-    """
-    these, those = list(these), list(those)
-    paths = sorted({p for s in (*these, *those) for p in _sources(s)})
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # overlaps the reads of many files
-        prints = dict(zip(paths, pool.map(source_fingerprint, paths)))
-    owner: dict[str, str] = {}
-    for s in these:
-        for p in _sources(s):
-            if prints[p] is not None:
-                owner.setdefault(prints[p], s.id)
-    found: dict[tuple[str, str], str] = {}
-    for s in those:
-        for p in _sources(s):
-            if prints[p] in owner:
-                found.setdefault((owner[prints[p]], s.id), p)
-    return sorted(((a, b, p) for (a, b), p in found.items()), key=lambda t: (natural_key(t[0]), natural_key(t[1])))

@@ -183,11 +183,12 @@ def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     """A :class:`Subject` for one scan (``--input``): a scan file, a slice/DICOM folder, or an OCTA-500 eye folder.
 
     An OCTA-500 folder (``.../OCTA_6mm/OCTA/<ID>``) gets the field-of-view spacing, its ``Projection Maps`` and,
-    if present, its lesion mask; with ``data_cfg.modality == "OCT+OCTA"`` its sibling ``.../OCT/<ID>`` (or ``OCTA``) folder is the second
+    if present, its lesion mask; with ``data_cfg.modality == "OCT+OCTA"`` its sibling ``.../OCT/<ID>`` (or ``OCTA``)
+    folder is the second
     channel. Anything else is read as one ``"image"``. The ID is the name without its scan extension; the subject
     is unlabelled and ``meta["input"]`` holds the path. A 2D image file gets the patient group that discovery of
     class folders gives it (``data_cfg.group_regex`` on its file name: ``CNV-6294785-1.jpeg`` → ``6294785``), so
-    :func:`octa3d.data.splits.training_overlap` finds the patient's other images; anything else is its own group.
+    :func:`octa3d.data.leakage.training_overlap` finds the patient's other images; anything else is its own group.
 
     Raises:
         DataError: the path does not exist, or the sibling folder needed for OCT+OCTA is missing.

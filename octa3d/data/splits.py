@@ -1,12 +1,10 @@
-"""Subject-level splits (made by ``--mode prepare``, :mod:`octa3d.stages.prepare`; run folder ``splits/``) and the
-leakage guard.
+"""Subject-level splits (made by ``--mode prepare``, :mod:`octa3d.stages.prepare`; run folder ``splits/``).
 
 Splits are made over *groups* (patients): a group never spans two splits. They are stratified by class, fixed by
 ``--seed`` (:func:`make_splits`, in :mod:`octa3d.data.stratify`), written once to ``runs/<exp>/splits/`` and reused
 by every later stage of the experiment; a stage that makes new ones outside ``--mode prepare`` says so (WARNING)
-and names the other experiments over the same data. A stage that would see a subject it must not see (test
-subjects in training, training subjects in testing) is stopped by :func:`guard`; :func:`training_overlap` tells
-whether one scan (``--input``) trained the model. Both compare the one identity of :mod:`octa3d.data.identity`.
+and names the other experiments over the same data. Using them without leakage is :mod:`octa3d.data.leakage`'s
+job.
 
 Files::
 
@@ -20,24 +18,22 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from octa3d.config import Config
-from octa3d.data.identity import IdentityIndex, identity_key
-from octa3d.data.imagefiles import natural_key
+from octa3d.data.labels import LabelMap, modality_advice, normalise_label
+from octa3d.data.sources import detect_source, discover, label_origin
 from octa3d.data.stratify import Splits, make_splits
 from octa3d.data.subject import Subject
-from octa3d.errors import ConfigError, DataError, LeakageError
+from octa3d.errors import ConfigError, DataError
 from octa3d.utils.io import atomic_write_csv, atomic_write_text, read_csv
 from octa3d.utils.runs import experiments_over
 
-__all__ = ["SPLIT_KEYS", "Splits", "existing_splits", "format_counts", "guard", "labelled_subjects",
-           "load_or_make_splits", "make_splits", "overlap_checker", "read_splits", "training_overlap",
-           "write_splits"]
+__all__ = ["SPLIT_KEYS", "Splits", "existing_splits", "format_counts", "labelled_subjects", "load_or_make_splits",
+           "make_splits", "read_splits", "write_splits"]
 
 log = logging.getLogger("octa3d.data.splits")
 
@@ -55,8 +51,6 @@ def _layout(cfg: Config) -> str | None:
     """The data layout (``--source``, detected for ``auto``), or None when the data root cannot be inspected."""
     if cfg.data.source != "auto":
         return cfg.data.source
-    from octa3d.data.sources import detect_source
-
     try:
         return detect_source(cfg.data.data_root)
     except DataError:
@@ -142,86 +136,8 @@ def read_splits(folder: Path) -> Splits:
     return sp
 
 
-def guard(stage: str, subject_ids: list[str] | set[str], sp: Splits, groups: dict[str, str] | None = None) -> None:
-    """Refuse a stage that would see subjects it must not see.
-
-    Training stages (``ae_pretrain``, ``train``, ``compress``) may not use any test subject or any subject of a
-    test patient group; the ``test`` stage may not evaluate any subject (or group) used for training/validation.
-    Subjects are compared by the normalised identity of :class:`~octa3d.data.identity.IdentityIndex` (ID, the
-    file name of a bare-name ID, patient group).
-
-    Args:
-        stage: stage name.
-        subject_ids: the subjects the stage is about to use.
-        sp: the experiment's splits.
-        groups: subject -> group for subjects not in the split files (e.g. extra AE data).
-
-    Raises:
-        LeakageError: naming the overlapping subjects.
-    """
-    group_of = {**sp.groups, **(groups or {})}
-    if stage in TRAINING_STAGES:
-        forbidden, what = set(sp.test), "hold-out test"
-    elif stage in TESTING_STAGES:
-        forbidden, what = sp.non_test(), "training/validation"
-    else:
-        raise ValueError(f"unknown stage {stage!r} for the leakage guard")
-    bad = IdentityIndex({s: group_of.get(s, s) for s in forbidden}).matches(subject_ids, group_of)
-    if bad:
-        raise LeakageError(f"{stage} refused: {len(bad)} subject(s) belong to the {what} split of this experiment "
-                           f"({', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}). Remove them from the input "
-                           f"or use another --exp.")
-
-
-def training_overlap(splits: Splits, subject: Subject, extra: dict[str, str] | None = None) -> str | None:
-    """Why ``subject`` (one scan, e.g. ``--input``) is not new to the experiment's model, or None.
-
-    The subject matches when it is a training/validation subject of ``splits`` (any fold), or of the same patient
-    group as one, under the one identity of :mod:`octa3d.data.identity` that :func:`guard` uses: a Kermany image
-    given by path (``CNV-6294785-1``, patient ``6294785`` via ``--group-regex``) matches the split's
-    ``CNV/CNV-6294785-1`` and every other image of patient 6294785. Class-folder IDs found under another root
-    (``CNV/CNV-6294785-1`` of a predict input vs ``train/CNV/CNV-6294785-1`` of the split) match by file name.
-    Hold-out test subjects do not match.
-
-    Args:
-        splits: the experiment's splits (:func:`read_splits`).
-        subject: as :func:`~octa3d.data.sources.discover`, :func:`~octa3d.data.sources.discover_input` or
-            :func:`~octa3d.data.octa500.subject_from_path` build it (``id`` and ``group``).
-        extra: subject → group of the autoencoder's extra data (``--ae-extra-data``; it trained the encoder).
-
-    Returns:
-        A clause for a warning (the caller names the experiment and the consequence), e.g. ``"CNV-6294785-2
-        belongs to patient group 6294785, like training/validation subject CNV/CNV-6294785-1"``, or None.
-    """
-    return overlap_checker(splits, extra)(subject)
-
-
-def overlap_checker(splits: Splits, extra: dict[str, str] | None = None) -> Callable[[Subject], str | None]:
-    """:func:`training_overlap` for many subjects: the indexes are built once (a predict run of 1,000 scans)."""
-    sets = [("training/validation subject", {s: splits.groups.get(s, s) for s in splits.non_test()}),
-            ("autoencoder extra-data subject", dict(extra or {}))]
-    indexes = [(IdentityIndex(m, what=w), {identity_key(s).rsplit("/", 1)[-1]: s
-                                           for s in sorted(m, key=natural_key, reverse=True)}, w)
-               for w, m in sets if m]
-
-    def check(subject: Subject) -> str | None:
-        key = identity_key(subject.id)
-        for index, by_name, what in indexes:
-            reason = index.reason(subject.id, subject.group)
-            if reason is None and "/" in key and key.rsplit("/", 1)[-1] in by_name:
-                # a class-folder image listed under another root: train/CNV/x vs CNV/x
-                reason = f"{subject.id} is {what} {by_name[key.rsplit('/', 1)[-1]]} (same file name)"
-            if reason:
-                return reason
-        return None
-    return check
-
-
 def labelled_subjects(cfg: Config) -> tuple[list[Subject], Any, dict[str, int]]:
     """Discover subjects and map labels: returns (subjects with a class, LabelMap, subject -> class index)."""
-    from octa3d.data.labels import LabelMap, modality_advice, normalise_label
-    from octa3d.data.sources import discover, label_origin
-
     subjects = discover(cfg.data, cfg.model.dim)
     subjects_of: dict[str, list[str]] = {}
     for s in subjects:

@@ -13,7 +13,8 @@ blocks and final norm; a lightweight decoder (linear to a narrow width, mask tok
 sin-cos-initialised position embeddings, 1-2 transformer blocks, linear to patch voxels) predicts every patch,
 and the loss (MSE or L1, optionally against per-patch normalised targets) is averaged over the *masked* patches
 only. ``forward`` returns that loss per sample, shaped ``(B, 1)``, so the shared training loop
-(:func:`octa3d.engine.train_one_epoch` with :func:`mae_loss`) and :func:`octa3d.engine.reconstruction_error` run
+(:func:`octa3d.training.epoch.train_one_epoch` with :func:`mae_loss`) and
+:func:`octa3d.evaluation.forward.reconstruction_error` run
 it unchanged.
 
 Masks come from torch's global RNG in training (seeded by ``--seed``, restored by ``--resume``), and from a

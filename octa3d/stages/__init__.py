@@ -1,8 +1,10 @@
 """The pipeline stages: one module per ``--mode``, each with ``run(cfg)``.
 
-A stage imports library modules (``octa3d.data``, ``octa3d.model``, ``octa3d.checkpoint``, ``octa3d.engine``,
-``octa3d.cam``, ``octa3d.metrics``, ``octa3d.plots``, ``octa3d.utils``) and never another stage; the demo composes
-stages through :data:`STAGES`. The stage's module name is its run-folder name (``runs/<exp>/<stage>/``).
+A stage imports library modules (``octa3d.data``, ``octa3d.model``, ``octa3d.training``, ``octa3d.evaluation``,
+``octa3d.checkpoint``, ``octa3d.cam``, ``octa3d.deploy``, ``octa3d.review``, ``octa3d.utils``) and the set-up every
+stage
+shares (:mod:`octa3d.stages.context`, which is no stage), and never another stage; the demo composes stages through
+:data:`STAGES`. The stage's module name is its run-folder name (``runs/<exp>/<stage>/``).
 """
 
 from __future__ import annotations

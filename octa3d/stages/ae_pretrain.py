@@ -3,7 +3,7 @@
 The autoencoder's encoder *is* the classifier's feature extractor (same module names), its decoder mirrors it.
 It trains on the experiment's training subjects only (plus optional unlabeled ``--ae-extra-data``, checked
 against the hold-out test subjects); the validation subjects' reconstruction loss picks ``best.pt`` and drives
-early stopping. The loop is :func:`octa3d.engine.fit`, the same as ``--mode train``'s, so ``--accum-steps``,
+early stopping. The loop is :func:`octa3d.training.fit.fit`, the same as ``--mode train``'s, so ``--accum-steps``,
 ``--clip-grad``, AMP, ``--max-steps`` and ``--resume`` behave the same. ``--mode train`` then starts from
 ``ae_pretrain/best.pt`` (``--init ae``/``auto``).
 
@@ -23,16 +23,19 @@ from typing import Any
 
 import torch
 
-from octa3d import engine, trainer
-from octa3d.checkpoint import model_record
+from octa3d.checkpoint.io import model_record
 from octa3d.config import Config
-from octa3d.context import StageContext, setup_stage
 from octa3d.data.datasets import DataHandler
+from octa3d.data.leakage import guard
 from octa3d.data.sources import discover_unlabelled
-from octa3d.data.splits import guard
+from octa3d.evaluation import forward
 from octa3d.model import build_autoencoder, encoder_state_dict, model_options
 from octa3d.model.mae import MaskedAutoEncoder, build_mae, is_vit, mae_loss
-from octa3d.optim import reconstruction_loss
+from octa3d.stages.context import StageContext, setup_stage
+from octa3d.training.epoch import StopTraining
+from octa3d.training.fit import FitSpec, fit, resume_config
+from octa3d.training.optim import reconstruction_loss
+from octa3d.training.precision import Precision, memory_format
 from octa3d.utils import dist
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
 from octa3d.utils.tracking import next_command, rerun_command, slice_grid
@@ -69,7 +72,7 @@ def extra_subjects(cfg: Config, splits: Any) -> list[Any]:
     return subs
 
 
-def _reconstruction_images(ae: torch.nn.Module, loader: Any, device: torch.device, precision: engine.Precision,
+def _reconstruction_images(ae: torch.nn.Module, loader: Any, device: torch.device, precision: Precision,
                            every: int) -> Any:
     """``epoch_end`` callback: input and reconstruction slices in TensorBoard every ``every`` epochs."""
 
@@ -116,15 +119,15 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
     train_loader = handler.loader(train_subs, train=True, batch_size=cfg.train.batch_size)
     val_loader = handler.loader(val_subs, train=False, batch_size=cfg.train.batch_size) if val_subs else None
     ae, loss_fn, kind = build_pretext_model(cfg)
-    ae.to(ctx.device, memory_format=engine.memory_format(cfg))
-    precision = engine.Precision.for_device(ctx.device, cfg.train.amp)
+    ae.to(ctx.device, memory_format=memory_format(cfg))
+    precision = Precision.for_device(ctx.device, cfg.train.amp)
 
     def validate(net: torch.nn.Module) -> dict[str, float]:
         if val_loader is None:  # no validation subjects: the training loss picks best.pt
             return {}
-        return {"val_loss": engine.reconstruction_error(net, val_loader, precision, loss_fn)}
+        return {"val_loss": forward.reconstruction_error(net, val_loader, precision, loss_fn)}
 
-    spec = trainer.FitSpec(
+    spec = FitSpec(
         model=ae, loss_fn=loss_fn, target="input", validate=validate,
         monitor="val_loss" if val_loader is not None else "train_loss", mode="min",
         record=model_record(cfg, None, "autoencoder"), kind_label="ae epoch",
@@ -136,7 +139,7 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
     n_params = sum(p.numel() for p in ae.parameters())
     log.info("%s %s (%s, %.1fM parameters): %d train / %d val scans, %d epochs", kind["method"], cfg.model.model,
              cfg.model.dim, n_params / 1e6, len(train_subs), len(val_subs), cfg.train.epochs)
-    result = trainer.fit(spec, cfg, train_loader, out, ctx.device, name=f"autoencoder {out}")
+    result = fit(spec, cfg, train_loader, out, ctx.device, name=f"autoencoder {out}")
     best = result.best
     return {"best_val_loss": best.get("val_loss", best.get("train_loss")), "best_epoch": best.get("epoch"),
             "epochs_run": result.epochs_run}
@@ -146,10 +149,10 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
 def run(cfg: Config) -> dict[str, Any]:
     """Pretrain the encoder of ``--model`` as an autoencoder on the experiment's training subjects.
 
-    ``--resume`` and the stage folder behave as in ``--mode train`` (:func:`octa3d.trainer.resume_config`,
+    ``--resume`` and the stage folder behave as in ``--mode train`` (:func:`octa3d.training.fit.resume_config`,
     :func:`octa3d.utils.runs.plan_stage`).
     """
-    cfg = trainer.resume_config(cfg, STAGE)
+    cfg = resume_config(cfg, STAGE)
     plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched
     ctx = setup_stage(cfg)
     sp = ctx.splits
@@ -164,7 +167,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
                 results[f"fold-{k}"] = pretrain_fold(cfg, ctx, fold_out, ctx.pick(tr_ids) + extra,
                                                      ctx.pick(va_ids))
-        except engine.StopTraining as stop:
+        except StopTraining as stop:
             print(f"Autoencoder pretraining {stop}; last.pt holds the last finished epoch. Continue with: "
                   f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
             dist.cleanup()

@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from octa3d.cam import score_lines
 from octa3d.config import Config, apply_overrides, get_value, to_argv, validate
 from octa3d.data.synthetic import CLASSES, MARKER, generate
 from octa3d.errors import ConfigError
-from octa3d.metrics import summary_lines
+from octa3d.evaluation.metrics import summary_lines
 from octa3d.stages import STAGES as STAGE_MODULES
 from octa3d.utils.io import read_csv, safe_name
 

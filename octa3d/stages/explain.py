@@ -3,14 +3,15 @@
 The scan (a file in any supported format, a slice/DICOM folder, or an OCTA-500 subject folder, see
 :func:`octa3d.data.sources.subject_from_path`) is preprocessed as the model was trained (settings from the
 checkpoint), predicted by the experiment's model or fold ensemble through the Python API
-(:class:`octa3d.inference.Predictor`: calibrated probabilities unless ``--no-calibrate``, raw ones, entropy and
+(:class:`octa3d.deploy.api.Predictor`: calibrated probabilities unless ``--no-calibrate``, raw ones, entropy and
 the ``uncertain`` flag in ``prediction.json``), and its map exported in the source geometry by
 :class:`octa3d.cam.CamExporter`, into ``runs/<exp>/explain/<name>/`` with ``prediction.json``.
 
 ``<name>`` (:func:`output_name`) is unique per input and settings: ``<ID>[_<modality>]_<cam>_<hash>``, e.g.
 ``10001_OCTA_layercam_3f9a1c0e``, where the modality names the OCTA-500 folder read (``OCT``, ``OCTA``,
 ``OCT+OCTA``, or a projection map type) and the hash covers the files read, the checkpoint(s) and the CAM method,
-layer and class (and ``--no-calibrate``). Explaining the OCT and the OCTA folder of one eye, or one scan with other CAM settings, thus never
+layer and class (and ``--no-calibrate``). Explaining the OCT and the OCTA folder of one eye, or one scan with other CAM
+settings, thus never
 writes into the same folder; the same command twice does, and is refused without ``--overwrite`` before the scan is
 read.
 """
@@ -26,11 +27,12 @@ from typing import Any
 from octa3d.cam import CamItem
 from octa3d.cam.sources import path_modality, scan_channels
 from octa3d.config import Config
+from octa3d.data.leakage import training_overlap
 from octa3d.data.sources import subject_from_path
-from octa3d.data.splits import read_splits, training_overlap
+from octa3d.data.splits import read_splits
 from octa3d.data.subject import Subject
+from octa3d.deploy.api import Predictor
 from octa3d.errors import ConfigError
-from octa3d.inference import Predictor
 from octa3d.review import write_explain_review
 from octa3d.utils.io import atomic_write_json, safe_name
 from octa3d.utils.runs import init_run, plan_stage, releases_locks, stage_dir
@@ -40,10 +42,10 @@ log = logging.getLogger("octa3d.explain")
 
 def _warn_if_seen(ecfg: Config, subject: Any) -> None:
     """Warn when the scan (or its patient) trained or validated the experiment's model: its prediction is then
-    optimistic. One identity rule for every source type (:func:`octa3d.data.splits.training_overlap`), also against
+    optimistic. One identity rule for every source type (:func:`octa3d.data.leakage.training_overlap`), also against
     the autoencoder's extra data."""
     if (ecfg.run_dir / "splits" / "split.json").is_file():
-        from octa3d.context import ae_extra_subjects
+        from octa3d.data.leakage import ae_extra_subjects
 
         reason = training_overlap(read_splits(ecfg.run_dir / "splits"), subject, ae_extra_subjects(ecfg))
         if reason:
@@ -107,7 +109,7 @@ def run(cfg: Config) -> dict[str, Any]:
     predictor = Predictor.from_config(cfg)  # the one code path of the Python API (octa3d.load)
     ecfg, models, ref, names = predictor.cfg, predictor.models, predictor.ref, predictor.classes
     subject = subject_from_path(cfg.eval.input, ecfg.data)
-    folder, settings = output_name(ecfg, subject, [p for _, p, *_ in models])
+    folder, settings = output_name(ecfg, subject, [m.path for m in models])
     # before the scan is decoded (seconds for a full-size eye)
     plan_stage(ecfg, f"explain/{folder}", hint=REFUSAL_HINT)
     prep = predictor.prepare(subject)
@@ -141,7 +143,7 @@ def run(cfg: Config) -> dict[str, Any]:
     pred = pred.prediction
     print(f"{subject.id} ({cfg.eval.input}): predicted {pred} ("
           + ", ".join(f"p({n}) = {p:.3f}" for n, p in zip(names, probs)) + f") by {ref['model_name']} "
-          f"[{', '.join(str(p) for _, p, *_ in models)}]")
+          f"[{', '.join(str(m.path) for m in models)}]")
     files = ["prediction.json"] + [Path(f).name for f in result.get("files", {}).values()]
     print(f"Files in {out}/: {', '.join(files)}" + (", review/index.html (open it in a browser)" if page else ""))
     return result

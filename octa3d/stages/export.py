@@ -4,14 +4,14 @@
 
     export/
       bundle/            MONAI bundle (configs/metadata.json, configs/inference.json, models/model.ts,
-                         scripts/, docs/README.md; see octa3d.bundle): fold ensemble, calibrated
+                         scripts/, docs/README.md; see octa3d.deploy.bundle): fold ensemble, calibrated
       model_fp32.ts      fp32 TorchScript of the model (logits) + model_card.json (classes, preprocessing,
       model_card.json    temperature); with folds one fold-k/ folder each
       report.json        what was exported and the TorchScript-vs-eager check
 
 The source is the experiment's ``train/checkpoints/best.pt``, its fold models, or ``--checkpoint`` (an octa3d
 checkpoint). ``model_fp32.ts`` loads in test/explain/predict (``--checkpoint``) through
-:func:`octa3d.checkpoint.load_any_model`; its card carries the temperature, so the probabilities are calibrated
+:func:`octa3d.checkpoint.models.load_any_model`; its card carries the temperature, so the probabilities are calibrated
 as for the checkpoint. Nothing reads data: no data root is needed.
 """
 
@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
-from octa3d import bundle, model_card
-from octa3d.checkpoint import (CheckpointError, build_classifier, checkpoint_config, find_checkpoints,
-                               load_checkpoint)
+from octa3d.checkpoint import exports
+from octa3d.checkpoint.io import CheckpointError, load_checkpoint
+from octa3d.checkpoint.models import build_classifier, find_checkpoints
+from octa3d.checkpoint.settings import checkpoint_config
 from octa3d.config import Config
+from octa3d.deploy import bundle
 from octa3d.errors import ConfigError
 from octa3d.utils.io import atomic_write_json
 from octa3d.utils.runs import init_run, plan_stage, releases_locks, stage_dir
@@ -45,14 +47,14 @@ def _load(paths: list[tuple[str, Path]]) -> list[tuple[str, Path, dict[str, Any]
     """The checkpoints (octa3d classifier checkpoints only), checked for being one exportable ensemble."""
     out = []
     for name, path in paths:
-        if model_card.is_torchscript(path) or path.suffix.lower() == ".onnx":
+        if exports.is_torchscript(path) or path.suffix.lower() == ".onnx":
             raise ConfigError(f"--checkpoint {path}: --mode export needs an octa3d checkpoint (train/.../best.pt or "
                               "compress/pruned.pt), not an exported file")
         ckpt = load_checkpoint(path, kind="classifier")
         bundle.check_exportable(ckpt, path)
         try:
-            ckpt["temperature"] = model_card.checked_temperature(ckpt.get("temperature"), path)
-        except model_card.CardError as exc:
+            ckpt["temperature"] = exports.checked_temperature(ckpt.get("temperature"), path)
+        except exports.CardError as exc:
             raise CheckpointError(str(exc)) from exc
         if out:
             ref_path, ref = out[0][1], out[0][2]
@@ -73,14 +75,14 @@ def _example(ckpt: dict[str, Any], seed: int) -> torch.Tensor:
 def _write_model(folder: Path, name: str, path: Path, ckpt: dict[str, Any], model: torch.nn.Module,
                  example: torch.Tensor) -> tuple[Path, float]:
     """``model_fp32.ts`` + ``model_card.json`` in ``folder``; returns the file and its max |logit| difference."""
-    card = model_card.build_card(ckpt, path, None)
+    card = exports.build_card(ckpt, path, None)
     card["exported_by"] = "--mode export"
     ts_path = folder / "model_fp32.ts"
-    traced = model_card.save_torchscript_fp32(model, example, ts_path, card)
+    traced = exports.save_torchscript_fp32(model, example, ts_path, card)
     with torch.no_grad():
         diff = float((traced(example) - model(example)).abs().max())
-    model_card.add_artifact(card, ts_path, "torchscript", "fp32", source=name, max_abs_logit_diff=diff)
-    model_card.write_card(card, folder)
+    exports.add_artifact(card, ts_path, "torchscript", "fp32", source=name, max_abs_logit_diff=diff)
+    exports.write_card(card, folder)
     return ts_path, diff
 
 

@@ -3,7 +3,7 @@
 ``PATH`` is one scan, an OCTA-500 folder, a manifest CSV, class folders of 2D images or a plain folder of scans
 (:func:`octa3d.data.sources.discover_input`; labels are optional and reported when the input has them). Each
 subject is read, preprocessed as in training, predicted (calibrated probabilities by default, the experiment's
-fold ensemble when it has folds: :class:`octa3d.inference.Predictor`), explained (``--cam``; ``none`` switches maps
+fold ensemble when it has folds: :class:`octa3d.deploy.api.Predictor`), explained (``--cam``; ``none`` switches maps
 off) and written while only the next one is read ahead (on a second thread, hiding the reading behind the
 forward pass), so memory stays flat for any number of scans.
 
@@ -40,11 +40,12 @@ from typing import Any
 
 from octa3d.config import Config, to_yaml
 from octa3d.data.imagefiles import natural_key, strip_ext
+from octa3d.data.leakage import overlap_checker
 from octa3d.data.sources import discover_input
-from octa3d.data.splits import overlap_checker, read_splits
+from octa3d.data.splits import read_splits
 from octa3d.data.subject import Subject
+from octa3d.deploy.api import Predictor
 from octa3d.errors import ConfigError, DataError
-from octa3d.inference import Predictor
 from octa3d.review import write_predict_review
 from octa3d.utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, safe_name, unique_names
 from octa3d.utils.runs import MARKER, command_line, init_run, releases_locks
@@ -119,7 +120,7 @@ def _seen(ecfg: Config) -> Any:
     """Subject → why it trained/validated the model (its splits and autoencoder extra data), or None."""
     if not (ecfg.run_dir / "splits" / "split.json").is_file():
         return lambda s: None
-    from octa3d.context import ae_extra_subjects
+    from octa3d.data.leakage import ae_extra_subjects
 
     return overlap_checker(read_splits(ecfg.run_dir / "splits"), ae_extra_subjects(ecfg))
 
@@ -189,7 +190,7 @@ def run(cfg: Config) -> dict[str, Any]:
     predictor = Predictor.from_config(cfg)
     ecfg = predictor.cfg
     kind, subjects = discover_input(cfg.eval.input, ecfg.data, ecfg.model.dim)
-    name, settings = output_name(ecfg, cfg.eval.input, [p for _, p, *_ in predictor.models])
+    name, settings = output_name(ecfg, cfg.eval.input, [m.path for m in predictor.models])
     final = ecfg.run_dir / STAGE / name
     init_run(ecfg)  # the experiment's lock: no second run writes this folder
     if (final / MARKER).is_file() and not cfg.run.overwrite:

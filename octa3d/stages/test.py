@@ -2,7 +2,7 @@
 external validation of that classifier on another labelled cohort (``--external PATH``).
 
 The model is ``train/checkpoints/best.pt``, or every ``train/fold-k/checkpoints/best.pt`` (evaluated one by one and
-as an ensemble of averaged probabilities), or ``--checkpoint`` (see :func:`octa3d.checkpoint.find_checkpoints`).
+as an ensemble of averaged probabilities), or ``--checkpoint`` (see :func:`octa3d.checkpoint.models.find_checkpoints`).
 Preprocessing comes from the checkpoint (input size, preprocessing settings, modality), never from the flags of
 this invocation, so a model is always evaluated on inputs made the way it was trained. Only the experiment's
 hold-out subjects are used, and the leakage guard refuses any that trained or validated the model (including
@@ -14,8 +14,8 @@ Outputs in ``runs/<exp>/test/``: ``metrics.json``, ``predictions.csv`` (and ``pr
 
 ``--external PATH`` scores every labelled subject of PATH (an OCTA-500-layout folder, a manifest CSV or 2D class
 folders; its own labels, or ``--labels``) with the experiment's class mapping, after refusing subjects that
-trained, validated or pretrained the model (:func:`octa3d.context.guard_external`), into
-``runs/<exp>/test-external/<name>/`` (:func:`octa3d.context.cohort_name`) with the same files; ``test/`` is
+trained, validated or pretrained the model (:func:`octa3d.data.leakage.guard_external`), into
+``runs/<exp>/test-external/<name>/`` (:func:`octa3d.stages.context.cohort_name`) with the same files; ``test/`` is
 not touched.
 """
 
@@ -28,17 +28,15 @@ from typing import Any
 
 import torch
 
-from octa3d import engine
-from octa3d.cam import cam_backend, check_cam_options
-from octa3d.checkpoint import checkpoint_config, find_checkpoints, load_models, place_models
+from octa3d.checkpoint.models import Models, find_checkpoints, place_models
 from octa3d.config import Config
-from octa3d.context import (experiment_config, external_cohort, external_data_config, guard_external, guard_test_set,
-                            setup_stage)
 from octa3d.data.datasets import DataHandler
+from octa3d.data.leakage import guard_external, guard_test_set
 from octa3d.errors import ConfigError, DataError
-from octa3d.evaluation import Models, evaluate
-from octa3d.evaluation_outputs import print_summary
+from octa3d.evaluation.evaluate import evaluate, models_for_evaluation
+from octa3d.evaluation.outputs import print_summary
 from octa3d.review import write_test_review
+from octa3d.stages.context import experiment_config, external_cohort, external_data_config, setup_stage
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_json
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
@@ -81,12 +79,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if external and not Path(external).expanduser().exists():
         raise DataError(f"--external {external}: no such file or folder (give a labelled cohort: an OCTA-500 folder, "
                         "a manifest CSV with a label column, or 2D class folders)")
-    models, ref = load_models(ckpt_paths)
     # --labels, --skip-unlabeled ... given with --external describe that cohort, not the experiment
-    ecfg = checkpoint_config(experiment_config(cfg) if external else cfg, ref)
-    ecfg.eval.cam = cam_backend(ecfg, models)
-    check_cam_options(ecfg.eval, [m for *_, m in models], list(ref["class_names"]), ecfg.model.model)
-    engine.check_spread_options(ecfg, [m for *_, m in models], list(ref["class_names"]))
+    models, ref, ecfg = models_for_evaluation(cfg, experiment_config(cfg) if external else cfg, ckpt_paths)
     ctx = setup_stage(ecfg)
     device = place_models(models, ctx.device)
     sp = ctx.splits
@@ -104,7 +98,7 @@ def run(cfg: Config) -> dict[str, Any]:
     plan_stage(ecfg, STAGE)  # every option checked: now refuse (RunExistsError) before the scans are read
     subjects = ctx.pick(test_ids)
     log.info("test: %d hold-out subjects, %d model(s) (%s), classes %s", len(test_ids), len(models),
-             ", ".join(n for n, *_ in models), names)
+             ", ".join(m.name for m in models), names)
     counts = Counter(names[sp.labels[i]] for i in test_ids)
     cohort = {"path": str(Path(ecfg.data.data_root).resolve()), "name": "hold-out test split",
               "n_subjects": len(test_ids), "class_counts": {c: counts.get(c, 0) for c in names}}
@@ -141,8 +135,9 @@ def _score(cfg: Config, ecfg: Config, stage: str, models: Models, ref: dict[str,
     handler = DataHandler(ecfg, ctx.label_map)
     handler.warm(subjects)
     with shared_stage_dir(ecfg, stage) as folder:
-        metrics = evaluate(cfg, ecfg, folder.path, models, ref, handler, subjects, list(ctx.splits.class_names),
-                           group_of, wanted, device, "test" if stage == STAGE else "external")
+        metrics = evaluate(ecfg, folder.path, models, ref, handler, subjects, list(ctx.splits.class_names),
+                           group_of, wanted, device, seed=cfg.run.seed,
+                           cohort="test" if stage == STAGE else "external")
         metrics["cohort"] = about["cohort"]
         if dist.is_main():
             atomic_write_json(folder.path / "metrics.json", folder.rebase(metrics))

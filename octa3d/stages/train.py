@@ -3,14 +3,15 @@
 Per fold (``--folds K`` → ``train/fold-k/``): class-weighted cross-entropy, AdamW with warm-up + cosine schedule,
 validation every epoch (accuracy, balanced accuracy, ROC-AUC from probabilities, macro-F1; 2D patches aggregated
 per subject), ``best.pt`` (weights) on ``--monitor``, ``last.pt`` (weights + optimiser/scheduler/RNG state for
-``--resume``) every epoch, early stopping, history.csv, TensorBoard — the loop is :func:`octa3d.engine.fit`.
+``--resume``) every epoch, early stopping, history.csv, TensorBoard — the loop is :func:`octa3d.training.fit.fit`.
 The encoder starts from this experiment's autoencoder (``--init ae``/``auto``) or ``--init-from`` weights (octa3d,
 RETFound, OCTCube or MedicalNet layouts: :mod:`octa3d.model.weights`; the load report goes to the log and to
 ``init_report.json`` in the fold's folder). Model options (``--shortcut-type``, ``--drop-path``) and what the
 ``--init-from`` file requires (ViT patch size, qkv bias ...) are recorded in the checkpoint as ``model_kwargs``.
 Validation scores are reported for every fold (mean ± sd); nothing is retrained until a score is reached and no
 fold is picked on test data. At the end of each fold a temperature is fitted on that fold's validation predictions
-of ``best.pt`` (:func:`octa3d.calibration.fit_temperature`; never on test subjects) and stored in ``best.pt`` as
+of ``best.pt`` (:func:`octa3d.evaluation.calibration.fit_temperature`; never on test subjects) and stored in
+``best.pt`` as
 ``temperature``, which the test stage applies by default.
 """
 
@@ -25,21 +26,39 @@ from typing import Any
 import numpy as np
 import torch
 
-from octa3d import engine, trainer
-from octa3d.calibration import (UNCERTAIN_COVERAGE, apply_temperature, entropy, entropy_threshold,
-                                expected_calibration_error, fit_temperature)
-from octa3d.checkpoint import load_checkpoint, model_record
+from octa3d.checkpoint.io import load_checkpoint, model_record
 from octa3d.config import Config
-from octa3d.context import StageContext, setup_stage
 from octa3d.data.datasets import DataHandler
-from octa3d.data.splits import guard
+from octa3d.data.leakage import guard
 from octa3d.errors import ConfigError, DataError
-from octa3d.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
-from octa3d.model import (create_model, freeze_encoder_stages, get_spec, init_model_kwargs, load_init_weights,
-                          model_options, read_init_file, set_encoder_trainable, transfer_encoder)
+from octa3d.evaluation import forward
+from octa3d.evaluation.calibration import (
+    UNCERTAIN_COVERAGE,
+    apply_temperature,
+    entropy,
+    entropy_threshold,
+    expected_calibration_error,
+    fit_temperature,
+)
+from octa3d.evaluation.figures import confusion_figure
+from octa3d.evaluation.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
+from octa3d.model import (
+    create_model,
+    freeze_encoder_stages,
+    get_spec,
+    init_model_kwargs,
+    load_init_weights,
+    model_options,
+    read_init_file,
+    set_encoder_trainable,
+    transfer_encoder,
+)
 from octa3d.model.weights import InitFile
-from octa3d.optim import build_loss, class_weights
-from octa3d.plots import confusion_figure
+from octa3d.stages.context import StageContext, setup_stage
+from octa3d.training.epoch import StopTraining
+from octa3d.training.fit import FitSpec, fit, resume_config
+from octa3d.training.optim import build_loss, class_weights
+from octa3d.training.precision import Precision, memory_format, wrap
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_torch_save, atomic_write_json
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
@@ -139,7 +158,7 @@ class FreezeSchedule:
         if not frozen and cfg.train.freeze_encoder_stages:
             freeze_encoder_stages(self.model, cfg.model.model, cfg.train.freeze_encoder_stages)
         if frozen != self.frozen:
-            self.net = engine.wrap(self.model, cfg, self.device)
+            self.net = wrap(self.model, cfg, self.device)
             if self.frozen is not None:
                 log.info("epoch %d: encoder unfrozen, training the whole network", epoch + 1)
             self.frozen = frozen
@@ -149,13 +168,13 @@ class FreezeSchedule:
         return self.net
 
 
-def _validator(val_loader: Any, precision: engine.Precision, loss_fn: Any, names: list[str], cfg: Config,
+def _validator(val_loader: Any, precision: Precision, loss_fn: Any, names: list[str], cfg: Config,
                first_epoch: list[int]) -> tuple[Any, Any]:
     """``validate(net)`` and ``epoch_end(...)`` callbacks of :func:`engine.fit` for a classifier."""
     last: dict[str, Any] = {}
 
     def validate(net: torch.nn.Module) -> dict[str, float]:
-        _, y, p, val_loss = engine.predict(net, val_loader, precision, loss_fn)
+        _, y, p, val_loss = forward.predict(net, val_loader, precision, loss_fn)
         last.update(y=y, p=p)
         return {**classification_metrics(y, p), "val_loss": val_loss}
 
@@ -199,8 +218,8 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
     model = create_model(cfg.model.model, cfg.model.dim, cfg.in_channels, len(names), input_size=cfg.input_shape,
                          **kwargs)
     start = "resume" if resuming else initialise(model, cfg, f"fold-{fold}" if sp.n_folds > 1 else "", out)
-    model.to(ctx.device, memory_format=engine.memory_format(cfg))
-    precision = engine.Precision.for_device(ctx.device, cfg.train.amp)
+    model.to(ctx.device, memory_format=memory_format(cfg))
+    precision = Precision.for_device(ctx.device, cfg.train.amp)
     first_epoch = [0]
     validate, epoch_end = _validator(val_loader, precision, build_loss(cfg, weights, reduction="none"), names, cfg,
                                      first_epoch)
@@ -212,7 +231,7 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
         return schedule(epoch)
 
     monitor = cfg.train.monitor
-    spec = trainer.FitSpec(model=model, loss_fn=build_loss(cfg, weights), validate=validate, monitor=monitor,
+    spec = FitSpec(model=model, loss_fn=build_loss(cfg, weights), validate=validate, monitor=monitor,
                           mode="max" if HIGHER_IS_BETTER[monitor] else "min",
                           record={**model_record(cfg, names, "classifier"), "model_kwargs": kwargs},
                           prepare_epoch=prepare_epoch,
@@ -220,14 +239,14 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
                           row_extra=lambda: {"encoder_frozen": bool(schedule.frozen)})
     log.info("train %s fold %d: %d train / %d val subjects, classes %s, start: %s", cfg.model.model, fold,
              len(tr_ids), len(va_ids), names, start)
-    result = trainer.fit(spec, cfg, train_loader, out, ctx.device, name=f"fold {fold}")
+    result = fit(spec, cfg, train_loader, out, ctx.device, name=f"fold {fold}")
     _hparams(out, cfg, start, result.best)
     best = dict(result.best)
     best.update(calibrate_checkpoint(out / "checkpoints" / "best.pt", model, val_loader, precision, va_ids, sp.test))
     return best
 
 
-def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, precision: engine.Precision,
+def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, precision: Precision,
                          val_ids: list[str], test_ids: list[str]) -> dict[str, float]:
     """Fit the temperature of ``path`` (a fold's ``best.pt``) on its validation subjects and store it there.
 
@@ -251,7 +270,7 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
                         f"subjects; re-run --mode prepare for this experiment")
     ckpt = load_checkpoint(path, kind="classifier")
     model.load_state_dict(ckpt["state_dict"])
-    ids, y, probs, _ = engine.predict(model, val_loader, precision)
+    ids, y, probs, _ = forward.predict(model, val_loader, precision)
     if set(ids) & set(test_ids):  # what was actually predicted, not only what was asked for
         raise DataError(f"temperature scaling refused: the validation loader of {path} holds test subjects")
     t = fit_temperature(y, probs)
@@ -294,11 +313,11 @@ def summary_line(summary: dict[str, Any], n_folds: int) -> str:
 def run(cfg: Config) -> dict[str, Any]:
     """Train the classifier on every fold of the experiment; writes ``train/summary.json``.
 
-    ``--resume`` continues the recorded run with its own settings (:func:`octa3d.trainer.resume_config`); the
+    ``--resume`` continues the recorded run with its own settings (:func:`octa3d.training.fit.resume_config`); the
     stage folder is planned (:func:`octa3d.utils.runs.plan_stage`) before anything is written, and finished
     earlier results are replaced only when this run has finished.
     """
-    cfg = trainer.resume_config(cfg, STAGE)
+    cfg = resume_config(cfg, STAGE)
     if not cfg.train.resume:
         model_kwargs(cfg)  # model options and the --init-from file checked before anything is written
     plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched
@@ -311,7 +330,7 @@ def run(cfg: Config) -> dict[str, Any]:
             for k in range(sp.n_folds):
                 fold_out = out / f"fold-{k}" if sp.n_folds > 1 else out
                 per_fold[f"fold-{k}"] = train_fold(cfg, ctx, fold_out, k)
-        except engine.StopTraining as stop:
+        except StopTraining as stop:
             print(f"Training {stop}; last.pt holds the last finished epoch. Continue with: "
                   f"{rerun_command(cfg, ['--resume'], drop=['--max-steps', '--overwrite'])}")
             _read_init_file.cache_clear()

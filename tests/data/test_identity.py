@@ -92,7 +92,7 @@ def test_source_fingerprint_matches_a_copy_anywhere_and_nothing_else(tmp_path):
 def test_content_matches_pairs_subjects_holding_the_same_scan(tmp_path):
     import shutil
 
-    from octa3d.data.identity import content_matches
+    from octa3d.data.leakage import content_matches
     from octa3d.data.subject import Subject
 
     a, b = _slices(tmp_path / "d" / "a"), _slices(tmp_path / "d" / "b", seed=2)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from octa3d.config import Config
+from octa3d.data.leakage import guard, training_overlap
 from octa3d.data.octa500 import subject_from_path
-from octa3d.data.splits import (Splits, guard, labelled_subjects, load_or_make_splits, make_splits, read_splits,
-                                training_overlap, write_splits)
+from octa3d.data.splits import Splits, labelled_subjects, load_or_make_splits, make_splits, read_splits, write_splits
 from octa3d.data.subject import Subject
 from octa3d.data.synthetic import generate
 from octa3d.errors import ConfigError, DataError, LeakageError
@@ -307,7 +307,7 @@ def test_training_overlap_matches_class_folder_ids_under_another_root_and_autoen
     """Issue 16: a predict input of class folders lists ``train/CNV/CNV-21-1`` (or ``CNV/CNV-21-1`` against a split
     made under ``train/``): the same image, matched by file name, for every source type; the autoencoder's extra
     data counts as seen too."""
-    from octa3d.data.splits import overlap_checker
+    from octa3d.data.leakage import overlap_checker
 
     root = kermany(tmp_path / "data", {"NORMAL": [11, 12, 13, 14], "CNV": [21, 22, 23, 24]})
     sp = load_or_make_splits(kermany_cfg(root, tmp_path / "runs"))

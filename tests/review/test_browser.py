@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
-from octa3d import checkpoint
+from octa3d.checkpoint.io import model_record, save_checkpoint
 from octa3d.cli import parse_config
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -51,8 +51,8 @@ def review(tmp_path_factory) -> Path:
     cfg, _ = parse_config(_args(root, "--mode", "prepare"))
     sp = prepare(cfg)
     torch.manual_seed(0)  # an untrained model: its maps (and which are degenerate) must not change between runs
-    checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", create_model("cnn", "3d", 1, 2),
-                               checkpoint.model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
+    save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", create_model("cnn", "3d", 1, 2),
+                               model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
     test(parse_config(_args(root, "--mode", "test", "--cam", "gradcam", "--faithfulness-subjects", "0"))[0])
     page = root / "runs" / "e" / "test" / "review" / "index.html"
     assert page.is_file()

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from octa3d.stages import ae_pretrain, train
+from octa3d.checkpoint.io import load_checkpoint
 from octa3d.cli import parse_config
 from octa3d.data.synthetic import generate
-from octa3d.checkpoint import load_checkpoint
 from octa3d.errors import ConfigError, LeakageError
+from octa3d.stages import ae_pretrain, train
 
 
 @pytest.fixture(scope="module")

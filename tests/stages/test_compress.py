@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from octa3d.cam.backends import check_cam_capable
+from octa3d.checkpoint import exports
+from octa3d.checkpoint.io import CheckpointError
+from octa3d.checkpoint.models import load_any_model
 from octa3d.cli import main as cli_main
 from octa3d.cli import parse_config
-from octa3d import model_card
-from octa3d.checkpoint import check_cam_capable, load_any_model
-from octa3d.stages.compress import export, pruning, quantize
-from octa3d.stages.compress import report as report_mod
-from octa3d.checkpoint import CheckpointError
 from octa3d.errors import ConfigError, RunExistsError
 from octa3d.model import create_model
+from octa3d.stages.compress import export, pruning, quantize
+from octa3d.stages.compress import report as report_mod
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +65,7 @@ def test_qat_quantizes_conv3d_and_torchscript_matches_in_process(backend, tmp_pa
     with quantize.quantized_engine(quantize.packing_engine(backend)), torch.no_grad():
         ref = converted(x)
     assert ref.shape == (4, 2) and torch.isfinite(ref).all()
-    card = {"format": model_card.CARD_FORMAT, "quantized_engine": backend, "record": {"class_names": ["a", "b"]},
+    card = {"format": exports.CARD_FORMAT, "quantized_engine": backend, "record": {"class_names": ["a", "b"]},
             "artifacts": {"m.pt": {"precision": "int8"}}}
     export.save_torchscript(converted, x[:1], tmp_path / "m.pt", card, backend)
     # without octa3d: the engine named in the card, then torch.jit.load (card embedded in the file)
@@ -113,7 +114,7 @@ def test_onnx_exports_match_the_float_model(tmp_path):
     model = tiny_cnn().eval()
     x = torch.rand(3, 1, 16, 16, 16)
     export.export_onnx(model, x[:1], tmp_path / "model.onnx")
-    onnx_fp32 = model_card.OnnxModule(tmp_path / "model.onnx", threads=1)
+    onnx_fp32 = exports.OnnxModule(tmp_path / "model.onnx", threads=1)
     with torch.no_grad():
         ref = torch.softmax(model(x), 1)
         torch.testing.assert_close(torch.softmax(onnx_fp32(x), 1), ref, atol=1e-4, rtol=0)  # dynamic batch
@@ -124,7 +125,7 @@ def test_onnx_exports_match_the_float_model(tmp_path):
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "model_int8.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
-    q = torch.softmax(model_card.OnnxModule(tmp_path / "model_int8.onnx", threads=1)(x), 1)
+    q = torch.softmax(exports.OnnxModule(tmp_path / "model_int8.onnx", threads=1)(x), 1)
     assert (q - ref).abs().max() < 0.1
 
 
@@ -152,8 +153,8 @@ def test_untrained_experiment_names_missing_checkpoint_and_command(tmp_path, cap
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """A tiny trained experiment (cnn, 16^3, 1 epoch) compressed with 2 pruning rounds and 1 QAT epoch."""
-    from octa3d.stages import compress, train
     from octa3d.data.synthetic import generate
+    from octa3d.stages import compress, train
 
     root = tmp_path_factory.mktemp("compress")
     generate(root / "data", n_subjects=24, shape=(16, 32, 16), seed=0)
@@ -324,7 +325,7 @@ def test_torchao_qat_keeps_pruning_and_the_int8_file_matches(tmp_path):
         ref, ours = qat_float(x), converted(x)
         theirs = linear_quant.torchao_int8(qat_float)(x)
     assert (ours - ref).abs().max() < 0.1 and (theirs - ref).abs().max() < 0.1
-    card = {"format": model_card.CARD_FORMAT, "quantized_engine": "x86", "record": {"class_names": ["a", "b"]},
+    card = {"format": exports.CARD_FORMAT, "quantized_engine": "x86", "record": {"class_names": ["a", "b"]},
             "artifacts": {"m.pt": {"precision": "int8"}}}
     export.save_torchscript(converted, x[:1], tmp_path / "m.pt", card, "x86")
     loaded, _, is_q = load_any_model(tmp_path / "m.pt")

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from octa3d import checkpoint
-from octa3d.checkpoint import CheckpointError
+from octa3d.checkpoint.io import CheckpointError, model_record, save_checkpoint
 from octa3d.cli import parse_config
 from octa3d.errors import RunExistsError
 
@@ -23,16 +22,16 @@ def _explain_args(tmp_path: Path, *extra: str) -> list[str]:
 
 
 def test_explain_single_nifti(tmp_path, capsys, nifti_scan, same_geometry):
-    from octa3d.stages.explain import run
     from octa3d.model import create_model
+    from octa3d.stages.explain import run
 
     src, vol = nifti_scan(tmp_path / "scanA.nii.gz")
     args = _explain_args(tmp_path, "--input", str(src))
     cfg, _ = parse_config(args)
     with pytest.raises(CheckpointError, match="no trained model"):
         run(cfg)
-    checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", create_model("cnn", "3d", 1, 2),
-                           checkpoint.model_record(cfg, ["NORMAL", "CNV"], "classifier"), epoch=1, config=cfg)
+    save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", create_model("cnn", "3d", 1, 2),
+                           model_record(cfg, ["NORMAL", "CNV"], "classifier"), epoch=1, config=cfg)
     res = run(cfg)
     out = Path(res["folder"])
     assert out.parent == tmp_path / "runs" / "e" / "explain" and out.name.startswith("scanA_layercam_")
@@ -63,9 +62,9 @@ def test_explain_single_nifti(tmp_path, capsys, nifti_scan, same_geometry):
 def _model(cfg) -> None:
     from octa3d.model import create_model
 
-    checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt",
+    save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt",
                                create_model("cnn", "3d", cfg.in_channels, 2),
-                               checkpoint.model_record(cfg, ["NORMAL", "CNV"], "classifier"), epoch=1, config=cfg)
+                               model_record(cfg, ["NORMAL", "CNV"], "classifier"), epoch=1, config=cfg)
 
 
 def test_explain_refuses_an_existing_folder_before_reading_the_scan(tmp_path, monkeypatch, nifti_scan):

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from octa3d import checkpoint
-from octa3d.bundle_scripts import transforms as bundle_transforms
-from octa3d.calibration import apply_temperature
+from octa3d.checkpoint.io import model_record, save_checkpoint
+from octa3d.checkpoint.models import load_any_model
+from octa3d.checkpoint.settings import checkpoint_config
 from octa3d.cli import parse_config
+from octa3d.deploy.bundle_scripts import transforms as bundle_transforms
 from octa3d.errors import ConfigError, RunExistsError
 
 #: probabilities of the bundle vs octa3d (float32 preprocessing in another order of operations: ~1e-7 seen)
@@ -43,24 +44,25 @@ def _checkpoint(cfg, path: Path, temperature: float | None, seed: int) -> None:
     with torch.no_grad():  # an untrained net predicts ~0.5 everywhere: sharpen it so that the comparison bites
         for p in model.parameters():
             p.mul_(3.0)
-    record = checkpoint.model_record(cfg, ["NORMAL", "CNV"], "classifier")
+    record = model_record(cfg, ["NORMAL", "CNV"], "classifier")
     if temperature is not None:
         record["temperature"] = temperature
-    checkpoint.save_checkpoint(path, model, record, epoch=1, config=cfg)
+    save_checkpoint(path, model, record, epoch=1, config=cfg)
 
 
 def _octa3d_probs(cfg, scan: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """What octa3d's test/explain compute: the checkpoint's preprocessing, calibrated fold average."""
-    from octa3d import engine
+    """What octa3d's test/explain/predict compute, through the API's forward and calibration (the float32
+    preprocessed input, as the bundle sees it): each checkpoint calibrated with its temperature, then averaged."""
+    import octa3d
     from octa3d.data.presets import build_preset
     from octa3d.data.sources import subject_from_path
 
     probs = []
     for path in paths:
-        model, rec, _ = checkpoint.load_any_model(path)
-        ecfg = checkpoint.checkpoint_config(cfg, rec)
+        predictor = octa3d.load(path, device="cpu", cam="none")
+        ecfg = checkpoint_config(cfg, load_any_model(path)[1])
         x, _ = build_preset(ecfg).preprocess(subject_from_path(str(scan), ecfg.data))
-        probs.append(apply_temperature(engine.predict_samples([model], x[None], "cpu")[None], rec["temperature"])[0])
+        probs.append(predictor.combine("scan", predictor.forward(x[None])).probs)
     return np.mean(probs, axis=0), x
 
 
@@ -125,12 +127,12 @@ def test_bundle_run_reproduces_octa3d_probabilities(tmp_path, nifti_scan):
     assert meta["octa3d"]["temperatures"] == {"best": 1.7}
 
     # the fp32 TorchScript + card: loaded as test/explain load it, temperature in the record, same logits
-    ts, rec, is_q = checkpoint.load_any_model(out / "model_fp32.ts")
+    ts, rec, is_q = load_any_model(out / "model_fp32.ts")
     assert not is_q and rec["artifact_format"] == "torchscript" and rec["temperature"] == 1.7
     card = json.loads((out / "model_card.json").read_text())
     assert card["temperature"] == 1.7 and card["quantized_engine"] is None
     assert card["artifacts"]["model_fp32.ts"]["precision"] == "fp32"
-    eager, _, _ = checkpoint.load_any_model(best)
+    eager, _, _ = load_any_model(best)
     xt = torch.from_numpy(x[None])
     with torch.no_grad():
         torch.testing.assert_close(ts(xt), eager(xt), atol=1e-5, rtol=1e-5)
@@ -150,7 +152,7 @@ def test_fold_ensemble_bundle_averages_calibrated_folds(tmp_path, nifti_scan):
     out = cfg.run_dir / "export"
     assert rep["temperatures"] == {"fold-0": 0.5, "fold-1": None}
     for k, t in enumerate((0.5, None)):
-        _, rec, _ = checkpoint.load_any_model(out / f"fold-{k}" / "model_fp32.ts")
+        _, rec, _ = load_any_model(out / f"fold-{k}" / "model_fp32.ts")
         assert rec.get("temperature") == t
     bundle = out / "bundle"
     parser = _bundle_parser(bundle)
@@ -164,7 +166,7 @@ def test_fold_ensemble_bundle_averages_calibrated_folds(tmp_path, nifti_scan):
     xt = torch.as_tensor(np.asarray(d["image"]))[None].float()
     with torch.no_grad():
         got = post({"pred": net(xt)[0]})["pred"].numpy()
-        want = np.mean([torch.softmax(checkpoint.load_any_model(p)[0](xt) / (t or 1.0), 1)[0].numpy()
+        want = np.mean([torch.softmax(load_any_model(p)[0](xt) / (t or 1.0), 1)[0].numpy()
                         for p, t in zip(paths, (0.5, None))], axis=0)
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert not (out / "model_fp32.ts").exists() and (out / "fold-1" / "model_card.json").is_file()

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from octa3d import checkpoint
-from octa3d.calibration import apply_temperature
+from octa3d.checkpoint.io import load_checkpoint, model_record, save_checkpoint
 from octa3d.cli import parse_config
+from octa3d.evaluation.calibration import apply_temperature
+from octa3d.utils.io import atomic_torch_save
 
 LAYER = "features.block3.act"
 
@@ -24,10 +25,10 @@ LAYER = "features.block3.act"
 def _save_model(cfg, classes, path: Path, temperature: float | None = 2.0, dim: str = "3d") -> None:
     from octa3d.model import create_model
 
-    rec = checkpoint.model_record(cfg, classes, "classifier")
+    rec = model_record(cfg, classes, "classifier")
     if temperature is not None:
         rec.update(temperature=temperature, entropy_threshold=0.6, entropy_threshold_raw=0.6)
-    checkpoint.save_checkpoint(path, create_model("cnn", dim, 1, len(classes)), rec, epoch=1, config=cfg)
+    save_checkpoint(path, create_model("cnn", dim, 1, len(classes)), rec, epoch=1, config=cfg)
 
 
 @pytest.fixture(scope="module")
@@ -176,9 +177,9 @@ def test_fold_ensemble_averages_calibrated_members(private_copy, experiment, tmp
                       dtype={"subject": str})[["p_raw_NORMAL", "p_raw_CNV"]].to_numpy()
     for k, t in ((0, 1.5), (1, 4.0)):
         (train / f"fold-{k}" / "checkpoints").mkdir(parents=True)
-        ck = checkpoint.load_checkpoint(best)
+        ck = load_checkpoint(best)
         ck["temperature"] = t
-        checkpoint.atomic_torch_save(ck, train / f"fold-{k}" / "checkpoints" / "best.pt")
+        atomic_torch_save(ck, train / f"fold-{k}" / "checkpoints" / "best.pt")
     shutil.rmtree(train / "checkpoints")
     s = _run(root, root / "data", "--cam", "none")
     assert list(s["checkpoints"]) == ["fold-0", "fold-1"] and s["temperature"] == {"fold-0": 1.5, "fold-1": 4.0}

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from octa3d import checkpoint
+from octa3d.checkpoint.io import CheckpointError, load_checkpoint, model_record, save_checkpoint
+from octa3d.checkpoint.models import find_checkpoints
 from octa3d.cli import parse_config
-from octa3d.checkpoint import CheckpointError
 from octa3d.errors import ConfigError, LeakageError, RunExistsError
-from octa3d.metrics import bootstrap_ci, evaluation_metrics, fast_scores
-from octa3d.checkpoint import find_checkpoints
+from octa3d.evaluation.metrics import bootstrap_ci, evaluation_metrics, fast_scores
+from octa3d.utils.io import atomic_torch_save
 
 # ------------------------------------------------------------------------------------ fixed binary example
 #   true:  0    0    0    0    0    1    1    1     1    1
@@ -110,9 +110,9 @@ def experiment(tmp_path_factory):
     """12 synthetic eyes (NORMAL/CNV, 16x32x16), splits, and an untrained cnn saved as train/best.pt."""
     import torch
 
-    from octa3d.stages.prepare import run as prepare
     from octa3d.data.synthetic import generate
     from octa3d.model import create_model
+    from octa3d.stages.prepare import run as prepare
 
     root = tmp_path_factory.mktemp("exp")
     generate(root / "data", 12, (16, 32, 16), seed=0, classes=("NORMAL", "CNV"))
@@ -120,8 +120,8 @@ def experiment(tmp_path_factory):
     sp = prepare(cfg)
     torch.manual_seed(0)  # the same untrained model in every run of the tests
     model = create_model("cnn", "3d", 1, 2)
-    checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", model,
-                           checkpoint.model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
+    save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", model,
+                           model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
     return root
 
 
@@ -171,9 +171,9 @@ def test_test_stage_outputs(private_copy, experiment, tmp_path, capsys):
 
 
 def test_checkpoint_config_takes_preprocessing_from_the_checkpoint(experiment):
-    from octa3d.checkpoint import checkpoint_config
+    from octa3d.checkpoint.settings import checkpoint_config
 
-    ckpt = checkpoint.load_checkpoint(experiment / "runs" / "e" / "train" / "checkpoints" / "best.pt", "classifier")
+    ckpt = load_checkpoint(experiment / "runs" / "e" / "train" / "checkpoints" / "best.pt", "classifier")
     base = ["--runs-dir", str(experiment / "runs"), "--exp", "e", "--mode", "test", "--bootstrap", "7"]
     # flags that contradict the trained model are errors naming the model's value, all at once
     bad, _ = parse_config([*base, "--model", "resnet18", "--input-size", "64", "--modality", "OCT",
@@ -270,7 +270,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(private_copy, experiment, tmp_path, monkeypatch):
     """Item 5: --overwrite with a CAM layer or class the model does not have is refused before test/ is touched,
     and a run that fails while writing (disk full) leaves the earlier results complete, with no partial folder."""
-    from octa3d import evaluation_outputs
+    from octa3d.evaluation import outputs
     from octa3d.stages import test as test_stage
 
     root = private_copy(experiment)
@@ -293,7 +293,7 @@ def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(private_copy,
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as m:
-        m.setattr(evaluation_outputs, "save_figure", full)
+        m.setattr(outputs, "save_figure", full)
         with pytest.raises(OSError, match="No space"):
             test_stage.run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
     unchanged()
@@ -305,13 +305,13 @@ def test_overwrite_with_bad_flags_or_a_full_disk_keeps_the_results(private_copy,
 def test_a_failed_attempt_never_blocks_the_retry(private_copy, experiment, tmp_path, monkeypatch):
     """Item 6: a crash mid-run (or the config.yaml/command.txt an earlier version wrote before failing) is no
     result: the retry needs no --overwrite."""
-    from octa3d import evaluation_outputs
+    from octa3d.evaluation import outputs
     from octa3d.stages import test as test_stage
 
     root = private_copy(experiment)
     out = root / "runs" / "e" / "test"
     with monkeypatch.context() as m:
-        m.setattr(evaluation_outputs, "save_figure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+        m.setattr(outputs, "save_figure", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
         with pytest.raises(RuntimeError, match="crash"):
             test_stage.run(parse_config(_args(root, "--mode", "test"))[0])
     out.mkdir(exist_ok=True)
@@ -323,13 +323,13 @@ def test_a_failed_attempt_never_blocks_the_retry(private_copy, experiment, tmp_p
 
 # ------------------------------------------------------------------------------------ issue 17: temperature
 def _set_temperature(path: Path, t: float) -> None:
-    ck = checkpoint.load_checkpoint(path)
+    ck = load_checkpoint(path)
     ck["temperature"] = t
-    checkpoint.atomic_torch_save(ck, path)
+    atomic_torch_save(ck, path)
 
 
 def test_temperature_scaled_probabilities_by_default_and_per_fold_in_an_ensemble(private_copy, experiment, tmp_path):
-    from octa3d.calibration import apply_temperature
+    from octa3d.evaluation.calibration import apply_temperature
     from octa3d.stages.test import run
 
     root = private_copy(experiment)
@@ -372,10 +372,10 @@ def _perturb(path: Path) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    ck = checkpoint.load_checkpoint(path)
+    ck = load_checkpoint(path)
     ck["state_dict"] = {k: v + 0.1 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
                         for k, v in ck["state_dict"].items()}
-    checkpoint.atomic_torch_save(ck, path)
+    atomic_torch_save(ck, path)
 
 
 def test_tta_spread_is_deterministic_with_the_seed_and_mc_dropout_samples(private_copy, experiment, tmp_path, capsys):
@@ -407,7 +407,7 @@ def test_tta_spread_is_deterministic_with_the_seed_and_mc_dropout_samples(privat
 
 
 def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(private_copy, experiment, tmp_path, capsys):
-    from octa3d.calibration import entropy
+    from octa3d.evaluation.calibration import entropy
     from octa3d.stages.test import run
 
     root = private_copy(experiment)
@@ -421,9 +421,9 @@ def test_uncertain_flag_uses_the_validation_threshold_of_the_checkpoint(private_
     assert np.allclose(e, entropy(pred[["p_NORMAL", "p_CNV"]].to_numpy()), atol=1e-5)
     assert first["uncertainty"]["aurc_entropy"] == pytest.approx(first["aurc"])  # binary: same ranking
     thr = float(np.median(e))
-    ck = checkpoint.load_checkpoint(best)
+    ck = load_checkpoint(best)
     ck.update(entropy_threshold=thr, entropy_threshold_raw=thr, uncertainty_coverage=0.9)
-    checkpoint.atomic_torch_save(ck, best)
+    atomic_torch_save(ck, best)
     m = run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
     pred = pd.read_csv(root / "runs" / "e" / "test" / "predictions.csv", dtype={"subject": str})
     flagged = pred["uncertain"].astype(bool)
@@ -448,8 +448,8 @@ def test_tta_on_a_multi_class_model_is_refused_not_ignored(private_copy, experim
     root = private_copy(experiment)
     cfg, _ = parse_config(_args(root, "--mode", "test"))
     ckpt = root / "three.pt"
-    checkpoint.save_checkpoint(ckpt, create_model("cnn", "3d", 1, 3),
-                               checkpoint.model_record(cfg, ["NORMAL", "CNV", "AMD"], "classifier"), epoch=1, config=cfg)
+    save_checkpoint(ckpt, create_model("cnn", "3d", 1, 3),
+                               model_record(cfg, ["NORMAL", "CNV", "AMD"], "classifier"), epoch=1, config=cfg)
     with pytest.raises(ConfigError, match="binary models; this model has 3 classes"):
         run(parse_config(_args(root, "--mode", "test", "--checkpoint", str(ckpt), "--tta", "2"))[0])
     assert not (root / "runs" / "e" / "test").exists()

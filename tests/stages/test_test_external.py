@@ -12,12 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from octa3d import checkpoint
+from octa3d.checkpoint.io import model_record, save_checkpoint
 from octa3d.cli import main, parse_config
-from octa3d.context import cohort_name, experiment_config, external_data_config, guard_external
+from octa3d.data.leakage import guard_external
 from octa3d.data.stratify import Splits
 from octa3d.data.subject import Subject
 from octa3d.errors import ConfigError, DataError, LeakageError
+from octa3d.stages.context import cohort_name, experiment_config, external_data_config
 
 
 def _args(root: Path, *extra: str) -> list[str]:
@@ -39,8 +40,8 @@ def experiment(tmp_path_factory):
     cfg, _ = parse_config(_args(root, "--mode", "prepare"))
     sp = prepare(cfg)
     model = create_model("cnn", "3d", 1, 2)
-    checkpoint.save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", model,
-                               checkpoint.model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
+    save_checkpoint(cfg.run_dir / "train" / "checkpoints" / "best.pt", model,
+                               model_record(cfg, sp.class_names, "classifier"), epoch=1, config=cfg)
     test(parse_config(_args(root, "--mode", "test"))[0])
     assert main(["--mode", "synth", "--data-root", str(root / "site2" / "cohort"), "--seed", "1",
                  "--n-subjects", "12", "--shape", "16,32,16"]) == 0
@@ -52,12 +53,12 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_disjoint_cohort_is_scored_into_test_external(experiment, capsys, caplog, monkeypatch):
-    from octa3d import evaluation_outputs
+    from octa3d.evaluation import outputs
     from octa3d.stages.test import run
 
     titles: list[str] = []  # the figures name their cohort: a PNG pasted into a paper says what it shows
-    real = evaluation_outputs.confusion_figure
-    monkeypatch.setattr(evaluation_outputs, "confusion_figure",
+    real = outputs.confusion_figure
+    monkeypatch.setattr(outputs, "confusion_figure",
                         lambda cm, names, title: titles.append(title) or real(cm, names, title))
 
     cohort = experiment / "site2" / "cohort"

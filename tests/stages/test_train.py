@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from octa3d.stages import train as train_mod
+from octa3d.checkpoint.io import load_checkpoint
 from octa3d.cli import parse_config
-from octa3d.checkpoint import load_checkpoint
 from octa3d.errors import ConfigError, DataError, RunExistsError
-from octa3d.optim import FocalLoss, class_weights
+from octa3d.stages import train as train_mod
+from octa3d.training.optim import FocalLoss, class_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -188,7 +188,8 @@ import torch
 import torch.distributed as tdist
 from octa3d.stages import train as train_mod
 from octa3d.data.datasets import EpochSampler
-from octa3d.engine import Precision, predict
+from octa3d.evaluation.forward import predict
+from octa3d.training.precision import Precision
 
 tdist.init_process_group("gloo")
 rank, world = tdist.get_rank(), tdist.get_world_size()
@@ -262,11 +263,11 @@ def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
 
 # ------------------------------------------------------------------------------------ issue 17: temperature
 def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, monkeypatch):
-    from octa3d import calibration, engine
+    from octa3d.evaluation import calibration, forward
 
     seen: list[str] = []
     fits: list[int] = []
-    real_predict, real_fit = engine.predict, calibration.fit_temperature
+    real_predict, real_fit = forward.predict, calibration.fit_temperature
 
     def spy_predict(model, loader, *a, **kw):
         out = real_predict(model, loader, *a, **kw)
@@ -280,7 +281,7 @@ def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, 
         val_probs.append(np.asarray(probs))
         return real_fit(y, probs)
 
-    monkeypatch.setattr(engine, "predict", spy_predict)
+    monkeypatch.setattr(forward, "predict", spy_predict)
     monkeypatch.setattr(train_mod, "fit_temperature", spy_fit)
     cfg, _ = cfg_for(blob_root, tmp_path, "temp", "--folds", "2", "--epochs", "1")
     summary = train_mod.run(cfg)
@@ -394,7 +395,8 @@ def _medicalnet_file(path: Path, drop: str | None = None) -> Path:
 
 
 def test_init_from_medicalnet_report_layer_decay_and_rebuild(blob_root, tmp_path):
-    from octa3d.checkpoint import build_classifier, checkpoint_config
+    from octa3d.checkpoint.models import build_classifier
+    from octa3d.checkpoint.settings import checkpoint_config
 
     weights = _medicalnet_file(tmp_path / "resnet_18_23dataset.pth")
     cfg, _ = cfg_for(blob_root, tmp_path, "mednet", "--model", "resnet18", "--init-from", str(weights),

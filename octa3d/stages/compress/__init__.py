@@ -10,8 +10,8 @@ Modules:
     measure    hold-out metrics, interleaved CPU latency, serialized sizes
     report     report.json / report.md / confusion_matrices.png
 
-Other stages read the files back with :func:`octa3d.checkpoint.load_any_model` (model card:
-:mod:`octa3d.model_card`).
+Other stages read the files back with :func:`octa3d.checkpoint.models.load_any_model` (model card:
+:mod:`octa3d.checkpoint.exports`).
 """
 
 from octa3d.stages.compress.stage import STAGE, run

@@ -1,10 +1,11 @@
-"""Writers of the deployable files of ``--mode compress`` (read back by :func:`octa3d.checkpoint.load_any_model`).
+"""Writers of the deployable files of ``--mode compress`` (read back by
+:func:`octa3d.checkpoint.models.load_any_model`).
 
 Files (all in ``runs/<exp>/compress/``, written atomically):
 
 * ``model_int8.pt``: TorchScript (``torch.jit.trace``) of the FX-converted int8 model; the model card is embedded
   as the extra file ``model_card.json``.
-* ``model_fp32.pt``: TorchScript of the pruned fp32 model (:func:`octa3d.model_card.save_torchscript_fp32`).
+* ``model_fp32.pt``: TorchScript of the pruned fp32 model (:func:`octa3d.checkpoint.exports.save_torchscript_fp32`).
 * ``model.onnx``: the pruned fp32 model, ``torch.onnx.export(dynamo=False, opset_version=17)``, dynamic batch.
 * ``model_int8.onnx``: onnxruntime static QDQ quantization of ``model.onnx`` (int8 weights per channel, int8
   activations), calibrated on training samples.
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from octa3d.model_card import CARD_NAME, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, quantized_engine
+from octa3d.checkpoint.exports import CARD_NAME, INPUT_NAME, ONNX_OPSET, OUTPUT_NAME, quantized_engine
 from octa3d.stages.compress.quantize import packing_engine, quiet
 from octa3d.utils.io import atomic_path
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from octa3d.model_card import quantized_engine
+from octa3d.checkpoint.exports import quantized_engine
 from octa3d.stages.compress.quantize import packing_engine, quiet
 
 log = logging.getLogger("octa3d.compress")

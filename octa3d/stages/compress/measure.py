@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from octa3d.evaluation.forward import predict
+from octa3d.evaluation.metrics import classification_metrics, confusion
 from octa3d.stages.compress.quantize import engine_candidates, packing_engine, quantized_engine, quiet
-from octa3d.engine import Precision, predict
-from octa3d.metrics import classification_metrics, confusion
+from octa3d.training.precision import Precision
 
 log = logging.getLogger("octa3d.compress")
 
@@ -69,7 +70,7 @@ def latency(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, t
     """Per-call CPU latency (batch of ``x``), interleaved across models.
 
     Args:
-        models: name → callable taking ``x`` (PyTorch, TorchScript or :class:`~octa3d.model_card.OnnxModule`
+        models: name → callable taking ``x`` (PyTorch, TorchScript or :class:`~octa3d.checkpoint.exports.OnnxModule`
             built with the same thread count).
         x: the input (the same tensor for every model and call).
         threads: ``torch.set_num_threads`` during the measurement (restored afterwards).

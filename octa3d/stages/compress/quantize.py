@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from octa3d.checkpoint.exports import quantized_engine  # noqa: F401  (re-exported: the stage sets engines through it)
 from octa3d.errors import Octa3dError
-from octa3d.model_card import quantized_engine  # noqa: F401  (re-exported: the stage sets engines through it)
 
 log = logging.getLogger("octa3d.compress")
 

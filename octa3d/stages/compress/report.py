@@ -167,7 +167,7 @@ def _torchao_lines(q: dict[str, Any]) -> list[str]:
 
 def confusion_png(path: Path, class_names: list[str], cms: dict[str, Any]) -> Path:
     """Confusion matrices side by side (rows true, columns predicted), written atomically."""
-    from octa3d.plots import confusion_figures, save_figure
+    from octa3d.evaluation.figures import confusion_figures, save_figure
 
     return save_figure(confusion_figures(cms, class_names), path)
 

@@ -2,10 +2,10 @@
 
 The source is the experiment's ``train/checkpoints/best.pt`` (or ``--checkpoint``). Data, label and preprocessing
 settings come from that checkpoint, so inputs are made exactly as in training; training settings (loss,
-optimiser, batch size, lr) too, unless given explicitly (:func:`octa3d.checkpoint.checkpoint_config`).
+optimiser, batch size, lr) too, unless given explicitly (:func:`octa3d.checkpoint.settings.checkpoint_config`).
 Fine-tuning and QAT use the training split of the checkpoint's fold with the shared training loop
-(:func:`octa3d.engine.train_one_epoch`), validation subjects are only monitored, and the hold-out test subjects
-are only evaluated (both checked by :func:`octa3d.data.splits.guard`).
+(:func:`octa3d.training.epoch.train_one_epoch`), validation subjects are only monitored, and the hold-out test subjects
+are only evaluated (both checked by :func:`octa3d.data.leakage.guard`).
 """
 
 from __future__ import annotations
@@ -22,17 +22,21 @@ import pandas as pd
 import torch
 from torch import nn
 
-from octa3d import engine, model_card
-from octa3d.checkpoint import (CheckpointError, build_classifier, checkpoint_config, fold_of, load_any_model,
-                               load_checkpoint, model_record, save_checkpoint)
+from octa3d.checkpoint import exports
+from octa3d.checkpoint.io import CheckpointError, load_checkpoint, model_record, save_checkpoint
+from octa3d.checkpoint.models import build_classifier, fold_of, load_any_model
+from octa3d.checkpoint.settings import checkpoint_config
 from octa3d.config import Config, to_dict
-from octa3d.context import StageContext, setup_stage
 from octa3d.data.datasets import DataHandler
-from octa3d.data.splits import guard
+from octa3d.data.leakage import guard
 from octa3d.errors import ConfigError, DataError
-from octa3d.metrics import classification_metrics
-from octa3d.optim import build_loss, build_optimizer, class_weights
+from octa3d.evaluation import forward
+from octa3d.evaluation.metrics import classification_metrics
 from octa3d.stages.compress import export, linear_quant, measure, pruning, quantize, report
+from octa3d.stages.context import StageContext, setup_stage
+from octa3d.training.epoch import StepPolicy, train_one_epoch
+from octa3d.training.optim import build_loss, build_optimizer, class_weights
+from octa3d.training.precision import Precision
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_write_csv
 from octa3d.utils.runs import StageFolder, plan_stage, releases_locks, stage_dir
@@ -112,18 +116,18 @@ def fine_tune(job: Job, model: nn.Module, epochs: int, phase: str) -> list[dict[
     tcfg.train.lr = cfg.train.lr * FINETUNE_LR_FACTOR
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tcfg)
-    precision = engine.Precision(device, None, None)  # fake-quantized modules train in fp32
-    policy = engine.StepPolicy(cfg.train.accum_steps, cfg.train.clip_grad)
+    precision = Precision(device, None, None)  # fake-quantized modules train in fp32
+    policy = StepPolicy(cfg.train.accum_steps, cfg.train.clip_grad)
     rows = []
     for e in range(epochs):
         job.loaders["train"].sampler.set_epoch(job.epoch + e)  # a new shuffle per epoch across phases
         model.train()
         t0 = time.perf_counter()
-        train_loss, _, _, _ = engine.train_one_epoch(
+        train_loss, _, _, _ = train_one_epoch(
             model, job.loaders["train"], job.loss_fns[0], optimizer, None, precision, params, policy, step=0,
             desc=f"compress {phase} epoch {e + 1}/{epochs}")
         with quantize.quiet():
-            _, yv, pv, vloss = engine.predict(model, job.loaders["val"], precision, job.loss_fns[1])
+            _, yv, pv, vloss = forward.predict(model, job.loaders["val"], precision, job.loss_fns[1])
         row = {"phase": phase, "epoch": e + 1, "train_loss": train_loss, "val_loss": vloss,
                **{f"val_{k}": v for k, v in classification_metrics(yv, pv).items()},
                "seconds": time.perf_counter() - t0}
@@ -272,27 +276,27 @@ def _export(job: Job, model: nn.Module, converted: nn.Module, sparsity: dict[str
     if engine_ms:
         log.info("int8 engine: %s (median ms at batch 1: %s)", runtime_engine,
                  ", ".join(f"{k} {v:.1f}" for k, v in engine_ms.items()))
-    card = model_card.build_card({**_record(job, sparsity), "config": to_dict(job.cfg)}, job.src, runtime_engine)
+    card = exports.build_card({**_record(job, sparsity), "config": to_dict(job.cfg)}, job.src, runtime_engine)
     paths = {"int8": out / "model_int8.pt", "onnx_fp32": out / "model.onnx", "onnx_int8": out / "model_int8.onnx",
              "ts_fp32": out / "model_fp32.pt"}
     if card.get("temperature") is not None:
         card["temperature_note"] = "fitted on the source checkpoint's validation split, before pruning and QAT"
     export.save_torchscript(converted, job.example, paths["int8"], card, c.qbackend)
-    traced = model_card.save_torchscript_fp32(copy.deepcopy(model), job.example, paths["ts_fp32"], card)
+    traced = exports.save_torchscript_fp32(copy.deepcopy(model), job.example, paths["ts_fp32"], card)
     with torch.no_grad():
         fp32_diff = float((traced(job.example.cpu()) - model(job.example.cpu())).abs().max())
     export.export_onnx(model, job.example, paths["onnx_fp32"])
     onnx_q = export.quantize_onnx(paths["onnx_fp32"], paths["onnx_int8"], [x.numpy() for x in job.calib])
-    model_card.add_artifact(card, out / "pruned.pt", "octa3d-checkpoint", "fp32", sparsity=sparsity["weights"])
-    model_card.add_artifact(card, paths["int8"], "torchscript", "int8", quantized_engine=runtime_engine,
+    exports.add_artifact(card, out / "pruned.pt", "octa3d-checkpoint", "fp32", sparsity=sparsity["weights"])
+    exports.add_artifact(card, paths["int8"], "torchscript", "int8", quantized_engine=runtime_engine,
                             sparsity=sparsity_int8["weights"],
                             quantization=("torchao QAT of nn.Linear, then PyTorch dynamic int8 nn.Linear"
                                           if job.path == "torchao" else "PyTorch FX QAT, static int8"))
-    model_card.add_artifact(card, paths["ts_fp32"], "torchscript", "fp32", sparsity=sparsity["weights"],
+    exports.add_artifact(card, paths["ts_fp32"], "torchscript", "fp32", sparsity=sparsity["weights"],
                             max_abs_logit_diff=fp32_diff)
-    model_card.add_artifact(card, paths["onnx_fp32"], "onnx", "fp32", opset=model_card.ONNX_OPSET)
-    model_card.add_artifact(card, paths["onnx_int8"], "onnx", "int8 (QDQ)", opset=model_card.ONNX_OPSET, **onnx_q)
-    model_card.write_card(card, out)
+    exports.add_artifact(card, paths["onnx_fp32"], "onnx", "fp32", opset=exports.ONNX_OPSET)
+    exports.add_artifact(card, paths["onnx_int8"], "onnx", "int8 (QDQ)", opset=exports.ONNX_OPSET, **onnx_q)
+    exports.write_card(card, out)
     return {"paths": paths, "runtime_engine": runtime_engine, "engine_ms": engine_ms, "onnx_q": onnx_q,
             "checks": {"model_fp32.pt": {"max_abs_logit_diff": fp32_diff,
                                          "against": "in-process pruned fp32 model, on the trace input"}}}
@@ -303,11 +307,11 @@ def _evaluate(job: Job, fp32: nn.Module, model: nn.Module, converted: nn.Module,
     """Hold-out evaluation and latency of every variant, from the written files where there is one (torchao's
     own int8 model, on the torchao path, in-process: it cannot be exported to TorchScript)."""
     paths, runtime_engine, test = exported["paths"], exported["runtime_engine"], job.loaders["test"]
-    with model_card.quantized_engine(runtime_engine):  # restored afterwards (loading sets the file's engine)
+    with exports.quantized_engine(runtime_engine):  # restored afterwards (loading sets the file's engine)
         int8_ts, _, _ = load_any_model(paths["int8"])
         runners: dict[str, nn.Module] = {"fp32": fp32.cpu().eval(), "pruned": model, "int8": int8_ts,
-                                         "onnx_fp32": model_card.OnnxModule(paths["onnx_fp32"], threads),
-                                         "onnx_int8": model_card.OnnxModule(paths["onnx_int8"], threads)}
+                                         "onnx_fp32": exports.OnnxModule(paths["onnx_fp32"], threads),
+                                         "onnx_int8": exports.OnnxModule(paths["onnx_int8"], threads)}
         extra: dict[str, Any] = {}
         if qat_float is not None:
             runners["torchao_int8"] = linear_quant.torchao_int8(qat_float)
@@ -315,7 +319,7 @@ def _evaluate(job: Job, fp32: nn.Module, model: nn.Module, converted: nn.Module,
                      "torchao_sparsity": pruning.sparsity(qat_float)}
         evals = {k: measure.evaluate(m, test) for k, m in runners.items()}
         pack = quantize.packing_engine(job.cfg.compress.qbackend)
-        with model_card.quantized_engine(pack):  # the written file vs the in-process model, same int8 kernels
+        with exports.quantized_engine(pack):  # the written file vs the in-process model, same int8 kernels
             inproc = measure.evaluate(converted, test)
             same_kernels = measure.evaluate(torch.jit.load(str(paths["int8"]), map_location="cpu"), test)
         log.info("latency benchmark: %d models x %d runs, %d threads", len(runners), measure.LATENCY_RUNS, threads)
