@@ -12,13 +12,19 @@ import argparse
 import dataclasses
 import errno
 import logging
+import os
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from octa3d import __version__
 from octa3d.config import Config, apply_overrides, load_yaml, section_fields, validate
-from octa3d.errors import Octa3dError
+from octa3d.errors import Octa3dError, error_message, format_error
 from octa3d.stages import run_stage
+from octa3d.utils.io import atomic_write_text
 from octa3d.utils.log import setup_logging
 from octa3d.utils.tracking import cli_program
 
@@ -102,19 +108,33 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namesp
     return cfg, ns
 
 
-def one_line(exc: BaseException) -> str:
-    """The message of an octa3d error as one line.
+def _save_full_message(cfg: Config | None) -> Callable[[str], str | None]:
+    """Where the whole text of a long error goes: ``<runs-dir>/<exp>/errors/<time>.txt`` when the experiment folder
+    exists, else ``octa3d-error-<time>.txt`` in the current folder, else in the system's temporary folder."""
+    def save(text: str) -> str | None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        places = [cfg.run_dir / "errors" / f"{stamp}.txt"] if cfg is not None and cfg.run_dir.is_dir() else []
+        places += [Path.cwd() / f"octa3d-error-{stamp}.txt", Path(tempfile.gettempdir()) / f"octa3d-error-{stamp}.txt"]
+        for path in places:
+            if path.exists():  # a second error within the second: never replace the first one's file
+                path = path.with_name(f"{path.stem}-{os.getpid()}{path.suffix}")
+            try:
+                return str(atomic_write_text(path, f"octa3d: error: {text}\n"))
+            except (OSError, Octa3dError):
+                continue
+        return None
+    return save
 
-    An error raised in a DataLoader worker reaches the main process re-raised by torch with the worker's whole
-    traceback in its message ("Caught DiskFullError in DataLoader worker process 0. Original Traceback ...");
-    its last line holds the original message, after the exception's qualified name.
+
+def report_error(exc: BaseException, cfg: Config | None = None) -> None:
+    """Print an octa3d error to stderr whole (``octa3d: error: <first line>``, its list, its advice).
+
+    A DataLoader worker's re-raised traceback is reduced to the worker's message (:func:`octa3d.errors.error_message`);
+    a list longer than :data:`octa3d.errors.MAX_LISTED` lines is cut, the whole message saved to a file that the
+    last listed line names (:func:`octa3d.errors.format_error`).
     """
-    text = str(exc).strip()
-    if "\n" not in text:
-        return text
-    last = text.splitlines()[-1].strip()
-    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
-    return last[len(name):] if last.startswith(name) else last
+    text = format_error(error_message(exc), _save_full_message(cfg))
+    print(f"octa3d: error: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ns = parse_config(argv)
     except Octa3dError as exc:
-        print(f"octa3d: error: {one_line(exc)}", file=sys.stderr)
+        report_error(exc)
         return 2
     setup_logging(cfg.run.log_level)
     if ns.list_models:
@@ -141,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(cfg)
     except Octa3dError as exc:
         log.debug("stopped", exc_info=True)
-        print(f"octa3d: error: {one_line(exc)}", file=sys.stderr)
+        report_error(exc, cfg)
         return 2
     except OSError as exc:
         # a full disk hit by a writer outside utils.io's atomic writes: still one line naming the file

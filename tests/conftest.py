@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import locale
 import logging
 import os
+import subprocess as _subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -103,3 +107,103 @@ def private_copy(tmp_path):
         (dst / "data").symlink_to(experiment / "data")
         return dst
     return copy
+
+
+# ------------------------------------------------------------------------------------------ damaged files, the CLI
+def _cut(path: Path, keep: int) -> Path:
+    """Keep the first ``keep`` bytes (negative: drop the last ``-keep``), as an interrupted copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    return path
+
+
+@pytest.fixture
+def cut():
+    """``cut(path, keep) -> path``: truncate a file to its first ``keep`` bytes (negative: drop the last ``-keep``)."""
+    return _cut
+
+
+def _dicom_series(folder: Path, volume: np.ndarray) -> Path:
+    """One int16 DICOM series ``0.dcm`` … in ``folder``, a file per slice of ``volume`` (slices, rows, columns)."""
+    # GDCM's writer resets the process locale to "C" (ASCII): later tests would decode subprocess output and write
+    # log files as ASCII (see tests/data/test_readers.py)
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom(folder, volume)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom(folder: Path, volume: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    img = sitk.GetImageFromArray(volume.astype(np.int16))
+    for i in range(volume.shape[0]):
+        sl = img[:, :, i]
+        for tag, value in {"0020|000d": "1.2.3.4", "0020|000e": "1.2.3.4.5", "0020|0013": str(i + 1),
+                           "0020|0032": f"0\\0\\{i}", "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0060": "OT"}.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{i}.dcm"))
+        writer.Execute(sl)
+    return folder
+
+
+@pytest.fixture
+def dicom_series():
+    """``dicom_series(folder, volume) -> folder``: write ``volume`` as a DICOM series, one file per slice."""
+    return _dicom_series
+
+
+MAIN_PY = Path(__file__).resolve().parents[1] / "main.py"
+
+
+class CliResult(NamedTuple):
+    """What a user of the command sees: exit status, stdout, stderr."""
+
+    rc: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(tmp_path, capsys, monkeypatch):
+    """``run_cli(argv, subprocess=False, cwd=tmp_path) -> CliResult(rc, out, err)``: the command as a user runs it.
+
+    ``subprocess=True`` runs ``python main.py ARGV`` in a child process (what a user sees, exactly; ~1-5 s for the
+    imports); otherwise :func:`octa3d.cli.main` runs in this process with stdout/stderr captured and its console
+    log handler bound to the captured stderr, so the log lines a stage prints are there too. Either way the
+    command runs in ``cwd`` (files an error leaves in the current folder land there).
+    """
+    from octa3d.cli import main
+
+    def run(argv: list[str], subprocess: bool = False, cwd: Path | None = None) -> CliResult:
+        argv = [str(a) for a in argv]
+        cwd = Path(cwd or tmp_path)
+        if subprocess:
+            env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # messages hold ×, –, …: decoded as UTF-8 below
+            proc = _subprocess.run([sys.executable, str(MAIN_PY), *argv], cwd=cwd, capture_output=True,
+                                   encoding="utf-8", errors="replace", timeout=300, check=False, env=env)
+            return CliResult(proc.returncode, proc.stdout, proc.stderr)
+        logger = logging.getLogger("octa3d")
+        before = list(logger.handlers)
+        for h in before:  # a console handler bound to an earlier test's captured stderr: rebound below by main
+            if getattr(h, "_octa3d_console", False):
+                logger.removeHandler(h)
+        capsys.readouterr()
+        with monkeypatch.context() as m:
+            m.chdir(cwd)
+            try:
+                rc = main(argv)
+            finally:
+                for h in list(logger.handlers):
+                    if h not in before:
+                        logger.removeHandler(h)
+                        h.close()
+                for h in before:
+                    if h not in logger.handlers and getattr(h, "_octa3d_console", False):
+                        logger.addHandler(h)
+        cap = capsys.readouterr()
+        return CliResult(rc, cap.out, cap.err)
+
+    return run

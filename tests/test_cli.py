@@ -144,8 +144,9 @@ def test_full_disk_during_a_stage_is_one_line(tmp_path, capsys, monkeypatch, exc
     assert err.count("\n") == 1
 
 
-def test_an_error_from_a_dataloader_worker_is_still_one_line(tmp_path, capsys, monkeypatch):
-    """torch re-raises a worker's exception with the worker's traceback in the message: only its last line shows."""
+def test_an_error_from_a_dataloader_worker_shows_its_own_message(tmp_path, capsys, monkeypatch):
+    """torch re-raises a worker's exception with the worker's traceback in its message: only the original message
+    shows (tests/test_errors.py checks that against a real worker)."""
     import octa3d.cli as cli
 
     msg = ("Caught DiskFullError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
@@ -159,3 +160,38 @@ def test_an_error_from_a_dataloader_worker_is_still_one_line(tmp_path, capsys, m
     assert main(["--mode", "prepare", "--runs-dir", str(tmp_path / "runs")]) == 2
     assert capsys.readouterr().err == ("octa3d: error: /c/ab/k.npy: cannot write it, the disk is full (no space "
                                        "left on device)\n")
+
+
+@pytest.mark.parametrize("exp_exists", [True, False])
+def test_a_long_list_is_capped_and_saved_whole(tmp_path, capsys, monkeypatch, exp_exists):
+    """Issue 27: an error listing subjects is printed whole, its list capped; the full text is in a file it names
+    (the experiment's errors/ folder when the experiment exists, else the current folder)."""
+    import octa3d.cli as cli
+    from octa3d.errors import MAX_LISTED, DataError
+
+    items = [f"  {10001 + i}: OCTA folder /d/OCTA/{10001 + i}: 3.bmp: truncated" for i in range(30)]
+    msg = "\n".join(["/d: 30 subject(s) have slice folders that cannot be read as one volume:", *items,
+                     "fix or restore these files"])
+
+    def stage(_cfg):
+        raise DataError(msg)
+
+    monkeypatch.setattr(cli, "run_stage", stage)
+    monkeypatch.chdir(tmp_path)
+    exp = tmp_path / "runs" / "e"
+    if exp_exists:
+        exp.mkdir(parents=True)
+    assert main(["--mode", "train", "--runs-dir", "runs", "--exp", "e"]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[0] == "octa3d: error: /d: 30 subject(s) have slice folders that cannot be read as one volume:"
+    assert lines[1:MAX_LISTED + 1] == items[:MAX_LISTED] and lines[-1] == "fix or restore these files"
+    more = lines[MAX_LISTED + 1]
+    assert more.startswith("  … and 10 more (full list in ") and more.endswith(".txt)")
+    saved = Path(more[len("  … and 10 more (full list in "):-1])
+    where = exp / "errors" if exp_exists else tmp_path
+    assert (saved if saved.is_absolute() else tmp_path / saved).parent == where
+    assert (tmp_path / saved).read_text(encoding="utf-8") == f"octa3d: error: {msg}\n"
+    assert [p.name for p in where.iterdir() if p.name.startswith(".")] == []  # atomic: no temporary file left
+    if not exp_exists:
+        assert not (tmp_path / "runs").exists()  # no experiment folder made for it

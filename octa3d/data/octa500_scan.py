@@ -87,7 +87,8 @@ def _check_listings(sid: str, listings: dict[str, SliceListing], found: _Octa500
         (m0, a), (m1, b) = listings.items()
         if (a.count, a.size) != (b.count, b.size):
             problems.append(f"the {m0} and {m1} scans differ: {a.count} slices of {'×'.join(map(str, a.size or ()))}"
-                            f" and {b.count} slices of {'×'.join(map(str, b.size or ()))} (width×height)")
+                            f" in {a.folder} and {b.count} slices of {'×'.join(map(str, b.size or ()))} in "
+                            f"{b.folder} (width×height)")
     if problems:
         found.unreadable.append(f"{sid}: " + "; ".join(problems))
     return not problems

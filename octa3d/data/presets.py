@@ -17,6 +17,7 @@ from monai.transforms import Compose
 from octa3d.config import Config
 from octa3d.data.subject import Geometry, Subject
 from octa3d.data.augment import train_augmentation
+from octa3d.data.imagefiles import FORMATS_HELP
 from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
                                     Normalized, PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd,
                                     apply_transforms, aspect_padding, drop_axis, normalization_stats, normalize,
@@ -127,6 +128,10 @@ class Clip3DPreset(_Preset):
     def preprocess(self, subject: Subject) -> tuple[np.ndarray, PreprocessRecord]:
         """Load and preprocess ``subject``: float32 ``(C, *input_shape)`` and its record."""
         image, geometry = self.load(subject)
+        if image.ndim == 3:  # (C, H, W): the loader reads 2D images too; name the file, not just the shape
+            raise DataError(f"subject {subject.id}: {', '.join(self.source_paths(subject))} is a 2D image of "
+                            f"{image.shape[1]}×{image.shape[2]} pixels, not a 3D scan; give a volume "
+                            f"({FORMATS_HELP}) or use --dim 2d")
         return self.preprocess_array(image, geometry, subject.id)
 
     def preprocess_array(self, image: np.ndarray, geometry: Geometry,
@@ -199,7 +204,10 @@ class Patch2DPreset(_Preset):
             if self.channels != 1:
                 raise ConfigError(f"--projection {self.projection} is a single map; --modality "
                                   f"{self.cfg.data.modality} needs 2 channels (use --projection compute)")
-            image = np.asarray(self.read_2d(path))
+            try:
+                image = np.asarray(self.read_2d(path))
+            except DataError as exc:  # as load() does: every reader error of a subject names it
+                raise DataError(f"subject {subject.id}: {exc}") from exc
             image = image[None] if image.ndim == 2 else np.moveaxis(image, -1, 0)
             geometry = Geometry.default(image.shape[1:])
             meta["projection"] = self.projection

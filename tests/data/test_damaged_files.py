@@ -29,13 +29,6 @@ RNG = np.random.default_rng(0)
 VOL = RNG.integers(1, 250, (6, 20, 24)).astype(np.uint8)
 
 
-def cut(path: Path, keep: int) -> Path:
-    """Keep the first ``keep`` bytes (negative: drop the last ``-keep``), as an interrupted copy does."""
-    data = path.read_bytes()
-    path.write_bytes(data[:keep])
-    return path
-
-
 def bmp_folder(folder: Path) -> Path:
     folder.mkdir(parents=True)
     for i, sl in enumerate(VOL, 1):
@@ -45,7 +38,7 @@ def bmp_folder(folder: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- item 1: truncation
 @pytest.mark.parametrize("keep", [30, 600, -10])
-def test_truncated_bmp_slice_is_refused_naming_it(tmp_path, keep):
+def test_truncated_bmp_slice_is_refused_naming_it(tmp_path, keep, cut):
     folder = bmp_folder(tmp_path / "OCTA" / "10001")
     assert np.array_equal(read_volume(folder)[0], VOL)
     cut(folder / "3.bmp", keep)
@@ -54,7 +47,7 @@ def test_truncated_bmp_slice_is_refused_naming_it(tmp_path, keep):
 
 
 @pytest.mark.parametrize("keep", [30, 700])
-def test_truncated_bmp_image_is_refused(tmp_path, keep):
+def test_truncated_bmp_image_is_refused(tmp_path, keep, cut):
     f = tmp_path / "a.bmp"
     sitk.WriteImage(sitk.GetImageFromArray(np.stack([VOL[0]] * 3, -1), isVector=True), str(f))  # 24-bit
     cut(f, keep)
@@ -80,7 +73,7 @@ def test_truncated_rle8_bmp_is_reported_from_its_declared_size():
 
 
 @pytest.mark.parametrize("name", ["v.nii", "v.nii.gz"])
-def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, name):
+def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, name, cut):
     f = tmp_path / name
     sitk.WriteImage(sitk.GetImageFromArray(VOL), str(f))
     cut(f, -200)
@@ -97,7 +90,7 @@ def test_complete_multi_member_gzip_nifti_is_read(tmp_path):
     assert np.array_equal(read_volume(tmp_path / "m.nii.gz")[0], VOL)
 
 
-def test_truncated_multipage_tiff_does_not_lose_pages(tmp_path):
+def test_truncated_multipage_tiff_does_not_lose_pages(tmp_path, cut):
     f = tmp_path / "v.tif"
     sitk.WriteImage(sitk.GetImageFromArray(VOL), str(f))
     assert read_volume(f)[0].shape == VOL.shape
@@ -106,7 +99,7 @@ def test_truncated_multipage_tiff_does_not_lose_pages(tmp_path):
         read_volume(f)
 
 
-def test_truncated_jpeg_is_refused_alone_and_in_a_slice_folder(tmp_path):
+def test_truncated_jpeg_is_refused_alone_and_in_a_slice_folder(tmp_path, cut):
     folder = tmp_path / "scan"
     folder.mkdir()
     for i, sl in enumerate(VOL, 1):
@@ -119,30 +112,21 @@ def test_truncated_jpeg_is_refused_alone_and_in_a_slice_folder(tmp_path):
         read_image_2d(folder / "2.jpg")
 
 
-def test_truncated_npy_is_refused(tmp_path):
+def test_truncated_npy_is_refused(tmp_path, cut):
     np.save(tmp_path / "v.npy", VOL)
     with pytest.raises(DataError, match=r"v\.npy is truncated"):
         read_volume(cut(tmp_path / "v.npy", -50))
 
 
-def test_truncated_dicom_file_does_not_silently_drop_a_slice(tmp_path):
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    img = sitk.GetImageFromArray(VOL.astype(np.int16))
-    for i in range(VOL.shape[0]):
-        sl = img[:, :, i]
-        for tag, value in {"0020|000d": "1.2.3.4", "0020|000e": "1.2.3.4.5", "0020|0013": str(i + 1),
-                           "0020|0032": f"0\\0\\{i}", "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0060": "OT"}.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(tmp_path / f"{i}.dcm"))
-        writer.Execute(sl)
+def test_truncated_dicom_file_does_not_silently_drop_a_slice(tmp_path, cut, dicom_series):
+    dicom_series(tmp_path, VOL)
     assert read_volume(tmp_path)[0].shape == VOL.shape
     cut(tmp_path / "3.dcm", -300)
     with pytest.raises(DataError, match=r"3\.dcm belong\(s\) to no readable series"):
         read_volume(tmp_path)
 
 
-def test_cache_never_stores_a_sample_read_from_a_damaged_file(tmp_path):
+def test_cache_never_stores_a_sample_read_from_a_damaged_file(tmp_path, cut):
     folder = bmp_folder(tmp_path / "OCTA" / "10001")
     cut(folder / "4.bmp", 600)
     cfg = Config()
