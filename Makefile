@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 VENV_FLAGS ?=
 STAMP := $(VENV)/.octa3d-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -31,6 +31,10 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# docs/reference/cli.md from the argument parser (tests/test_docs.py fails while it is stale)
+docs: $(STAMP)
+	$(PY) docs/gen_cli.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
