@@ -79,7 +79,7 @@ def render() -> str:
         "",
         "```text",
         f"{prog} --mode MODE [flags]",
-        f"python main.py --mode MODE [flags]",
+        "python main.py --mode MODE [flags]",
         "```",
         "",
     ]
