@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(cfg.run.log_level)
     if ns.list_models:
-        from octa3d.model.registry import format_model_table
+        from octa3d.model.registry import format_model_table  # torch + MONAI: only for --list-models
 
         print(format_model_table())
         return 0

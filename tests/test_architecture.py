@@ -5,6 +5,8 @@ imports included), so a violation is named with its file and line."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,11 @@ def test_no_module_over_the_size_limit():
     big = {m: n for m, p in all_modules().items()
            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 420}
     assert not big, f"modules over 420 lines: {big}"
+
+
+def test_the_command_line_starts_without_torch():
+    """``octa3d --help`` and the argument errors must not wait for torch/MONAI: the function-level imports that
+    remain exist for this (each says so)."""
+    code = ("import sys, octa3d.cli; heavy = [m for m in ('torch', 'monai', 'pandas') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=PACKAGE.parent)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from octa3d import __version__
 from octa3d.errors import Octa3dError
 from octa3d.utils.io import atomic_path, atomic_write_text
 
@@ -90,8 +91,6 @@ def build_card(ckpt: dict[str, Any], source: str | Path, backend: str | None) ->
         source: path of that checkpoint.
         backend: ``--qbackend`` of an int8 TorchScript model; None when the card describes float files only.
     """
-    from octa3d import __version__
-
     record = {k: ckpt[k] for k in RECORD_KEYS if k in ckpt}
     temperature = checked_temperature(ckpt.get("temperature"), source)
     names = list(ckpt["class_names"])

@@ -16,9 +16,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import (Compose, EnsureTyped, MapTransform, RandFlipd, RandomizableTransform,
-                              RandScaleIntensityd, RandShiftIntensityd)
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    MapTransform,
+    RandFlipd,
+    RandomizableTransform,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+)
 
+from octa3d.data.transforms import Normalized, normalization_stats
 from octa3d.errors import ConfigError
 
 
@@ -215,8 +223,6 @@ def tta_augment(cfg: Any, seed: int, n_pass: int) -> Callable[[torch.Tensor, lis
     Returns:
         ``augment(images (B, C, *spatial) on CPU, subject IDs, patch indices) -> images``.
     """
-    from octa3d.data.transforms import Normalized, normalization_stats
-
     geo = Compose([t for t in train_augmentation(cfg.spatial_dims, cfg.preprocess.depth_axis).transforms
                    if isinstance(t, (RandFlipd, RandPlaneAffined))])
     stats = normalization_stats(cfg.preprocess.normalize, cfg.in_channels)

@@ -33,12 +33,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from octa3d.config import Config
-from octa3d.data.subject import Subject
 from octa3d.data.presets import build_preset
+from octa3d.data.subject import Subject
 from octa3d.data.transforms import ImageReader, Loader, PreprocessRecord
 from octa3d.errors import DataError
+from octa3d.utils import dist
 from octa3d.utils.io import atomic_path, atomic_write_text
 from octa3d.utils.seed import seed_worker
+from octa3d.utils.tracking import progress_enabled
 
 log = logging.getLogger("octa3d.data")
 
@@ -291,7 +293,6 @@ class DataHandler:
     def _warm(self, items: list[tuple[Subject, int]], progress: bool) -> dict[str, int]:
         from tqdm.auto import tqdm
 
-        from octa3d.utils.tracking import progress_enabled
 
         self._register(s for s, _ in items)
         keyed = [(s, self.cache.key(s)) for s, _ in items]
@@ -339,8 +340,6 @@ class DataHandler:
             drop_last: drop the last incomplete batch; default: only a training batch of a single sample
                 (BatchNorm cannot train on one sample; with per-epoch shuffling no subject is left out for good).
         """
-        from octa3d.utils import dist
-
         ds = self.dataset(subjects, train)
         workers = self.cfg.run.num_workers if num_workers is None else num_workers
         if sampler is None:

@@ -15,13 +15,29 @@ import numpy as np
 from monai.transforms import Compose
 
 from octa3d.config import Config
-from octa3d.data.subject import Geometry, Subject
 from octa3d.data.augment import train_augmentation
 from octa3d.data.imagefiles import FORMATS_HELP
-from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
-                                    Normalized, PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd,
-                                    apply_transforms, aspect_padding, drop_axis, normalization_stats, normalize,
-                                    patch_grid, resize)
+from octa3d.data.readers import load_subject, read_image_2d
+from octa3d.data.subject import Geometry, Subject
+from octa3d.data.transforms import (
+    PREPROCESS_VERSION,
+    ClipScaleIntensityd,
+    ClipScaleResized,
+    ImageReader,
+    Loader,
+    Normalized,
+    PreprocessRecord,
+    ProjectSlabd,
+    ResizeToInputd,
+    RetinalSlabCropd,
+    apply_transforms,
+    aspect_padding,
+    drop_axis,
+    normalization_stats,
+    normalize,
+    patch_grid,
+    resize,
+)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")
@@ -55,8 +71,6 @@ class _Preset:
         """Read ``subject`` with the injected loader (default :func:`octa3d.data.readers.load_subject`)."""
         loader = self._loader
         if loader is None:
-            from octa3d.data.readers import load_subject
-
             loader = functools.partial(load_subject, max_voxels=self.cfg.data.max_voxels)
         try:
             return loader(subject, self.cfg.data.modality)
@@ -70,8 +84,6 @@ class _Preset:
         """Read a 2D image with the injected reader (default :func:`octa3d.data.readers.read_image_2d`)."""
         reader = self._reader
         if reader is None:
-            from octa3d.data.readers import read_image_2d
-
             reader = functools.partial(read_image_2d, max_voxels=self.cfg.data.max_voxels)
         return reader(path)
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from octa3d import __version__
+from octa3d.checkpoint.exports import save_torchscript_fp32
 from octa3d.errors import ConfigError
 from octa3d.utils.io import atomic_write_text
 
@@ -161,7 +163,6 @@ def metadata(record: dict[str, Any], temperatures: dict[str, float | None], sour
     """``configs/metadata.json`` with the mandatory keys of the MONAI Bundle specification."""
     import monai
 
-    from octa3d import __version__
 
     names = list(record["class_names"])
     channels = int(record["in_channels"])
@@ -261,8 +262,6 @@ def write_bundle(folder: Path, ensemble: nn.Module, example: torch.Tensor, recor
     Returns:
         The files written, by role.
     """
-    from octa3d.checkpoint.exports import save_torchscript_fp32
-
     check_exportable(record, next(iter(sources.values()), "?"))
     files = {"metadata": folder / "configs" / "metadata.json", "inference": folder / "configs" / "inference.json",
              "model": folder / "models" / "model.ts", "readme": folder / "docs" / "README.md"}

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from octa3d import __version__
+from octa3d.cam.backends import STATUS_TEXT
 from octa3d.review.volumes import js_literal, subject_volumes, write_subject_js
-from octa3d.utils.io import atomic_copy, atomic_write_text, safe_name
+from octa3d.utils.io import atomic_copy, atomic_write_text, read_csv, safe_name
 
 log = logging.getLogger("octa3d.review")
 
@@ -173,7 +174,6 @@ def write_page(out: Path, info: dict[str, Any], metrics: dict[str, Any], rows: l
     rel = Path("..") / cam_dir.relative_to(out.parent) if cam_dir != out.parent else Path("..")
     # errors first, then the run's order
     rows = sorted(rows, key=lambda r: (r.get("correct") is not False,))
-    from octa3d.cam.backends import STATUS_TEXT
 
     subjects_js, sizes = [], 0
     for r in rows:
@@ -274,8 +274,6 @@ def write_predict_review(folder: Path, info: dict[str, Any], summary: dict[str, 
     """``<folder>/review/index.html`` for a predict run (``predictions.csv``, ``cams/``; ``summary``: its
     summary.json). Labels, correctness and the ``uncertain`` flag are shown where known; no metrics."""
     try:
-        from octa3d.utils.io import read_csv
-
         classes = list(summary["class_names"])
         pred = read_csv(folder / "predictions.csv", dtype={"subject": str, "label": str, "prediction": str},
                         keep_default_na=False)

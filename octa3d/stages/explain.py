@@ -27,9 +27,8 @@ from typing import Any
 from octa3d.cam import CamItem
 from octa3d.cam.sources import path_modality, scan_channels
 from octa3d.config import Config
-from octa3d.data.leakage import training_overlap
+from octa3d.data.leakage import seen_checker
 from octa3d.data.sources import subject_from_path
-from octa3d.data.splits import read_splits
 from octa3d.data.subject import Subject
 from octa3d.deploy.api import Predictor
 from octa3d.errors import ConfigError
@@ -39,18 +38,6 @@ from octa3d.utils.runs import init_run, plan_stage, releases_locks, stage_dir
 from octa3d.utils.tracking import tensorboard_writer
 
 log = logging.getLogger("octa3d.explain")
-
-def _warn_if_seen(ecfg: Config, subject: Any) -> None:
-    """Warn when the scan (or its patient) trained or validated the experiment's model: its prediction is then
-    optimistic. One identity rule for every source type (:func:`octa3d.data.leakage.training_overlap`), also against
-    the autoencoder's extra data."""
-    if (ecfg.run_dir / "splits" / "split.json").is_file():
-        from octa3d.data.leakage import ae_extra_subjects
-
-        reason = training_overlap(read_splits(ecfg.run_dir / "splits"), subject, ae_extra_subjects(ecfg))
-        if reason:
-            log.warning("%s of experiment '%s': its prediction and CAM are optimistic", reason, ecfg.exp_name)
-
 
 def _input_modality(subject: Subject) -> str:
     """The OCTA-500 modality folder(s) an ``--input`` reads (``"OCTA"``, ``"OCT+OCTA"``, ``"OCTA(FULL)"``), or ``""``
@@ -116,7 +103,9 @@ def run(cfg: Config) -> dict[str, Any]:
     pred = predictor.predict_prepared(prep)
     probs = pred.probs
     init_run(ecfg)
-    _warn_if_seen(ecfg, subject)
+    reason = seen_checker(ecfg)(subject)  # one identity rule for every source type, AE extra data included
+    if reason:
+        log.warning("%s of experiment '%s': its prediction and CAM are optimistic", reason, ecfg.exp_name)
     with stage_dir(ecfg, f"explain/{folder}", hint=REFUSAL_HINT) as sf:
         out = sf.path
         channels = [c.modality for c in scan_channels(subject, prep.record, ecfg.data.modality)]

@@ -38,11 +38,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from octa3d.cam import CamItem
 from octa3d.config import Config, to_yaml
 from octa3d.data.imagefiles import natural_key, strip_ext
-from octa3d.data.leakage import overlap_checker
+from octa3d.data.leakage import seen_checker
 from octa3d.data.sources import discover_input
-from octa3d.data.splits import read_splits
 from octa3d.data.subject import Subject
 from octa3d.deploy.api import Predictor
 from octa3d.errors import ConfigError, DataError
@@ -116,15 +116,6 @@ def _done(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _seen(ecfg: Config) -> Any:
-    """Subject → why it trained/validated the model (its splits and autoencoder extra data), or None."""
-    if not (ecfg.run_dir / "splits" / "split.json").is_file():
-        return lambda s: None
-    from octa3d.data.leakage import ae_extra_subjects
-
-    return overlap_checker(read_splits(ecfg.run_dir / "splits"), ae_extra_subjects(ecfg))
-
-
 def _prepare(predictor: Predictor, s: Subject) -> Any:
     """Read and preprocess one subject (on the prefetch thread); a DataError is returned, not raised."""
     if s.meta.get("unreadable"):  # found by discovery (an OCTA-500 eye whose slice folder has gaps ...)
@@ -154,8 +145,6 @@ def _prefetched(predictor: Predictor, subjects: list[Subject]) -> Iterator[tuple
 def _predict_one(predictor: Predictor, s: Subject, exporter: Any, cam_ids: set[str] | None, stem: str,
                  prep: Any) -> dict[str, Any]:
     """Predict and explain one preprocessed subject; its record for ``subjects/<stem>.json``."""
-    from octa3d.cam import CamItem
-
     pred = predictor.predict_prepared(prep)
     row = pred.row(predictor.classes)
     doc: dict[str, Any] = {"row": row, "input": s.meta.get("input") or next(iter(s.paths.values()), "")}
@@ -212,7 +201,7 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("predict: %d subject(s) from %s (%s), model %s (%s), classes %s, maps %s", len(subjects),
              cfg.eval.input, kind, predictor.ref["model_name"], ", ".join(predictor.checkpoints),
              predictor.classes, ecfg.eval.cam)
-    seen = _seen(ecfg)
+    seen = seen_checker(ecfg)
     exporter = predictor.cam_exporter(final / "cams") if ecfg.eval.cam != "none" else None
     cam_ids = set(ecfg.eval.cam_subjects) if ecfg.eval.cam_subjects else None
     skipped: list[dict[str, str]] = []

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from octa3d.errors import ConfigError
+
 log = logging.getLogger("octa3d.dist")
 
 
@@ -46,8 +48,6 @@ def resolve_device(device_spec: str = "auto") -> torch.device:
         ConfigError: an unknown device string, CUDA/MPS requested where it is not available, or a GPU index
             beyond the GPUs present.
     """
-    from octa3d.errors import ConfigError
-
     spec = device_spec.strip()
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

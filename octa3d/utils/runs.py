@@ -337,7 +337,7 @@ def stage_dir(cfg: Config, stage: str, *, training: bool = False, hint: str = ""
 
 def shared_stage_dir(cfg: Config, stage: str, *, training: bool = False) -> StageFolder:
     """:func:`stage_dir` on rank 0; every rank gets rank 0's folder (a collective call under torchrun)."""
-    from octa3d.utils import dist
+    from octa3d.utils import dist  # imports torch: the CLI imports this module, and --help must stay fast
 
     folder = stage_dir(cfg, stage, training=training) if dist.is_main() else None
     path = Path(dist.gather_objects(str(folder.path) if folder else None)[0])

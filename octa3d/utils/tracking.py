@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from octa3d.config import Config, get_value, to_argv
+from octa3d.utils.io import atomic_write_csv, read_csv
+
 if TYPE_CHECKING:
     import torch
 
-# torch, pandas and the distributed helpers are imported where used: the CLI imports this module for its hints,
-# and `octa3d` without arguments / --help must not wait for torch.
+# torch, pandas and the distributed helpers (octa3d.utils.dist imports torch) are imported where used: the CLI
+# imports this module for its hints, and `octa3d` without arguments / --help must not wait for torch.
 
 
 @dataclass
@@ -30,16 +33,12 @@ class History:
         import pandas as pd
 
         from octa3d.utils import dist
-        from octa3d.utils.io import atomic_write_csv
-
         self.rows = [r for r in self.rows if r.get("epoch") != row.get("epoch")] + [row]
         if dist.is_main():
             atomic_write_csv(self.path, pd.DataFrame(self.rows))
 
     def load(self) -> None:
         """Read an existing history (resume); text cells come back as written (see ``atomic_write_csv``)."""
-        from octa3d.utils.io import read_csv
-
         if self.path.exists():
             self.rows = read_csv(self.path).to_dict("records")
 
@@ -131,8 +130,6 @@ def next_command(cfg: Any, mode: str, keep: Iterable[str] = (), extra: Iterable[
         keep: config field names repeated when the user gave them.
         extra: further arguments appended as they are.
     """
-    from octa3d.config import Config, get_value, to_argv
-
     default = Config()
     args: list[str] = []
     config = _config_file(cfg.argv if cfg.argv is not None else sys.argv[1:])

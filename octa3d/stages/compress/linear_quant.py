@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from octa3d.checkpoint.exports import quantized_engine
+from octa3d.errors import Octa3dError
 from octa3d.stages.compress.quantize import packing_engine, quiet
 
 log = logging.getLogger("octa3d.compress")
@@ -95,7 +96,6 @@ def prepare_qat(model: nn.Module) -> nn.Module:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
-    from octa3d.errors import Octa3dError
 
     net = copy.deepcopy(model).cpu().train()
     if not any(isinstance(m, nn.Linear) for m in net.modules()):

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from octa3d.evaluation.figures import confusion_figures, save_figure
+from octa3d.stages.compress import linear_quant, measure, pruning, quantize
 from octa3d.utils.io import atomic_write_json, atomic_write_text, json_safe
 
 #: Variants compared in the report, in table order, with one-line descriptions.
@@ -167,8 +169,6 @@ def _torchao_lines(q: dict[str, Any]) -> list[str]:
 
 def confusion_png(path: Path, class_names: list[str], cms: dict[str, Any]) -> Path:
     """Confusion matrices side by side (rows true, columns predicted), written atomically."""
-    from octa3d.evaluation.figures import confusion_figures, save_figure
-
     return save_figure(confusion_figures(cms, class_names), path)
 
 
@@ -191,8 +191,6 @@ def _variants(job: Any, fp32: Any, model: Any, exported: dict[str, Any], results
               sparsity: dict[str, Any], sparsity_int8: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """One report row per variant: hold-out metrics, sizes (fp32 as the TorchScript file it would be shipped as,
     the same container as int8), latency and agreement with fp32."""
-    from octa3d.stages.compress import measure, pruning
-
     evals, lat, paths = results["evals"], results["latency"], exported["paths"]
     blobs = {"fp32": measure.torchscript_bytes(fp32, job.example), "pruned": measure.torchscript_bytes(model,
                                                                                                          job.example)}
@@ -251,8 +249,6 @@ def build(job: Any, fp32: Any, model: Any, converted: Any, exported: dict[str, A
     import platform
 
     import torch
-
-    from octa3d.stages.compress import linear_quant, measure, quantize
 
     c, ecfg = job.cfg.compress, job.cfg
     models = _variants(job, fp32, model, exported, results, sparsity, sparsity_int8)
