@@ -25,17 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (
-    Figure,
-    bench_threads,
-    finish,
-    in_own_process,
-    peak_rss_mb,
-    quiet_logs,
-    reset_peak_rss,
-    result,
-    threads,
-)
+from benchmarks.common import (Figure, bench_threads, finish, in_own_process, peak_rss_mb, quiet_logs, reset_peak_rss,
+                               result, threads)
 from benchmarks.data_pipeline import clone_dataset, source_eye
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Every error the data layer raises about a file, through the real command (issue 27, item 2).
+"""Every error the data layer raises about a file, through the real command.
 
 Each case damages one file of a tiny generated dataset, runs ``main.py`` (in a subprocess for a few cases, in this
 process for the rest: :func:`run_cli` in conftest) and checks what the user sees: a non-zero exit, no Python

@@ -1,4 +1,4 @@
-"""How an octa3d error reaches the user (issue 27, item 1): whole, its list capped with the full text in a file,
+"""How an octa3d error reaches the user: whole, its list capped with the full text in a file,
 a DataLoader worker's traceback reduced to the worker's own message."""
 
 from __future__ import annotations

@@ -37,14 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from octa3d.config import Config
+from octa3d.config.schema import CAM_METHODS
 from octa3d.errors import ConfigError
 
 log = logging.getLogger("octa3d.cam")
 
-#: ``--cam`` methods (``none`` switches maps off).
-BACKENDS = ("gradcam", "gradcam++", "layercam", "hirescam", "occlusion", "medcam")
-#: Methods computed from activations and gradients of target layers (fusable across layers).
-GRADIENT_METHODS = ("gradcam", "gradcam++", "layercam", "hirescam")
+#: ``--cam`` methods (``none`` switches maps off), as the flag defines them.
+BACKENDS = CAM_METHODS
 #: Per-sample map status: a map that is not ``ok`` is not drawn as evidence.
 OK, EMPTY, CONSTANT, NONFINITE = "ok", "empty", "constant", "non-finite"
 STATUS_TEXT = {EMPTY: "all zero: no positive evidence for the explained class at this layer",

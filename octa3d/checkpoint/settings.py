@@ -188,7 +188,7 @@ def checkpoint_config(cfg: Config, ckpt: dict[str, Any], *, fine_tune: bool = Fa
 RESUME_INVOCATION = frozenset({"mode", "exp", "runs_dir", "device", "num_workers", "overwrite", "log_level",
                                "resume", "max_steps"})
 #: Settings a resumed training may change when given explicitly: how it computes, not what. ``--epochs`` may
-#: only grow (see :func:`resumed_config`).
+#: only grow (see :func:`merge_recorded_config`).
 RESUME_SAFE = frozenset({"compile", "channels_last", "deterministic", "cache_dir"})
 #: Sections a training run does not read (this invocation's values are kept).
 _UNUSED_BY_TRAINING = ("eval", "synth", "compress")
@@ -204,7 +204,7 @@ def _same_setting(name: str, a: Any, b: Any) -> bool:
     return _same(a, b)
 
 
-def resumed_config(cfg: Config, recorded: dict[str, Any], where: str) -> Config:
+def merge_recorded_config(cfg: Config, recorded: dict[str, Any], where: str) -> Config:
     """The configuration a ``--resume`` continues with: the recorded run's, plus this invocation's safe settings.
 
     Options not given explicitly take the recorded value (``--resume`` alone continues the run as it was), except

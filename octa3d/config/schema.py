@@ -28,6 +28,10 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, factory: bool 
     return field(default=default, metadata=meta)
 
 
+#: The evidence-map methods of ``--cam`` (:mod:`octa3d.cam.backends` implements each).
+CAM_METHODS = ("gradcam", "gradcam++", "layercam", "hirescam", "occlusion", "medcam")
+
+
 @dataclass
 class RunConfig:
     """Where the experiment lives and how it runs."""
@@ -184,7 +188,7 @@ class EvalConfig:
     cam: str = opt("layercam", "Evidence-map method (gradcam, gradcam++, layercam, hirescam, occlusion = MONAI "
                                "occlusion sensitivity, medcam); 'none' switches maps off. Default chosen by "
                                "benchmarks/cam_quality.py (README 'Evidence maps').",
-                   choices=("gradcam", "gradcam++", "layercam", "hirescam", "occlusion", "medcam", "none"))
+                   choices=(*CAM_METHODS, "none"))
     cam_layer: str | None = opt(None, "Module(s) whose activations the map uses; a comma list fuses several "
                                       "(default: adapted to the input size, no map coarser than 1/8 of the input "
                                       "per axis).")

@@ -16,15 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.transforms import (
-    Compose,
-    EnsureTyped,
-    MapTransform,
-    RandFlipd,
-    RandomizableTransform,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
+from monai.transforms import (Compose, EnsureTyped, MapTransform, RandFlipd, RandomizableTransform, RandScaleIntensityd,
+                              RandShiftIntensityd)
 
 from octa3d.data.transforms import Normalized, normalization_stats
 from octa3d.errors import ConfigError

@@ -19,25 +19,10 @@ from octa3d.data.augment import train_augmentation
 from octa3d.data.imagefiles import FORMATS_HELP
 from octa3d.data.readers import load_subject, read_image_2d
 from octa3d.data.subject import Geometry, Subject
-from octa3d.data.transforms import (
-    PREPROCESS_VERSION,
-    ClipScaleIntensityd,
-    ClipScaleResized,
-    ImageReader,
-    Loader,
-    Normalized,
-    PreprocessRecord,
-    ProjectSlabd,
-    ResizeToInputd,
-    RetinalSlabCropd,
-    apply_transforms,
-    aspect_padding,
-    drop_axis,
-    normalization_stats,
-    normalize,
-    patch_grid,
-    resize,
-)
+from octa3d.data.transforms import (PREPROCESS_VERSION, ClipScaleIntensityd, ClipScaleResized, ImageReader, Loader,
+                                    Normalized, PreprocessRecord, ProjectSlabd, ResizeToInputd, RetinalSlabCropd,
+                                    apply_transforms, aspect_padding, drop_axis, normalization_stats, normalize,
+                                    patch_grid, resize)
 from octa3d.errors import ConfigError, DataError
 
 log = logging.getLogger("octa3d.data")
@@ -162,11 +147,6 @@ class Clip3DPreset(_Preset):
                                   intensity=d["intensity"], meta={"depth_axis": self.depth_axis})
         return d["image"], record
 
-
-#: How a whole 2D image meets an input of another aspect ratio: ``pad`` (zeros around it, the default: images of
-#: different sizes, e.g. Kermany's 512×496 and 768×496, are all scaled undistorted) or ``stretch`` (resize each
-#: axis on its own).
-ASPECT_MODES = ("pad", "stretch")
 
 
 class Patch2DPreset(_Preset):

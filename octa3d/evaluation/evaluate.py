@@ -26,21 +26,16 @@ from octa3d.checkpoint.settings import checkpoint_config
 from octa3d.config import Config
 from octa3d.data.augment import tta_augment
 from octa3d.evaluation import forward
-from octa3d.evaluation.calibration import (
-    UNCERTAIN_COVERAGE,
-    apply_temperature,
-    calibration_scores,
-    entropy,
-    nll,
-    uncertainty_report,
-)
+from octa3d.evaluation.calibration import (UNCERTAIN_COVERAGE, apply_temperature, calibration_scores, entropy, nll,
+                                           uncertainty_report)
 from octa3d.evaluation.metrics import bootstrap_ci, evaluation_metrics, resampling_units
 from octa3d.evaluation.outputs import cam_scalars, write_outputs
 from octa3d.training.precision import Precision
 from octa3d.utils import dist
 from octa3d.utils.tracking import tensorboard_writer
 
-__all__ = ["calibration_block", "evaluate", "models_for_evaluation", "predict_all", "score_metrics", "spread", "uncertainty_block"]
+__all__ = ["calibration_block", "evaluate", "models_for_evaluation", "predict_all", "score_metrics", "spread",
+           "uncertainty_block"]
 
 log = logging.getLogger("octa3d.evaluation")
 

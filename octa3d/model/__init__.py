@@ -3,16 +3,8 @@
 Importing the package imports every family module, which registers its models.
 """
 
-from octa3d.model.registry import (
-    ModelSpec,
-    check_input_size,
-    create_model,
-    format_model_table,
-    get_spec,
-    list_models,
-    model_options,
-    register_model,
-)
+from octa3d.model.registry import (ModelSpec, check_input_size, create_model, format_model_table, get_spec, list_models,
+                                   model_options, register_model)
 from octa3d.model.weights import LoadReport, init_model_kwargs, load_init_weights, read_init_file
 
 # family modules register their models on import; the order is the --list-models order

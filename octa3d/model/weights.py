@@ -24,17 +24,8 @@ from torch import nn
 
 from octa3d.errors import ConfigError
 from octa3d.model.registry import get_spec
-from octa3d.model.vit import VIT_SIZES
-from octa3d.model.weight_formats import (
-    FORMATS,
-    VIT_FORMATS,
-    Mapped,
-    detect_format,
-    map_resnet,
-    map_vit,
-    resnet_architecture,
-    vit_architecture,
-)
+from octa3d.model.weight_formats import (FORMATS, VIT_FORMATS, Mapped, detect_format, map_resnet, map_vit,
+                                         resnet_architecture, vit_architecture)
 
 logger = logging.getLogger("octa3d.model")
 
@@ -325,6 +316,10 @@ def _check_vit_size(model: nn.Module, init: InitFile, model_name: str | None) ->
     arch = vit_architecture(init.state, init.format)
     hidden, depth = int(model.norm.normalized_shape[0]), len(model.blocks)
     if (arch["hidden_size"], arch["num_layers"]) != (hidden, depth):
+        # not at the top: octa3d.model imports this module before its families, which register in the order
+        # --list-models shows them; importing vit here first would list the ViTs first
+        from octa3d.model.vit import VIT_SIZES
+
         fits = [f"vit_{n}" for n, (h, d, _, _) in VIT_SIZES.items() if (h, d) == (arch["hidden_size"],
                                                                                   arch["num_layers"])]
         raise ConfigError(f"{init.path} holds a ViT {arch['hidden_size']} wide with {arch['num_layers']} blocks; "

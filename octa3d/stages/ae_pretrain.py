@@ -33,7 +33,7 @@ from octa3d.model import build_autoencoder, encoder_state_dict, model_options
 from octa3d.model.mae import MaskedAutoEncoder, build_mae, is_vit, mae_loss
 from octa3d.stages.context import StageContext, setup_stage
 from octa3d.training.epoch import StopTraining
-from octa3d.training.fit import FitSpec, fit, resume_config
+from octa3d.training.fit import FitSpec, fit, config_to_resume
 from octa3d.training.optim import reconstruction_loss
 from octa3d.training.precision import Precision, memory_format
 from octa3d.utils import dist
@@ -149,10 +149,10 @@ def pretrain_fold(cfg: Config, ctx: StageContext, out: Path, train_subs: list[An
 def run(cfg: Config) -> dict[str, Any]:
     """Pretrain the encoder of ``--model`` as an autoencoder on the experiment's training subjects.
 
-    ``--resume`` and the stage folder behave as in ``--mode train`` (:func:`octa3d.training.fit.resume_config`,
+    ``--resume`` and the stage folder behave as in ``--mode train`` (:func:`octa3d.training.fit.config_to_resume`,
     :func:`octa3d.utils.runs.plan_stage`).
     """
-    cfg = resume_config(cfg, STAGE)
+    cfg = config_to_resume(cfg, STAGE)
     plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched
     ctx = setup_stage(cfg)
     sp = ctx.splits

@@ -29,7 +29,7 @@ from octa3d.config import Config, apply_overrides, get_value, to_argv, validate
 from octa3d.data.synthetic import CLASSES, MARKER, generate
 from octa3d.errors import ConfigError
 from octa3d.evaluation.metrics import summary_lines
-from octa3d.stages import STAGES as STAGE_MODULES
+from octa3d.stages import STAGES
 from octa3d.utils.io import read_csv, safe_name
 
 log = logging.getLogger("octa3d.demo")
@@ -83,7 +83,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "test": {},
 }
 
-STAGES: tuple[str, ...] = ("prepare", "ae_pretrain", "train", "test", "test --external", "predict", "export")
+DEMO_STEPS: tuple[str, ...] = ("prepare", "ae_pretrain", "train", "test", "test --external", "predict", "export")
 #: Eyes of the second generated cohort (external validation and predict).
 NEW_COHORT_SIZE = 12
 #: mode and settings of the steps after ``test``: the second cohort goes in as ``{new}``.
@@ -204,14 +204,14 @@ def run(cfg: Config) -> dict[str, Any]:
     ensure_data(base, new, False, n_subjects=NEW_COHORT_SIZE, seed=base.run.seed + 1, fov="3mm")
     seconds["synth"] += time.perf_counter() - t0
     results: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in DEMO_STEPS:
         scfg = stage_config(stage, cfg, root, new)
         if stage == "export" and scfg.model.dim == "2d":
             print("\n=== demo: export skipped: MONAI bundles are built for 3D models ===", flush=True)
             continue
         print(f"\n=== demo: {stage} ===  (python main.py {' '.join(scfg.argv or ())})", flush=True)
         t0 = time.perf_counter()
-        results[stage] = importlib.import_module(STAGE_MODULES[scfg.run.mode]).run(scfg)
+        results[stage] = importlib.import_module(STAGES[scfg.run.mode]).run(scfg)
         seconds[stage] = time.perf_counter() - t0
     _print_summary(results, base, root, data_state, seconds, time.perf_counter() - t_start)
     return {"metrics": results["test"], "seconds": seconds, "data": root, "experiment": str(base.run_dir)}

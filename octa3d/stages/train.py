@@ -32,42 +32,22 @@ from octa3d.data.datasets import DataHandler
 from octa3d.data.leakage import guard
 from octa3d.errors import ConfigError, DataError
 from octa3d.evaluation import forward
-from octa3d.evaluation.calibration import (
-    UNCERTAIN_COVERAGE,
-    apply_temperature,
-    entropy,
-    entropy_threshold,
-    expected_calibration_error,
-    fit_temperature,
-)
+from octa3d.evaluation.calibration import (UNCERTAIN_COVERAGE, apply_temperature, entropy, entropy_threshold,
+                                           expected_calibration_error, fit_temperature)
 from octa3d.evaluation.figures import confusion_figure
 from octa3d.evaluation.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
-from octa3d.model import (
-    create_model,
-    freeze_encoder_stages,
-    get_spec,
-    init_model_kwargs,
-    load_init_weights,
-    model_options,
-    read_init_file,
-    set_encoder_trainable,
-    transfer_encoder,
-)
+from octa3d.model import (create_model, freeze_encoder_stages, get_spec, init_model_kwargs, load_init_weights,
+                          model_options, read_init_file, set_encoder_trainable, transfer_encoder)
 from octa3d.model.weights import InitFile
 from octa3d.stages.context import StageContext, setup_stage
 from octa3d.training.epoch import StopTraining
-from octa3d.training.fit import FitSpec, fit, resume_config
+from octa3d.training.fit import FitSpec, fit, config_to_resume
 from octa3d.training.optim import build_loss, class_weights
 from octa3d.training.precision import Precision, memory_format, wrap
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_torch_save, atomic_write_json
 from octa3d.utils.runs import plan_stage, releases_locks, shared_stage_dir
-from octa3d.utils.tracking import (
-    next_command,
-    rerun_command,
-    slice_grid,
-    tensorboard_writer,
-)
+from octa3d.utils.tracking import (next_command, rerun_command, slice_grid, tensorboard_writer)
 
 log = logging.getLogger("octa3d.train")
 
@@ -313,11 +293,11 @@ def summary_line(summary: dict[str, Any], n_folds: int) -> str:
 def run(cfg: Config) -> dict[str, Any]:
     """Train the classifier on every fold of the experiment; writes ``train/summary.json``.
 
-    ``--resume`` continues the recorded run with its own settings (:func:`octa3d.training.fit.resume_config`); the
+    ``--resume`` continues the recorded run with its own settings (:func:`octa3d.training.fit.config_to_resume`); the
     stage folder is planned (:func:`octa3d.utils.runs.plan_stage`) before anything is written, and finished
     earlier results are replaced only when this run has finished.
     """
-    cfg = resume_config(cfg, STAGE)
+    cfg = config_to_resume(cfg, STAGE)
     if not cfg.train.resume:
         model_kwargs(cfg)  # model options and the --init-from file checked before anything is written
     plan_stage(cfg, STAGE, training=True)  # RunExistsError before the experiment is touched

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from octa3d.checkpoint.io import CheckpointWriter, load_checkpoint, save_checkpoint
-from octa3d.checkpoint.settings import resumed_config
+from octa3d.checkpoint.settings import merge_recorded_config
 from octa3d.config import Config
 from octa3d.errors import ConfigError
 from octa3d.training.epoch import StepPolicy, train_one_epoch
@@ -91,9 +91,9 @@ class FitState:
     finished: bool = False
 
 
-def resume_config(cfg: Config, stage: str) -> Config:
+def config_to_resume(cfg: Config, stage: str) -> Config:
     """``--resume``: the configuration of the run it continues (see
-    :func:`octa3d.checkpoint.settings.resumed_config`), checked before anything is written.
+    :func:`octa3d.checkpoint.settings.merge_recorded_config`), checked before anything is written.
 
     The recorded settings are the resumed folder's ``config.yaml`` (else its ``last.pt``'s). More ``--epochs``
     are refused for a run that early stopping ended (they would not train).
@@ -113,7 +113,7 @@ def resume_config(cfg: Config, stage: str) -> Config:
     if not isinstance(doc, dict):
         log.warning("--resume: no recorded settings in %s; the settings of this invocation are used", folder)
         return cfg
-    ecfg = resumed_config(cfg, doc, str(where))
+    ecfg = merge_recorded_config(cfg, doc, str(where))
     for last in lasts:
         ck = load_checkpoint(last)
         early = ck.get("early_stopping") or {}

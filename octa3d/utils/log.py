@@ -32,7 +32,7 @@ def add_file_log(path: str | Path) -> None:
             logger.removeHandler(h)
             h.close()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.FileHandler(path)
+    fh = logging.FileHandler(path, encoding="utf-8")  # not the locale: GDCM can reset it to ASCII
     fh._octa3d_file = True  # type: ignore[attr-defined]
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter(_FMT))

@@ -1,4 +1,4 @@
-"""Predict benchmark (issue 16): the quick run gives well-formed figures (never timing thresholds); the stage's
+"""Predict benchmark: the quick run gives well-formed figures (never timing thresholds); the stage's
 streaming and resume behaviour are tested in tests/stages/test_predict.py."""
 
 from __future__ import annotations

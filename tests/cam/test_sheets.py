@@ -1,6 +1,6 @@
 """Review sheets (octa3d.cam.sheets): panels named as the user knows the slices (OCTA-500 B-scan files are 1-based),
 the second section named for what it is (a slow-axis section, not a B-scan), the modality shown, and millimetre
-scale bars where the spacing is physical (issue 13 items 9 and 11)."""
+scale bars where the spacing is physical."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Damaged and hostile model files (issue 14, item 9, checkpoint side): one-line errors naming the file; a pickle
+"""Damaged and hostile model files: one-line errors naming the file; a pickle
 that weights_only refuses is reported as refused (possibly malicious), never as damaged, and never run."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Damaged inputs (issue 14, items 1-2): every reader refuses a file shorter than its header says, naming it, and
+"""Damaged inputs: every reader refuses a file shorter than its header says, naming it, and
 refuses a declared size above ``--max-voxels`` before allocating it (checked in a subprocess under a small
 ``RLIMIT_AS``). The damaged files are generated here from small valid ones."""
 

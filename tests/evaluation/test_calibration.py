@@ -7,19 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from octa3d.evaluation.calibration import (
-    apply_temperature,
-    at_coverage,
-    aurc,
-    brier_score,
-    calibration_fit,
-    calibration_report,
-    expected_calibration_error,
-    fit_temperature,
-    n_bins_for,
-    reliability_bins,
-    risk_coverage,
-)
+from octa3d.evaluation.calibration import (apply_temperature, at_coverage, aurc, brier_score, calibration_fit,
+                                           calibration_report, expected_calibration_error, fit_temperature, n_bins_for,
+                                           reliability_bins, risk_coverage)
 
 
 def _binary(p1):

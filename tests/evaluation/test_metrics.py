@@ -5,14 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from octa3d.evaluation.metrics import (
-    bootstrap_ci,
-    bootstrap_indices,
-    classification_metrics,
-    confusion,
-    resampling_units,
-    roc_auc,
-)
+from octa3d.evaluation.metrics import (bootstrap_ci, bootstrap_indices, classification_metrics, confusion,
+                                       resampling_units, roc_auc)
 
 
 def test_binary_metrics_hand_computed():

@@ -204,7 +204,7 @@ def test_compressed_files_load_without_training_code_and_agree(compressed):
     assert card["class_names"] == ["NORMAL", "ABNORMAL"] and card["input"]["shape"] == ["N", 1, 16, 16, 16]
     assert card["input"]["modality"] == "OCTA" and "clip_percentiles" in card["preprocess"]
     assert set(card["artifacts"]) == {"model_int8.pt", "model_fp32.pt", "model.onnx", "model_int8.onnx", "pruned.pt"}
-    # issue 17: the source's fitted temperature is in the card and in every loaded record (test/predict apply it)
+    # the source's fitted temperature is in the card and in every loaded record (test/predict apply it)
     source_t = torch.load(out.parent / "train" / "checkpoints" / "best.pt", weights_only=True)["temperature"]
     assert source_t is not None and card["temperature"] == pytest.approx(source_t)
     assert card["record"]["temperature"] == pytest.approx(source_t)
@@ -271,7 +271,7 @@ def test_test_and_explain_accept_compressed_models(compressed, caplog):
     res = explain.run(parse_config(argv)[0])
     assert res["model_format"] == "onnx" and "cam" not in res
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    # the fp32 TorchScript: test calibrates it with the temperature its card carries (issue 17), as the checkpoint
+    # the fp32 TorchScript: test calibrates it with the temperature its card carries, as the checkpoint
     argv = ["--mode", "test", *common, "--checkpoint", str(out / "model_fp32.pt"), "--bootstrap", "20", "--overwrite",
             "--cam", "none"]
     m = test_stage.run(parse_config(argv)[0])

@@ -1,5 +1,5 @@
 """``--mode explain``: one NIfTI scan predicted and explained in its own geometry, and OCTA-500 subject folders as
-input; output folders that never collide, refused before the scan is read (issue 13 item 8); one input file per
+input; output folders that never collide, refused before the scan is read; one input file per
 channel, named by modality (item 9)."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_explain_single_nifti(tmp_path, capsys, nifti_scan, same_geometry):
     doc = json.loads((out / "prediction.json").read_text())
     assert doc["prediction"] in ("NORMAL", "CNV")
     assert sum(doc["probabilities"].values()) == pytest.approx(1, abs=1e-5)
-    # through the Python API (issue 16): raw probabilities, entropy and the flag beside the reported ones
+    # through the Python API: raw probabilities, entropy and the flag beside the reported ones
     assert doc["calibrated"] is False and doc["probabilities_raw"] == doc["probabilities"]  # no temperature stored
     assert doc["entropy"] >= 0 and doc["uncertain"] is None
     same_geometry(out / "scanA_cam.nii.gz", src)

@@ -1,6 +1,6 @@
-"""``--mode export`` (issue 16 item 4): the MONAI bundle run by ``python -m monai.bundle run`` reproduces octa3d's
+"""``--mode export``: the MONAI bundle run by ``python -m monai.bundle run`` reproduces octa3d's
 calibrated probabilities on a NIfTI volume; fp32 TorchScript + model card beside it, loadable by test/explain with
-the temperature (issue 17); fold ensembles; 2D models refused."""
+the temperature; fold ensembles; 2D models refused."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``--mode predict --input PATH`` (issue 16 item 1): every input kind, calibrated probabilities, the leakage warning
+"""``--mode predict --input PATH``: every input kind, calibrated probabilities, the leakage warning
 per subject for every source type, an unreadable scan in the middle, resume after kill -9, the fold ensemble."""
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def test_test_stage_outputs(private_copy, experiment, tmp_path, capsys):
     for key in ("accuracy", "balanced_accuracy", "auc", "f1_macro", "sensitivity", "specificity", "brier", "ece",
                 "calibration_slope", "calibration_intercept", "aurc"):
         assert key in doc["ci95"], key
-    # issue 17: calibration numbers, bins with counts, selective prediction; this checkpoint has no temperature
+    # calibration numbers, bins with counts, selective prediction; this checkpoint has no temperature
     assert doc["ece_bins"] == 1 and sum(doc["reliability"]["count"]) == 4 and 0 <= doc["aurc"] <= 1
     assert doc["calibration"]["temperature"] is None and not doc["calibration"]["applied"]
     assert doc["calibration"]["raw"] == doc["calibration"]["calibrated"]
@@ -262,7 +262,7 @@ def test_fold_ensemble_and_missing_checkpoint(private_copy, experiment, tmp_path
         find_checkpoints(cfg2)
 
 
-# ------------------------------------------------------------------------------------ issue 14
+# --------------------------------------------------------------------- damaged data and misuse
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -321,7 +321,7 @@ def test_a_failed_attempt_never_blocks_the_retry(private_copy, experiment, tmp_p
     assert (out / "metrics.json").is_file() and (out / ".complete").is_file()
 
 
-# ------------------------------------------------------------------------------------ issue 17: temperature
+# ------------------------------------------------------------------------------------ temperature
 def _set_temperature(path: Path, t: float) -> None:
     ck = load_checkpoint(path)
     ck["temperature"] = t
@@ -366,7 +366,7 @@ def test_temperature_scaled_probabilities_by_default_and_per_fold_in_an_ensemble
         run(parse_config(_args(root, "--mode", "test", "--overwrite"))[0])
 
 
-# ------------------------------------------------------------------------------------ issue 17: uncertainty
+# ------------------------------------------------------------------------------------ uncertainty
 def _perturb(path: Path) -> None:
     """Random non-zero weights: the untrained cnn answers 0.5 for every input, so no augmentation moves it."""
     import torch

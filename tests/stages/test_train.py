@@ -261,7 +261,7 @@ def test_kfold_trains_every_fold_and_reports_mean_sd(blob_root, tmp_path):
     assert saved["mean"] == summary["mean"]
 
 
-# ------------------------------------------------------------------------------------ issue 17: temperature
+# ------------------------------------------------------------------------------------ temperature
 def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, monkeypatch):
     from octa3d.evaluation import calibration, forward
 
@@ -322,7 +322,7 @@ def test_compile_path_trains(blob_root, tmp_path):
     assert not any(k.startswith("_orig_mod") for k in ck["state_dict"])  # saved unwrapped
 
 
-# ------------------------------------------------------------------------------------------------ issue 14
+# --------------------------------------------------------------------------------- damaged data and misuse
 def test_interrupted_training_offers_resume_and_resume_means_the_same_run(blob_root, tmp_path):
     """Item 6: after an interruption (last.pt after epoch 1) a plain retry is refused offering --resume, and the
     resumable last.pt stays. Item 7: --resume refuses changed settings (listed, config.yaml untouched) and fewer

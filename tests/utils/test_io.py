@@ -3,6 +3,8 @@
 
 import errno
 import os
+import subprocess
+import sys
 from collections import namedtuple
 
 import pandas as pd
@@ -25,7 +27,12 @@ def test_distinct_subjects_get_distinct_file_names():
         assert safe_name(plain) == plain
     for n in names:
         assert n and "/" not in n and "\\" not in n and n[0] not in ".-+_" and len(n) <= 120
-    assert safe_name("a/b") == safe_name("a/b")  # stable (a hash of the ID, not a counter)
+    # stable: a digest of the ID (not a counter, not Python's per-process hash), so reruns and other machines agree
+    assert safe_name("a/b") == "a_b-hc14cddc0"
+    code = "from octa3d.utils.io import safe_name; print(safe_name('a/b'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    assert other == safe_name("a/b")
 
 
 def test_unique_names_separates_ids_that_differ_only_in_case():

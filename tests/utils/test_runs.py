@@ -80,7 +80,7 @@ def test_environment_text_has_versions():
     assert "python:" in environment_text()
 
 
-# ------------------------------------------------------------------------------------------------ issue 14
+# --------------------------------------------------------------------------------- damaged data and misuse
 def _cfg(tmp_path, **run):
     cfg = Config()
     cfg.run.runs_dir = str(tmp_path / "runs")

@@ -92,12 +92,6 @@ def masks_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.weight_mask.detach().clone() for n, m in model.named_modules() if hasattr(m, "weight_mask")}
 
 
-def zero_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Masks of the zeros already in the conv/linear weights (after :func:`finalize`): ``weight != 0``."""
-    return {n: (m.weight.detach() != 0).to(m.weight.dtype) for n, m in model.named_modules()
-            if isinstance(m, PRUNABLE_TYPES) and not hasattr(m, "weight_mask")}
-
-
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> int:
     """Re-attach pruning masks by module name with :func:`torch.nn.utils.prune.custom_from_mask`.
 

@@ -218,7 +218,7 @@ def _prune(job: Job, model: nn.Module) -> tuple[list[dict[str, Any]], dict[str, 
 
 def _record(job: Job, sparsity: dict[str, Any]) -> dict[str, Any]:
     c = job.cfg.compress
-    # the source's calibration temperature travels with every file (issue 17): test/predict apply it to them as to
+    # the source's calibration temperature travels with every file: test/predict apply it to them as to
     # the source; it was fitted before pruning/QAT, which change the logits little (see report.json's agreement)
     temperature = {"temperature": job.ckpt["temperature"]} if job.ckpt.get("temperature") is not None else {}
     # the options the network was built with (ViT patch size, MedicalNet shortcut A ...) rebuild pruned.pt
