@@ -201,7 +201,10 @@ class Predictor:
         """
         out: dict[str, np.ndarray] = {}
         x_all = torch.as_tensor(np.ascontiguousarray(samples, np.float32))
-        patches = list(range(len(x_all))) if patches is None else patches
+        if patches is None:
+            if mc_pass is not None:  # the masks are drawn per (subject, patch): -1 for a whole volume, not 0
+                raise ValueError("forward(mc_pass=...) needs the samples' patch indices")
+            patches = [-1] * len(x_all)
         for m in self.models:
             parts = []
             forward.sample_dropout(m.model, mc_pass is not None)
