@@ -237,7 +237,12 @@ def nll(y_true: Any, probs: Any) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], EPS, 1.0))))
 
 
-def fit_temperature(y_true: Any, probs: Any, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+#: The range :func:`fit_temperature` searches; a fit at either end means the validation outputs carry little
+#: information (upper) or the validation set is nearly separable (lower); the train stage warns about both.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
+def fit_temperature(y_true: Any, probs: Any, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """Temperature that minimises the validation NLL of ``softmax(log p / T)`` (bounded search over log T).
 
     Call it with *validation* predictions only (the train stage does, per fold); fitting on test subjects would

@@ -28,7 +28,7 @@ from octa3d.data.augment import tta_augment
 from octa3d.evaluation import forward
 from octa3d.evaluation.calibration import (UNCERTAIN_COVERAGE, apply_temperature, calibration_scores, entropy, nll,
                                            uncertainty_report)
-from octa3d.evaluation.metrics import bootstrap_ci, evaluation_metrics, resampling_units
+from octa3d.evaluation.metrics import bootstrap_ci, chance_report, evaluation_metrics, resampling_units
 from octa3d.evaluation.outputs import cam_scalars, write_outputs
 from octa3d.training.precision import Precision
 from octa3d.utils import dist
@@ -144,6 +144,7 @@ def score_metrics(ecfg: Config, seed: int, y: np.ndarray, probs: np.ndarray, per
     n_boot = ecfg.eval.bootstrap
     metrics = evaluation_metrics(y, probs, names)
     metrics["ci95"] = bootstrap_ci(y, probs, n_boot, seed, groups=groups)
+    metrics["chance"] = chance_report(metrics, len(names))
     units = resampling_units(y, groups)
     metrics.update({"class_names": names, "positive_class": names[1] if len(names) == 2 else None,
                     "bootstrap": {"resamples": n_boot, "seed": seed, "method": "percentile", "level": 0.95,

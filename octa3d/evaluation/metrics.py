@@ -288,6 +288,30 @@ def evaluation_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Seque
     return out
 
 
+def chance_report(m: dict[str, Any], n_classes: int) -> dict[str, Any]:
+    """metrics.json ``chance``: the chance level of the headline metrics that have one (balanced accuracy 1/K,
+    AUC 0.5, kappa 0) and those whose 95 % CI reaches it (``ci_includes_chance``): such a result does not show
+    that the model beats guessing on these subjects."""
+    levels = {"balanced_accuracy": 1.0 / n_classes, "auc": 0.5, "kappa": 0.0}
+    hits = []
+    for key, level in levels.items():
+        ci = (m.get("ci95") or {}).get(key)
+        if ci and math.isfinite(ci[0]) and ci[0] <= level:
+            hits.append(key)
+    return {"levels": levels, "ci_includes_chance": hits}
+
+
+def chance_lines(m: dict[str, Any]) -> list[str]:
+    """A WARNING line for the CLI summary when a headline CI includes chance (see :func:`chance_report`)."""
+    hits = (m.get("chance") or {}).get("ci_includes_chance") or []
+    if not hits:
+        return []
+    levels = m["chance"]["levels"]
+    what = ", ".join(f"{k.replace('_', ' ')} {format_metric(m, k)} (chance {levels[k]:.2f})" for k in hits)
+    return [f"  WARNING: the 95 % CI of {what} includes chance: on these {m.get('n_subjects', '?')} subjects the "
+            "model is not shown to beat guessing (more test subjects, or see the train stage's fit check)"]
+
+
 def format_metric(m: dict[str, Any], key: str) -> str:
     """``value [low, high]`` of one metric of an :func:`evaluation_metrics` result (``n/a`` when undefined)."""
     v = m.get(key)

@@ -16,7 +16,7 @@ import numpy as np
 from octa3d.cam import score_lines
 from octa3d.evaluation.calibration import reliability_bins, risk_coverage
 from octa3d.evaluation.figures import confusion_figure, coverage_figure, reliability_figure, roc_figure, save_figure
-from octa3d.evaluation.metrics import CI_METRICS, format_metric, predictions_frame, summary_lines
+from octa3d.evaluation.metrics import CI_METRICS, chance_lines, format_metric, predictions_frame, summary_lines
 from octa3d.utils.io import atomic_write_csv
 
 __all__ = ["calibration_summary", "cam_scalars", "print_summary", "uncertainty_summary", "write_outputs",
@@ -110,6 +110,7 @@ def print_summary(exp: str, m: dict[str, Any], out: Path, n: int, title: str | N
              + f"; model {m['model']} ({ens})",
              _ci_header(m["bootstrap"])]
     lines += summary_lines(m)
+    lines += chance_lines(m)
     lines += calibration_summary(m.get("calibration") or {})
     lines += uncertainty_summary(m.get("uncertainty") or {})
     for name, fm in (m.get("folds") or {}).items():

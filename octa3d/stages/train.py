@@ -42,7 +42,8 @@ from octa3d.model.weights import InitFile
 from octa3d.stages.context import StageContext, setup_stage
 from octa3d.training.epoch import StopTraining
 from octa3d.training.fit import FitSpec, fit, config_to_resume
-from octa3d.training.optim import build_loss, class_weights
+from octa3d.training.fitcheck import assess_fit, fit_messages
+from octa3d.training.optim import build_loss, chance_loss, class_weights
 from octa3d.training.precision import Precision, memory_format, wrap
 from octa3d.utils import dist
 from octa3d.utils.io import atomic_torch_save, atomic_write_json
@@ -211,7 +212,9 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
         return schedule(epoch)
 
     monitor = cfg.train.monitor
-    spec = FitSpec(model=model, loss_fn=build_loss(cfg, weights), validate=validate, monitor=monitor,
+    loss_fn = build_loss(cfg, weights)
+    chance = chance_loss(loss_fn, [sp.labels[i] for i in tr_ids], len(names))
+    spec = FitSpec(model=model, loss_fn=loss_fn, validate=validate, monitor=monitor, chance_loss=chance,
                           mode="max" if HIGHER_IS_BETTER[monitor] else "min",
                           record={**model_record(cfg, names, "classifier"), "model_kwargs": kwargs},
                           prepare_epoch=prepare_epoch,
@@ -223,6 +226,11 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
     _hparams(out, cfg, start, result.best)
     best = dict(result.best)
     best.update(calibrate_checkpoint(out / "checkpoints" / "best.pt", model, val_loader, precision, va_ids, sp.test))
+    best["fit"] = assess_fit(result.history, chance, result.best, best["temperature"], result.stopped_early)
+    info, warnings = fit_messages(best["fit"], f"fold {fold}", cfg.train.lr)
+    log.info("Fit check, %s", info)
+    for w in warnings:
+        log.warning(w)
     return best
 
 
@@ -282,11 +290,19 @@ def _hparams(out: Path, cfg: Config, start: str, best: dict[str, Any]) -> None:
 
 
 def summary_line(summary: dict[str, Any], n_folds: int) -> str:
-    """Best validation scores: the value for one split, mean ± sd over folds (an sd of one value is no spread)."""
+    """Best validation scores: the value for one split, mean ± sd over folds (an sd of one value is no spread),
+    and the end-of-training fit check of every fold that did not fit."""
     if n_folds == 1:
-        return "Validation (best epoch): " + "  ".join(f"{k} {summary['mean'][k]:.3f}" for k in SUMMARY_KEYS)
-    return f"Validation (best epoch per fold, mean ± sd over {n_folds} folds): " + "  ".join(
-        f"{k} {summary['mean'][k]:.3f}±{summary['sd'][k]:.3f}" for k in SUMMARY_KEYS)
+        line = "Validation (best epoch): " + "  ".join(f"{k} {summary['mean'][k]:.3f}" for k in SUMMARY_KEYS)
+    else:
+        line = f"Validation (best epoch per fold, mean ± sd over {n_folds} folds): " + "  ".join(
+            f"{k} {summary['mean'][k]:.3f}±{summary['sd'][k]:.3f}" for k in SUMMARY_KEYS)
+    bad = {f: r["fit"]["verdict"] for f, r in summary.get("folds", {}).items()
+           if r.get("fit", {}).get("verdict", "fit") != "fit"}
+    if bad:
+        line += ("\nFit check: " + ", ".join(f"{f} {v.replace('_', ' ')}" for f, v in bad.items())
+                 + " (see the WARNING above; README 'Training recipe' says what to try)")
+    return line
 
 
 @releases_locks

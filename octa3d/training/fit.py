@@ -24,7 +24,7 @@ from octa3d.checkpoint.settings import merge_recorded_config
 from octa3d.config import Config
 from octa3d.errors import ConfigError
 from octa3d.training.epoch import StepPolicy, train_one_epoch
-from octa3d.training.optim import EarlyStopping, build_optimizer, build_scheduler
+from octa3d.training.optim import LEFT_CHANCE, EarlyStopping, build_optimizer, build_scheduler
 from octa3d.training.precision import Precision, wrap
 from octa3d.utils.runs import last_checkpoints, resume_folder
 from octa3d.utils.seed import set_rng_state
@@ -51,6 +51,9 @@ class FitSpec:
         log_line: ``log_line(row) -> str`` for the per-epoch log.
         row_extra: ``row_extra() -> dict`` of stage-specific history columns (e.g. whether the encoder was frozen).
         params: the parameters to optimise and clip (default: all of ``model``).
+        chance_loss: the training loss at chance (:func:`octa3d.training.optim.chance_loss`); early stopping
+            counts only once the training loss is below :data:`~octa3d.training.optim.LEFT_CHANCE` x it
+            (None: from the first epoch, e.g. autoencoders).
     """
 
     model: torch.nn.Module
@@ -67,14 +70,18 @@ class FitSpec:
     log_line: Callable[[dict[str, Any]], str] | None = None
     row_extra: Callable[[], dict[str, Any]] | None = None
     params: list[torch.Tensor] = field(default_factory=list)
+    chance_loss: float | None = None
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` reports: the best epoch's metrics (with ``epoch``) and how many epochs have run."""
+    """What :func:`fit` reports: the best epoch's metrics (with ``epoch``), how many epochs have run, the history
+    rows and whether early stopping ended the run."""
 
     best: dict[str, Any]
     epochs_run: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 @dataclass
@@ -183,12 +190,14 @@ def fit(spec: FitSpec, cfg: Config, train_loader: Any, out: Path, device: torch.
         sched_cfg.train.epochs = horizon
     state = FitState(optimizer, build_scheduler(optimizer, sched_cfg, steps_per_epoch),
                      Precision.for_device(device, cfg.train.amp),
-                     EarlyStopping(mode=spec.mode, patience=cfg.train.patience), History(out / "history.csv"))
+                     EarlyStopping(mode=spec.mode, patience=cfg.train.patience,
+                                   arm_below=None if spec.chance_loss is None else LEFT_CHANCE * spec.chance_loss),
+                     History(out / "history.csv"))
     if ck is not None:
         _resume(spec, state, out, ck)
         if state.finished and (state.first_epoch >= cfg.train.epochs or state.early.should_stop):
             log.info("%s already finished (epoch %d); nothing to resume", name or out, state.first_epoch)
-            return FitResult(state.best_metrics, state.first_epoch)
+            return FitResult(state.best_metrics, state.first_epoch, state.history.rows, state.early.should_stop)
         log.info("Resuming %s from %s after epoch %d", name or out, last_ckpt, state.first_epoch)
         if cfg.train.epochs > horizon:
             log.info("--epochs %d: training continues past the %d-epoch learning-rate schedule; epochs %d-%d train "
@@ -202,7 +211,7 @@ def fit(spec: FitSpec, cfg: Config, train_loader: Any, out: Path, device: torch.
             _epochs(spec, state, cfg, train_loader, out, params, tb, writer, steps_per_epoch, horizon)
     finally:
         tb.close()
-    return FitResult(state.best_metrics, len(state.history.rows))
+    return FitResult(state.best_metrics, len(state.history.rows), state.history.rows, state.early.should_stop)
 
 
 def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out: Path, params: list[torch.Tensor],
@@ -230,7 +239,12 @@ def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out:
         if math.isnan(value):
             value = -math.inf if spec.mode == "max" else math.inf
         tie = metrics.get("val_loss") if spec.monitor != "val_loss" else None
-        improved = state.early.update(value, epoch, tie_break=tie)
+        was_armed = state.early.armed
+        improved = state.early.update(value, epoch, tie_break=tie, train_loss=train_loss)
+        if state.early.armed and not was_armed:
+            log.info("%s %d: training loss %.4f is below %.2f x the chance loss %.4f; early stopping counts from "
+                     "here and earlier epochs no longer compete for best.pt", spec.kind_label, epoch + 1,
+                     train_loss, LEFT_CHANCE, spec.chance_loss)
         lr = max(g["lr"] for g in state.optimizer.param_groups)  # the head's rate under --layer-decay
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if spec.target == "label":
@@ -258,5 +272,6 @@ def _epochs(spec: FitSpec, state: FitState, cfg: Config, train_loader: Any, out:
         log.info("%s %d/%d  %s%s  %.1fs", spec.kind_label, epoch + 1, cfg.train.epochs, text,
                  " *" if improved else "", row["seconds"])
         if state.early.should_stop:
-            log.info("Early stopping: %s has not improved for %d epochs", spec.monitor, cfg.train.patience)
+            what = spec.monitor if spec.monitor in ("val_loss", "train_loss") else f"{spec.monitor} or val_loss"
+            log.info("Early stopping: no improvement of %s for %d epochs", what, cfg.train.patience)
             break

@@ -124,6 +124,17 @@ class EarlyStopping:
     saturated epoch while early stopping ended training ten epochs later, with the model still under-fitted
     (4-class generated eyes, 60 epochs, two seeds: hold-out macro-F1 0.887/0.942 stopped at epochs 29/36; with the
     tie-break 0.972/0.972, trained to epoch 60; README "Multi-class").
+
+    Two rules keep a run from ending inside the initial plateau, where a classifier sits at chance for a while
+    before it learns (README "Training recipe": 6-17 epochs on generated cohorts, 20 on an independent one):
+
+    * **Armed only after leaving chance.** With ``arm_below`` set (:data:`LEFT_CHANCE` x the chance loss, see
+      :func:`chance_loss`), patience does not count until an epoch's training loss falls below it, and the epochs
+      before that one cannot stay the best: the first epoch below it replaces them. A run that never leaves chance
+      trains for all its epochs (and the end-of-training check says it did not learn).
+    * **Validation loss is progress too.** An epoch with the lowest validation loss so far (the ``tie_break``)
+      resets patience without becoming the best: balanced accuracy at the argmax is blind to probabilities that
+      are moving towards the right class (validation AUC reached 1.00 two epochs before balanced accuracy left 0.5).
     """
 
     mode: str = "max"
@@ -132,21 +143,41 @@ class EarlyStopping:
     best_epoch: int = -1
     bad_epochs: int = 0
     best_tie: float | None = None
+    arm_below: float | None = None
+    armed_epoch: int | None = None
+    lowest_tie: float | None = None
 
-    def update(self, value: float, epoch: int, tie_break: float | None = None) -> bool:
-        """Record ``value`` (and the lower-is-better ``tie_break``) for ``epoch``; return True on a new best."""
+    @property
+    def armed(self) -> bool:
+        """True once patience counts (from the start when ``arm_below`` is None)."""
+        return self.arm_below is None or self.armed_epoch is not None
+
+    def update(self, value: float, epoch: int, tie_break: float | None = None,
+               train_loss: float | None = None) -> bool:
+        """Record ``value`` (and the lower-is-better ``tie_break``, the validation loss) for ``epoch`` whose mean
+        training loss was ``train_loss``; return True on a new best."""
+        if not self.armed and train_loss is not None and train_loss < self.arm_below:
+            self.armed_epoch, self.best, self.best_tie = epoch, None, None  # the plateau's epochs drop out
+        tie_ok = tie_break is not None and not math.isnan(tie_break)
+        progress = tie_ok and (self.lowest_tie is None or tie_break < self.lowest_tie)
+        if progress:
+            self.lowest_tie = float(tie_break)
         if math.isnan(value):
-            self.bad_epochs += 1
+            self._no_gain(progress)
             return False
         better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
-        tie_won = (self.best is not None and value == self.best and tie_break is not None
-                   and not math.isnan(tie_break) and (self.best_tie is None or tie_break < self.best_tie))
+        tie_won = (self.best is not None and value == self.best and tie_ok
+                   and (self.best_tie is None or tie_break < self.best_tie))
         if better or tie_won:
             self.best, self.best_epoch, self.bad_epochs = float(value), epoch, 0
-            self.best_tie = None if tie_break is None or math.isnan(tie_break) else float(tie_break)
+            self.best_tie = float(tie_break) if tie_ok else None
             return True
-        self.bad_epochs += 1
+        self._no_gain(progress)
         return False
+
+    def _no_gain(self, progress: bool) -> None:
+        """An epoch that is not a new best: patience counts it unless it made progress or the run is unarmed."""
+        self.bad_epochs = 0 if progress or not self.armed else self.bad_epochs + 1
 
     @property
     def should_stop(self) -> bool:
@@ -156,12 +187,30 @@ class EarlyStopping:
     def state_dict(self) -> dict[str, Any]:
         """Serializable state."""
         return {"mode": self.mode, "patience": self.patience, "best": self.best, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs, "best_tie": self.best_tie}
+                "bad_epochs": self.bad_epochs, "best_tie": self.best_tie, "arm_below": self.arm_below,
+                "armed_epoch": self.armed_epoch, "lowest_tie": self.lowest_tie}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
+        """Restore :meth:`state_dict` output (a state saved before arming existed counts from the start)."""
+        self.arm_below = None
         for k, v in d.items():
             setattr(self, k, v)
+
+
+#: A run has left chance once its training loss is below this fraction of the chance loss (issue targets: no run
+#: may stop above 0.9 ln K).
+LEFT_CHANCE = 0.9
+
+
+def chance_loss(loss_fn: Any, labels: list[int], n_classes: int) -> float:
+    """The training loss of a model that has learnt nothing: ``loss_fn`` on all-zero logits (uniform
+    probabilities) over the training labels, so class weights, label smoothing and focal terms are included
+    (ln K for plain cross-entropy)."""
+    target = torch.as_tensor(labels, dtype=torch.long)
+    with torch.no_grad():
+        weight = getattr(loss_fn, "weight", None)
+        logits = torch.zeros(len(target), n_classes, device=weight.device if weight is not None else "cpu")
+        return float(loss_fn(logits, target.to(logits.device)))
 
 
 # ---------------------------------------------------------------------------------------------------- losses

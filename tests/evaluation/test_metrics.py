@@ -143,3 +143,16 @@ def test_bootstrap_and_summary_carry_the_calibration_metrics():
     assert "at 90 % coverage accuracy" in text and "54 most confident subjects" in text
     multi = evaluation_metrics([0, 1, 2], np.eye(3), ["a", "b", "c"])
     assert "calibration_slope" not in multi and "calibration slope" not in "\n".join(summary_lines(multi))
+
+
+def test_chance_report_names_the_metrics_whose_ci_includes_chance():
+    from octa3d.evaluation.metrics import chance_lines, chance_report
+
+    m = {"balanced_accuracy": 0.54, "auc": 0.65, "kappa": 0.08, "n_subjects": 24,
+         "ci95": {"balanced_accuracy": [0.40, 0.68], "auc": [0.51, 0.80], "kappa": [-0.2, 0.35]}}
+    m["chance"] = chance_report(m, 2)
+    assert m["chance"]["ci_includes_chance"] == ["balanced_accuracy", "kappa"]
+    line = chance_lines(m)[0]
+    assert "WARNING" in line and "balanced accuracy 0.540 [0.400, 0.680] (chance 0.50)" in line and "24 subjects" in line
+    four = {"balanced_accuracy": 0.9, "ci95": {"balanced_accuracy": [0.8, 0.97], "auc": [float("nan")] * 2}}
+    assert chance_report(four, 4)["ci_includes_chance"] == [] and chance_lines({**four, "chance": {}}) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -139,19 +140,22 @@ def test_freeze_encoder_keeps_encoder_weights(blob_root, tmp_path):
     assert any(not torch.equal(fresh[k], ck["state_dict"][k]) for k in head)
 
 
-def test_early_stopping_ends_training(blob_root, tmp_path):
-    # a frozen encoder (BatchNorm in eval mode) and a negligible learning rate: the score cannot improve
-    cfg, argv = cfg_for(blob_root, tmp_path, "early", "--epochs", "6", "--patience", "1", "--lr", "1e-12",
-                        "--freeze-encoder")
-    train_mod.run(cfg)
-    hist = pd.read_csv(tmp_path / "early" / "train" / "history.csv")
-    assert len(hist) < 6
-    assert load_checkpoint(tmp_path / "early" / "train" / "checkpoints" / "last.pt")["finished"] is True
-    # item 7: more --epochs after early stopping would not train: refused, saying why
-    cfg, argv = cfg_for(blob_root, tmp_path, "early", "--epochs", "8", "--patience", "1", "--lr", "1e-12",
-                        "--freeze-encoder", "--resume")
-    with pytest.raises(ConfigError, match="early stopping"):
-        train_mod.run(cfg)
+def test_a_run_at_chance_is_not_stopped_early_and_says_it_did_not_learn(blob_root, tmp_path, run_cli):
+    """A frozen encoder (BatchNorm in eval mode) and a negligible learning rate: the model cannot leave chance.
+    Early stopping does not end it (patience counts only once the training loss is below 0.9 x chance) and the
+    command says, as the user sees it, that the model did not learn and what to try."""
+    _, argv = cfg_for(blob_root, tmp_path, "chance", "--epochs", "4", "--patience", "1", "--lr", "1e-12",
+                      "--freeze-encoder")
+    res = run_cli(argv)
+    assert res.rc == 0
+    hist = pd.read_csv(tmp_path / "chance" / "train" / "history.csv")
+    assert len(hist) == 4  # patience 1, but never armed
+    assert "WARNING" in res.err and "fold 0: the model did not learn" in res.err and "--epochs 8" in res.err
+    assert "Fit check: fold-0 did not learn" in res.out
+    summary = json.loads((tmp_path / "chance" / "train" / "summary.json").read_text())
+    fit = summary["folds"]["fold-0"]["fit"]
+    assert fit["verdict"] == "did_not_learn" and fit["left_chance_epoch"] is None and fit["epochs_run"] == 4
+    assert fit["chance_loss"] == pytest.approx(math.log(2))
 
 
 def test_nan_loss_stops_with_epoch_step_and_subjects(blob_root, tmp_path, monkeypatch):

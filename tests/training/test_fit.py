@@ -42,7 +42,9 @@ def _cfg(tmp_path, *flags: str):
                          "--warmup-epochs", "0", "--optimizer", "sgd", *flags])[0]
 
 
-def _spec(cfg, scores: list[float] | None = None) -> FitSpec:
+def _spec(cfg, scores: list[float] | None = None, chance_loss: float | None = None) -> FitSpec:
+    """A linear model on separable blobs; with ``scores`` the validation AUCs are scripted and the validation loss
+    is flat (a falling validation loss is progress that resets patience)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
     seen = iter(scores or [])
@@ -51,10 +53,10 @@ def _spec(cfg, scores: list[float] | None = None) -> FitSpec:
         with torch.no_grad():
             loss = float(F.cross_entropy(net(torch.cat([b["image"] for b in _loader()])),
                                          torch.cat([b["label"] for b in _loader()])))
-        return {"val_loss": loss, "auc": next(seen, 0.5)}
+        return {"val_loss": 1.0 if scores else loss, "auc": next(seen, 0.5)}
 
     return FitSpec(model=model, loss_fn=F.cross_entropy, validate=validate, monitor="auc", mode="max",
-                   record=model_record(cfg, ["NORMAL", "DR"], "classifier"))
+                   record=model_record(cfg, ["NORMAL", "DR"], "classifier"), chance_loss=chance_loss)
 
 
 def test_fit_writes_best_last_and_history_and_stops_early(tmp_path):
@@ -68,6 +70,25 @@ def test_fit_writes_best_last_and_history_and_stops_early(tmp_path):
     best, last = load_checkpoint(out / "checkpoints" / "best.pt"), load_checkpoint(out / "checkpoints" / "last.pt")
     assert best["epoch"] == 2 and "optimizer" not in best  # weights + record only
     assert last["epoch"] == 4 and last["finished"] and "optimizer" in last and "early_stopping" in last
+
+
+def test_a_run_that_has_not_left_chance_is_not_stopped_and_its_plateau_does_not_stay_best(tmp_path):
+    """Patience counts from the first epoch whose training loss is below 0.9 x the chance loss; the epochs before
+    it cannot remain best.pt (a lucky validation score at chance)."""
+    cfg = _cfg(tmp_path, "--epochs", "6", "--patience", "2")
+    scores = [0.9, 0.5, 0.5, 0.5, 0.5, 0.5]
+    never = fit(_spec(cfg, scores, chance_loss=0.0), cfg, _loader(), tmp_path / "never", torch.device("cpu"))
+    assert never.epochs_run == 6 and not never.stopped_early and never.best["epoch"] == 1
+    from_start = fit(_spec(cfg, scores, chance_loss=100.0), cfg, _loader(), tmp_path / "start", torch.device("cpu"))
+    assert from_start.epochs_run == 3 and from_start.stopped_early and from_start.best["epoch"] == 1
+    # the same run (same seed) leaving chance at epoch 3: epochs 1-2 drop out, patience counts from epoch 3
+    losses = pd.read_csv(tmp_path / "never" / "history.csv")["train_loss"].tolist()
+    assert losses[0] > losses[1] > losses[2]
+    chance = (losses[1] + losses[2]) / 2 / 0.9
+    late = fit(_spec(cfg, scores, chance_loss=chance), cfg, _loader(), tmp_path / "late", torch.device("cpu"))
+    assert late.best["epoch"] == 3 and late.best["auc"] == 0.5 and late.stopped_early and late.epochs_run == 5
+    ck = load_checkpoint(tmp_path / "late" / "checkpoints" / "last.pt")
+    assert ck["early_stopping"]["armed_epoch"] == 2  # 0-based
 
 
 def test_resume_continues_bit_exactly(tmp_path):

@@ -74,14 +74,43 @@ def test_a_tie_on_a_saturated_metric_is_won_by_a_lower_validation_loss():
     assert es.update(1.0, 0, tie_break=0.9)
     assert es.update(1.0, 1, tie_break=0.5) and es.best_epoch == 1 and es.bad_epochs == 0
     assert not es.update(1.0, 2, tie_break=0.6) and es.bad_epochs == 1  # tie, higher loss: not better
-    assert not es.update(0.9, 3, tie_break=0.1) and es.should_stop  # lower metric: the loss does not matter
-    assert not es.update(float("nan"), 4, tie_break=0.0)
-    assert es.best == 1.0 and es.best_tie == 0.5
+    # a lower metric with the lowest loss so far: not the best, but progress, so patience starts again
+    assert not es.update(0.9, 3, tie_break=0.1) and es.bad_epochs == 0 and es.best_epoch == 1
+    assert not es.update(0.9, 4, tie_break=0.2) and not es.update(float("nan"), 5, tie_break=0.3)
+    assert es.should_stop and es.best == 1.0 and es.best_tie == 0.5
     plain = optim.EarlyStopping(mode="max", patience=2)  # no tie-break value (e.g. monitoring the loss itself)
     assert plain.update(1.0, 0) and not plain.update(1.0, 1)
     restored = optim.EarlyStopping()
     restored.load_state_dict(es.state_dict())
-    assert restored.best_tie == 0.5 and not restored.update(1.0, 5, tie_break=0.7)
+    assert restored.best_tie == 0.5 and not restored.update(1.0, 6, tie_break=0.7)
+
+
+def test_early_stopping_is_armed_once_the_training_loss_leaves_chance():
+    es = optim.EarlyStopping(mode="max", patience=1, arm_below=0.6)
+    assert es.update(1.0, 0, tie_break=0.7, train_loss=0.69)  # a lucky score at chance is best for now ...
+    for epoch in (1, 2, 3):  # ... but patience does not count while the training loss sits at chance
+        assert not es.update(0.5, epoch, tie_break=0.7, train_loss=0.69) and not es.should_stop
+    assert not es.armed and es.best_epoch == 0
+    assert es.update(0.6, 4, tie_break=0.7, train_loss=0.5) and es.armed_epoch == 4  # the plateau drops out
+    assert es.best == 0.6 and not es.update(0.6, 5, tie_break=0.8, train_loss=0.4) and es.should_stop
+    restored = optim.EarlyStopping(arm_below=0.6)
+    restored.load_state_dict(es.state_dict())
+    assert restored.state_dict() == es.state_dict()
+    legacy = optim.EarlyStopping(arm_below=0.6)  # a last.pt from before arming existed: counts from the start
+    legacy.load_state_dict({"mode": "max", "patience": 1, "best": 0.5, "best_epoch": 0, "bad_epochs": 0})
+    assert legacy.armed and not legacy.update(0.5, 1, train_loss=0.69) and legacy.should_stop
+
+
+def test_chance_loss_is_the_loss_of_uniform_probabilities():
+    import math
+
+    labels = [0, 0, 0, 1]
+    assert optim.chance_loss(torch.nn.CrossEntropyLoss(), labels, 2) == pytest.approx(math.log(2))
+    weighted = torch.nn.CrossEntropyLoss(weight=optim.class_weights(labels, 2))
+    assert optim.chance_loss(weighted, labels, 2) == pytest.approx(math.log(2))
+    assert optim.chance_loss(torch.nn.CrossEntropyLoss(), [0, 1, 2, 3], 4) == pytest.approx(math.log(4))
+    focal = optim.FocalLoss()  # (1 - 1/K)^2 ln K
+    assert optim.chance_loss(focal, labels, 2) == pytest.approx(0.25 * math.log(2))
 
 
 def test_layer_decay_learning_rates_resnet_and_vit():
