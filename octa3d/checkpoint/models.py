@@ -21,7 +21,7 @@ from torch import nn
 from octa3d.checkpoint import exports
 from octa3d.checkpoint.io import CheckpointError, load_checkpoint
 from octa3d.config import Config
-from octa3d.model import create_model
+from octa3d.model import create_model, get_spec
 
 log = logging.getLogger("octa3d.checkpoint")
 
@@ -45,8 +45,10 @@ def build_classifier(ckpt: dict[str, Any], path: Path | str, device: torch.devic
     Raises:
         CheckpointError: the weights do not fit the recorded architecture.
     """
+    legacy = get_spec(ckpt["model_name"]).legacy_kwargs
+    kwargs = {**(legacy(ckpt["state_dict"]) if legacy else {}), **(ckpt.get("model_kwargs") or {})}
     model = create_model(ckpt["model_name"], ckpt["dim"], ckpt["in_channels"], ckpt["num_classes"],
-                         input_size=tuple(ckpt["input_shape"]), **(ckpt.get("model_kwargs") or {}))
+                         input_size=tuple(ckpt["input_shape"]), **kwargs)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

@@ -129,8 +129,10 @@ class TrainConfig:
     lr: float = opt(3e-4, "Peak learning rate (AdamW), reached after --warmup-epochs, then cosine decay.")
     weight_decay: float = opt(1e-4, "AdamW weight decay.")
     warmup_epochs: int = opt(1, "Linear learning-rate warm-up epochs before the cosine schedule.")
-    patience: int = opt(10, "Early stopping: epochs without improvement of the monitored metric (0 = off); a tie "
-                            "with a lower validation loss counts as an improvement.")
+    patience: int = opt(10, "Early stopping: epochs without improvement of the monitored metric or of the "
+                            "validation loss (0 = off); counted only once the training loss is below 0.9 x the "
+                            "chance loss, so a run never stops at chance; a tie with a lower validation loss "
+                            "counts as an improvement of the metric.")
     monitor: str = opt("balanced_accuracy", "Validation metric that picks best.pt and drives early stopping "
                                             "(--mode train; ae_pretrain always monitors val_loss).",
                        choices=("balanced_accuracy", "auc", "f1_macro", "accuracy", "val_loss"))

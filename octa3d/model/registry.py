@@ -61,6 +61,9 @@ class ModelSpec:
         needs_input_size: the factory requires ``input_size`` (ViT position embeddings).
         description: one line for the model table.
         options: the model options of the configuration this family takes (keys of :data:`MODEL_OPTIONS`).
+        legacy_kwargs: ``legacy_kwargs(state_dict) -> factory keywords`` that rebuild the architecture an older
+            octa3d version saved under this name (its checkpoints record no keywords for what was then the
+            default); None when the architecture never changed.
     """
 
     name: str
@@ -75,6 +78,7 @@ class ModelSpec:
     needs_input_size: bool = False
     description: str = ""
     options: tuple[str, ...] = ()
+    legacy_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
     _param_cache: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------------ encoder / head split
@@ -155,6 +159,7 @@ def register_model(
     needs_input_size: bool = False,
     description: str = "",
     options: Sequence[str] = (),
+    legacy_kwargs: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> Callable[[Factory], Factory]:
     """Decorator registering a model factory under ``name`` (see :class:`ModelSpec` for the fields).
 
@@ -170,6 +175,7 @@ def register_model(
             ae_supported=ae_supported, feature_size=int(feature_size),
             stages=tuple(tuple(s) for s in stages), head_prefixes=tuple(head_prefixes),
             needs_input_size=needs_input_size, description=description, options=tuple(options),
+            legacy_kwargs=legacy_kwargs,
         )
         return fn
 

@@ -162,3 +162,22 @@ def test_vit_sizes_and_options() -> None:
     assert plain.blocks[0].attn.qkv.bias is None and plain.norm.eps == 1e-5
     with pytest.raises(ConfigError, match="fixed size"):
         M.create_model("vit_large", 2, 1, 2, input_size=32, num_layers=2)
+
+
+def test_cnn_head_is_linear_and_legacy_fc3_checkpoints_rebuild_their_head() -> None:
+    """The default cnn head is dropout 0.2 + one linear layer on the pooled features; a state dict with the FC3
+    layout of octa3d 0.1.0 (last layer classifier.6) asks the registry for that layout, which then loads strictly."""
+    net = M.create_model("cnn", 3, 2, 3)
+    linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(128, 3)]
+    assert next(m for m in net.classifier if isinstance(m, nn.Dropout)).p == 0.2
+    spec = M.get_spec("cnn")
+    assert spec.legacy_kwargs(net.state_dict()) == {}
+
+    old = M.create_model("cnn", 3, 2, 3, head="fc3", dropout=0.5)
+    assert [m.out_features for m in old.classifier if isinstance(m, nn.Linear)] == [256, 64, 3]
+    kwargs = spec.legacy_kwargs(old.state_dict())
+    assert kwargs == {"head": "fc3", "dropout": 0.5}
+    M.create_model("cnn", 3, 2, 3, **kwargs).load_state_dict(old.state_dict())  # strict
+    with pytest.raises(ValueError, match="head must be one of linear, fc3"):
+        M.create_model("cnn", 3, 2, 3, head="mlp")

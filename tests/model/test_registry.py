@@ -79,7 +79,7 @@ def test_load_init_weights_nested_module_prefix(tmp_path) -> None:
     target = M.create_model("cnn", 3, 1, 2)
     state = {f"module.{k}": v.clone() for k, v in src.state_dict().items()}
     state["module.extra.weight"] = torch.zeros(3)
-    state["module.classifier.6.weight"] = torch.zeros(5, 64)  # wrong shape: 5 classes
+    state["module.classifier.2.weight"] = torch.zeros(5, 128)  # wrong shape: 5 classes
     path = tmp_path / "medicalnet.pth"
     torch.save({"state_dict": state, "epoch": 3}, path)
 
@@ -87,13 +87,13 @@ def test_load_init_weights_nested_module_prefix(tmp_path) -> None:
     loaded = [r["key"] for r in report.loaded]
     assert report.format == "octa3d"
     assert [u["key"] for u in report.unexpected] == ["module.extra.weight"]
-    assert [(m["key"], m["file_shape"]) for m in report.mismatched] == [("classifier.6.weight", [5, 64])]
-    assert "classifier.6.weight" not in loaded and "features.block1.conv.weight" in loaded
+    assert [(m["key"], m["file_shape"]) for m in report.mismatched] == [("classifier.2.weight", [5, 128])]
+    assert "classifier.2.weight" not in loaded and "features.block1.conv.weight" in loaded
     assert report.encoder_loaded == report.encoder_total and not report.encoder_missing
     own = target.state_dict()
     for k in loaded:
         assert torch.equal(own[k], src.state_dict()[k]), k
-    assert not torch.equal(own["classifier.6.weight"], torch.zeros(2, 64))
+    assert not torch.equal(own["classifier.2.weight"], torch.zeros(2, 128))
 
 
 def test_load_init_weights_from_ae_checkpoint(tmp_path) -> None:
