@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
+from octa3d.config.schema import SYNTH_LOOKS
 from octa3d.data import synthetic as syn
 from octa3d.data.synthetic.render import plan_eye
 from octa3d.errors import ConfigError
@@ -59,6 +60,10 @@ def test_stock_look_is_byte_identical_to_before(tmp_path: Path) -> None:
     assert syn.PRESETS["stock"] == syn.Look()
     assert volumes_digest(look=syn.Look()) == STOCK_VOLUMES_SHA256
     assert dataset_digest(tmp_path / "d", look=syn.look_from_name("stock")) == STOCK_DATASET_SHA256
+
+
+def test_schema_lists_the_presets() -> None:
+    assert SYNTH_LOOKS == tuple(syn.PRESETS)
 
 
 def test_look_from_name_lists_the_presets() -> None:
@@ -288,3 +293,15 @@ def test_artefacts_add_projection_tails_and_motion_lines() -> None:
         lines = np.flatnonzero(plan.motion)
         assert len(lines) >= 1 and brighter[lines].min() > 3 * np.delete(brighter, lines).max()
         assert np.delete(brighter, lines).max() > 0  # the projection tails below the large vessels
+
+
+def test_synth_look_through_the_cli(run_cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    res = run_cli(["--mode", "synth", "--synth-look", "faint", "--data-root", data, "--n-subjects", "6",
+                   "--shape", "16,32,16", "--seed", "4"], subprocess=True)
+    assert res.rc == 0, res.err
+    assert "look faint" in res.out
+    assert json.loads((data / syn.MARKER).read_text())["look"]["name"] == "faint"
+    with pytest.raises(SystemExit) as exc:  # argparse: the usage line and the presets to choose from
+        run_cli(["--mode", "synth", "--synth-look", "glossy", "--data-root", tmp_path / "x"])
+    assert exc.value.code == 2 and "sparse-vessels" in capsys.readouterr().err
