@@ -26,7 +26,8 @@ from typing import Any
 
 from octa3d.cam import score_lines
 from octa3d.config import Config, apply_overrides, get_value, to_argv, validate
-from octa3d.data.synthetic import CLASSES, MARKER, generate
+from octa3d.data.synthetic import CLASSES, MARKER, generate, look_from_name
+from octa3d.data.synthetic.look import look_record
 from octa3d.errors import ConfigError
 from octa3d.evaluation.metrics import summary_lines
 from octa3d.stages import STAGES
@@ -127,7 +128,8 @@ def ensure_data(cfg: Config, root: str, explicit: bool, n_subjects: int | None =
     """Generate the demo dataset at ``root`` unless one with the same settings is there already.
 
     An explicit ``--data-root`` holding a real (non-synthetic) dataset is used as it is. ``n_subjects``, ``seed``
-    and ``fov`` default to the demo's (``--n-subjects``, ``--seed``, 6 mm); the second cohort sets them.
+    and ``fov`` default to the demo's (``--n-subjects``, ``--seed``, 6 mm); the second cohort sets them. Both
+    cohorts have the ``--synth-look`` (a dataset generated before looks existed is the stock look).
 
     Returns:
         What happened: ``"reused"``, ``"generated"`` or ``"user data"``.
@@ -136,6 +138,7 @@ def ensure_data(cfg: Config, root: str, explicit: bool, n_subjects: int | None =
     classes = demo_classes(cfg)
     n_subjects = cfg.synth.n_subjects if n_subjects is None else n_subjects
     seed = cfg.run.seed if seed is None else seed
+    look = look_from_name(cfg.synth.synth_look)
     want = {"seed": seed, "n_subjects": n_subjects, "shape": list(cfg.synth.shape),
             "layout": "octa500", "fov": fov, "classes": list(classes)}
     marker = r / MARKER
@@ -144,7 +147,8 @@ def ensure_data(cfg: Config, root: str, explicit: bool, n_subjects: int | None =
             have = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             have = {}
-        if have.get("complete") and all(have.get(k) == v for k, v in want.items()):
+        same_look = have.get("look", look_record(look_from_name("stock"))) == look_record(look)
+        if have.get("complete") and same_look and all(have.get(k) == v for k, v in want.items()):
             log.info("Reusing the demo dataset in %s", r)
             return "reused"
         log.info("The dataset in %s was generated with other settings (or is incomplete): regenerating", r)
@@ -153,7 +157,7 @@ def ensure_data(cfg: Config, root: str, explicit: bool, n_subjects: int | None =
         return "user data"
     t0 = time.perf_counter()
     generate(r, n_subjects, cfg.synth.shape, seed=seed, layout="octa500", fov=fov, classes=classes,
-             overwrite=marker.is_file())
+             overwrite=marker.is_file(), look=look)
     log.info("Generated %d synthetic eyes (%s) in %s in %.1f s", n_subjects,
              "x".join(map(str, cfg.synth.shape)), r, time.perf_counter() - t0)
     return "generated"

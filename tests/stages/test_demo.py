@@ -68,6 +68,14 @@ def test_dataset_is_generated_once_and_reused(tmp_path):
     assert ensure_data(cfg, str(root), False) == "reused"
     cfg3 = stage_config("prepare", user("--n-subjects", "3", "--shape", "8,16,8"), str(root))
     assert ensure_data(cfg3, str(root), False) == "generated"  # other settings: regenerated in place
+    faint = stage_config("prepare", user("--n-subjects", "3", "--shape", "8,16,8", "--synth-look", "faint"), str(root))
+    assert ensure_data(faint, str(root), False) == "generated"  # another look: regenerated
+    assert json.loads((root / "synthetic.json").read_text())["look"]["name"] == "faint"
+    assert ensure_data(faint, str(root), False) == "reused"
+    legacy = json.loads((root / "synthetic.json").read_text())
+    del legacy["look"]  # written before looks existed: the stock look
+    (root / "synthetic.json").write_text(json.dumps(legacy))
+    assert ensure_data(cfg3, str(root), False) == "reused"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "manifest.csv").write_text("subject,label,path\n")
