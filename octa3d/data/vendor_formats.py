@@ -20,7 +20,6 @@ eyepy 0.21 facts these readers rely on (checked against its source):
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +80,7 @@ class RawScan:
 def damaged(path: Path, fmt: str) -> Iterator[None]:
     """Turn whatever eyepy (or construct, scipy, imageio below it) raises on a damaged file into a DataError."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. numpy's "mean of empty slice" on a one-B-scan XML export
-            yield
+        yield
     except DataError:
         raise
     except cs.StreamError as exc:  # construct ran out of bytes: a cut file
@@ -152,15 +149,17 @@ def read_xml(xml: Path, max_voxels: int | None) -> RawScan:
         v = reader.parsed_values
         if v["size_x"] and v["size_y"]:
             check_voxels(xml, (v["size_x"], v["size_y"], v["n_bscans"]), max_voxels)
+        if v["n_bscans"] < 2:  # eyepy 0.21 computes the B-scan distance from consecutive B-scans and fails
+            raise DataError(f"{xml}: a HEYEX XML export of {v['n_bscans']} B-scan(s); eyepy reads XML exports of "
+                            "two or more B-scans: export a single B-scan as .vol instead")
         ev = reader.volume
         device = reader.xml_root[0].findtext(".//GeneralEquipment/ManufacturerModelName")
         maker = reader.xml_root[0].findtext(".//GeneralEquipment/Manufacturer")
     z = float(ev.scale_z)
-    notes = [] if np.isfinite(z) and z > 0 else ["the export gives one B-scan position: unit B-scan distance"]
+    notes = [] if np.isfinite(z) and z > 0 else ["the B-scans share one position: unit B-scan distance"]
     spacing = (float(ev.scale_x), float(ev.scale_y), z if not notes else 1.0)
     named = " ".join(s for s in (maker, device) if s) or None
-    return RawScan(np.asarray(ev.data), spacing, str(ev.laterality), "volume" if ev.size_z > 1 else "single line",
-                   named, notes)
+    return RawScan(np.asarray(ev.data), spacing, str(ev.laterality), "volume", named, notes)
 
 
 def read_e2e(path: Path, max_voxels: int | None) -> RawScan:
@@ -170,6 +169,8 @@ def read_e2e(path: Path, max_voxels: int | None) -> RawScan:
     with damaged(path, "heyex-e2e"):
         reader = HeE2eReader(path)
         series = reader.series
+        if not series:
+            raise ValueError("no series in the file")
         with reader:
             for k, s in enumerate(series):
                 first = s.get_meta()["bscan_meta"][0]
@@ -198,8 +199,9 @@ def read_fda(path: Path) -> RawScan:
 
     with damaged(path, "topcon-fda"):
         ev = import_topcon_fda(path)
+    # eyepy's FDA reader sets no laterality (the metadata oct-converter returns has none it maps)
     return RawScan(np.asarray(ev.data), (float(ev.scale_x), float(ev.scale_y), float(ev.scale_z)),
-                   str(ev.laterality), "volume (raster)")
+                   str(ev.meta.get("laterality", "")), "volume (raster)")
 
 
 def read_duke(path: Path, max_voxels: int | None) -> RawScan:
