@@ -84,7 +84,9 @@ def damaged(path: Path, fmt: str) -> Iterator[None]:
     except DataError:
         raise
     except cs.StreamError as exc:  # construct ran out of bytes: a cut file
-        raise DataError(f"{path} is truncated or damaged (a {FORMATS[fmt]} whose data ends early: {exc}); an "
+        # construct's message is "Error in path (parsing) -> bscans -> data\n<what was short>": the last line
+        short = str(exc).strip().splitlines()[-1] if str(exc).strip() else "the data ends early"
+        raise DataError(f"{path} is truncated or damaged (a {FORMATS[fmt]} whose data ends early: {short}); an "
                         "interrupted copy or download leaves such files: copy the file again or remove it") from exc
     except Exception as exc:  # noqa: BLE001 - eyepy and its readers raise many types for a broken file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
