@@ -180,9 +180,10 @@ class EvalConfig:
 
     checkpoint: str | None = opt(None, "Model to test/explain (default: the experiment's train/checkpoints/best.pt; "
                                        "with --folds K all folds, ensembled by averaging probabilities).")
-    input: str | None = opt(None, "--mode explain: one scan (any supported format or an OCTA-500 subject folder); "
-                                  "--mode predict: a scan, an OCTA-500-layout folder, a manifest CSV or a folder "
-                                  "of images/volumes (labels optional).")
+    input: str | None = opt(None, "--mode explain: one scan (any supported format, a vendor export such as a "
+                                  "Heidelberg .vol, or an OCTA-500 subject folder); --mode predict: a scan, an "
+                                  "OCTA-500-layout folder, a manifest CSV, a vendor layout or a folder of "
+                                  "images/volumes (labels optional).")
     external: str | None = opt(None, "--mode test: a labelled external cohort (any supported layout) scored as "
                                      "test data, every labelled subject, into test-external/<name>/; refused when "
                                      "a subject or patient overlaps the experiment's train/val/AE subjects.")

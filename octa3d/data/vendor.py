@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from octa3d.data.imagefiles import file_suffix, read_info
-from octa3d.data.slices import visible_files
 from octa3d.data.subject import Geometry, Subject
 from octa3d.data.vendor_formats import (DEVICES, FORMATS, SCAN_PATTERNS, RawScan, check_pattern, read_duke, read_e2e,
                                         read_fda, read_vol, read_xml, vol_header)
@@ -140,7 +140,10 @@ def scan_paths(path: str | Path) -> dict[str, str]:
     p = Path(path)
     if file_suffix(p) != ".vol":
         return {"OCT": str(p)}
-    vols = [f for f in visible_files(p.parent) if file_suffix(f) == ".vol"] if p.parent.is_dir() else [p]
+    try:
+        vols = [p.parent / n for n in _vol_names(p.parent)]
+    except OSError:
+        vols = [p]
     plain = [f for f in vols if not _is_angio(f)]
     if _is_angio(p):
         base = _angio_base(p)
@@ -152,6 +155,25 @@ def scan_paths(path: str | Path) -> dict[str, str]:
     if not angio and len(plain) == 1:
         angio = [f for f in vols if _is_angio(f) and not _angio_base(f)]
     return {"OCT": str(p), "OCTA": str(angio[0])} if angio else {"OCT": str(p)}
+
+
+def _vol_names(folder: Path) -> tuple[str, ...]:
+    """The ``.vol`` files of a folder, listed once per folder state: pairing every scan of a folder of thousands
+    of exports must not list the folder once per scan. The state is the folder's mtime (it changes when files come
+    or go); a folder changed in the last 2 s is listed again, as its mtime may not have ticked yet (coarse clocks)."""
+    st = os.stat(folder)
+    if time.time_ns() - st.st_mtime_ns < 2_000_000_000:
+        return _list_vols(str(folder), -1)
+    return _cached_vols(str(folder), st.st_mtime_ns)
+
+
+def _list_vols(folder: str, mtime_ns: int) -> tuple[str, ...]:
+    with os.scandir(folder) as it:
+        return tuple(sorted(e.name for e in it if not e.name.startswith(".") and file_suffix(e.name) == ".vol"
+                            and e.is_file()))
+
+
+_cached_vols = functools.lru_cache(maxsize=256)(_list_vols)
 
 
 def scan_id(paths: dict[str, str]) -> str:
