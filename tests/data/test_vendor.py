@@ -269,3 +269,18 @@ def test_retouch_case_reads_with_simpleitk_and_its_reference_is_the_mask(tmp_pat
     arr, geo = load_subject(s, "OCT")
     assert np.array_equal(arr[0], vol) and np.allclose(geo.spacing, (0.0117, 0.002, 0.047))
     assert sitk.ReadImage(s.mask).GetSize() == (24, 40, 6)
+
+
+def test_lesion_mask_of_a_mirrored_scan_is_mirrored_with_it(tmp_path, vendor_export):
+    from octa3d.cam.sources import read_mask
+    from octa3d.data.transforms import PreprocessRecord
+
+    vol = vendor_export.volume()
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[2, 10:14, 0:3] = 1  # at the first A-scans of the scan as stored
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(tmp_path / "mask.nii.gz"))
+    s = vendor_subject(vendor_export.vol(tmp_path / "os.vol", vol, SPACING, "OS"), mask=str(tmp_path / "mask.nii.gz"))
+    arr, geo = load_subject(s, "OCT")
+    record = PreprocessRecord(source=geo.to_dict(), crop_box=[(0, n) for n in geo.shape], cropped_shape=geo.shape,
+                              input_shape=(4, 4, 4), meta={"scan": s.meta["scan"]})
+    assert np.array_equal(read_mask(s, record), mask[:, :, ::-1])  # lies on the mirrored array, as the scan does
