@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess as _subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -207,3 +208,110 @@ def run_cli(tmp_path, capsys, monkeypatch):
         return CliResult(rc, cap.out, cap.err)
 
     return run
+
+
+# ------------------------------------------------------------------------------------------ vendor exports
+#: eyepy's own small HEYEX test files (MIT), kept beside the repository in the shared data folder, not in it.
+EYEPY_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eyepy-fixtures"
+
+
+@pytest.fixture
+def eyepy_fixtures() -> Path:
+    """The folder of eyepy's HEYEX test files (``test_volume.vol``, ``heyex_xml/test_volume/``); the test is skipped
+    where the shared data folder is not beside the repository (e.g. a CI checkout without it)."""
+    if not (EYEPY_FIXTURES / "test_volume.vol").is_file():
+        pytest.skip(f"eyepy's HEYEX test files are not at {EYEPY_FIXTURES} (../shared/data/eyepy-fixtures beside "
+                    "the repository); the tests that write their own vendor files still run")
+    return EYEPY_FIXTURES
+
+
+def retina_volume(shape: tuple[int, int, int] = (6, 40, 24), seed: int = 0) -> np.ndarray:
+    """uint8 ``(S, D, W)`` volume with a bright retina band in the middle third of the depth and a left-right
+    gradient (so that a mirrored scan is told from the original)."""
+    rng = np.random.default_rng(seed)
+    s, d, w = shape
+    vol = rng.integers(0, 30, shape).astype(np.int32)
+    vol[:, d // 3: 2 * d // 3] += 100 + (np.arange(w) * 100 // max(1, w - 1))[None, None, :]
+    return np.clip(vol, 0, 255).astype(np.uint8)
+
+
+def _heyex_xml(folder: Path, volume: np.ndarray, spacing=(0.0118, 0.0039, 0.12), laterality: str = "R",
+               patient_id: str = "P-1") -> Path:
+    """A HEYEX XML export of ``volume`` (uint8 ``(S, D, W)``): ``export.xml`` with the fields eyepy's reader takes,
+    ``B<n>.tif`` B-scans and an ``NIR.tif`` localizer, as the Spectralis viewer writes them."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    s, d, w = volume.shape
+    sx, sy, sz = spacing
+
+    def date(y: int) -> str:
+        return f"<Date><Year>{y}</Year><Month>01</Month><Day>01</Day></Date>"
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "NIR.tif")
+    images = ["<Image><ID>0</ID><ImageType><Type>LOCALIZER</Type></ImageType><OphthalmicAcquisitionContext>"
+              "<Width>16</Width><Height>16</Height><ScaleX>0.01</ScaleX><ScaleY>0.01</ScaleY><Angle>30</Angle>"
+              "<Focus>0.0</Focus></OphthalmicAcquisitionContext><ImageData><ExamURL>file:///\\\\x\\NIR.tif</ExamURL>"
+              "</ImageData></Image>"]
+    for i in range(s):
+        Image.fromarray(volume[i]).save(folder / f"B{i + 1}.tif")
+        images.append(
+            f"<Image><ID>{i + 1}</ID><ImageType><Type>OCT</Type></ImageType><OphthalmicAcquisitionContext>"
+            f"<Width>{w}</Width><Height>{d}</Height><ScaleX>{sx}</ScaleX><ScaleY>{sy}</ScaleY>"
+            f"<ImageQuality>30</ImageQuality><Start><Coord><X>0.0</X><Y>{i * sz}</Y></Coord></Start>"
+            f"<End><Coord><X>{(w - 1) * sx}</X><Y>{i * sz}</Y></Coord></End></OphthalmicAcquisitionContext>"
+            f"<ImageData><ExamURL>file:///\\\\x\\B{i + 1}.tif</ExamURL></ImageData></Image>")
+    xml = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<HEDX><BODY><SWVersion><Version>6.9</Version></SWVersion>"
+           f"<Patient><ID>1</ID><PatientID>{patient_id}</PatientID><LastName>X</LastName><FirstNames>Y</FirstNames>"
+           f"<Birthdate>{date(1950)}</Birthdate><Study><StudyDate>{date(2020)}</StudyDate><Series><ID>7</ID>"
+           f"<Laterality>{laterality}</Laterality><ReferenceSeries><ID>7</ID><ExamDate>{date(2020)}</ExamDate>"
+           "</ReferenceSeries><GeneralEquipment><Manufacturer>Heidelberg Engineering</Manufacturer>"
+           "<ManufacturerModelName>Spectralis</ManufacturerModelName></GeneralEquipment>"
+           f"{''.join(images)}</Series></Study></Patient></BODY></HEDX>\n")
+    (folder / "export.xml").write_text(xml, encoding="utf-8")
+    return folder
+
+
+def _duke_mat(path: Path, volume: np.ndarray, age: int = 70) -> Path:
+    """A Duke AMD/control ``.mat`` (MATLAB 5) of ``volume`` (uint8 ``(S, D, W)``) as the dataset stores it:
+    ``images`` depth × A-scans × B-scans, ``layerMaps`` B-scans × A-scans × 3 boundaries, ``Age``."""
+    import scipy.io as sio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    s, d, w = volume.shape
+    layers = np.stack([np.full((s, w), d / 3), np.full((s, w), d / 2), np.full((s, w), 2 * d / 3)], -1)
+    sio.savemat(str(path), {"images": np.moveaxis(volume, 0, -1), "layerMaps": layers, "Age": np.array([[age]])})
+    return path
+
+
+def _retouch_case(folder: Path, volume: np.ndarray, spacing=(0.0117, 0.002, 0.047), mask: bool = True) -> Path:
+    """A RETOUCH case folder ``<folder>/oct.mhd`` (+ ``reference.mhd``: fluid label 1 in a block) of ``volume``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(volume)
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(folder / "oct.mhd"))
+    if mask:
+        ref = np.zeros(volume.shape, np.uint8)
+        ref[1:3, volume.shape[1] // 2: volume.shape[1] // 2 + 3, 2:6] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(ref), str(folder / "reference.mhd"))
+    return folder
+
+
+class VendorWriters(NamedTuple):
+    """Writers of vendor exports with known contents (:func:`vendor_export`)."""
+
+    volume: Callable
+    vol: Callable
+    xml: Callable
+    duke: Callable
+    retouch: Callable
+
+
+@pytest.fixture
+def vendor_export() -> VendorWriters:
+    """``vendor_export.vol(path, volume, spacing, laterality, angio=...)`` (HEYEX .vol through eyepy's layout:
+    :mod:`octa3d.data.synthetic.vendor_files`), ``.xml(folder, volume, spacing, "R"|"L")``, ``.duke(path, volume)``,
+    ``.retouch(case_folder, volume, spacing)`` and ``.volume(shape, seed)`` (a uint8 retina)."""
+    from octa3d.data.synthetic.vendor_files import write_heyex_vol
+
+    return VendorWriters(retina_volume, write_heyex_vol, _heyex_xml, _duke_mat, _retouch_case)

@@ -465,6 +465,34 @@ def _dicom_orphan(data, cut, dicom_series):
     return folder, "3.dcm belong(s) to no readable series"
 
 
+def _angio_vol(data: Path, name: str = "10001_Angio.vol", **kw) -> Path:
+    """10001's OCTA volume as a HEYEX angiography export (the OCTA channel of a Heidelberg scan)."""
+    from octa3d.data.synthetic.vendor_files import write_heyex_vol
+
+    arr = sitk.GetArrayFromImage(_volume(data)) / 255.0
+    return write_heyex_vol(data / "volumes" / name, arr, angio=True, **kw)
+
+
+def _vol_truncated(data, cut):
+    return cut(_angio_vol(data), -300), "is truncated or damaged"
+
+
+def _vol_not_heyex(data, cut):
+    path = data / "volumes" / "10001_Angio.vol"
+    path.write_bytes(b"#VOL raw volume from another program\n" + bytes(4000))
+    return path, "is named like a Heidelberg HEYEX angiography .vol but does not start like one"
+
+
+def _vol_circle_scan(data, cut):
+    return _angio_vol(data, scan_pattern=2), "a circle scan (HEYEX scan pattern 2) is not a volume"
+
+
+def _vendor_unsupported(data, cut):
+    path = data / "volumes" / "10001.fds"
+    path.write_bytes(bytes(64))
+    return path, "Topcon .fds files are not supported; octa3d reads Heidelberg HEYEX .vol"
+
+
 READER_CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "truncated NIfTI (.nii.gz)": (_nii_gz_truncated, ()),
     "zero-byte NIfTI": (_nii_gz_zero_bytes, ()),
@@ -488,6 +516,9 @@ READER_CASES: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "no images in a scan folder": (_no_images_in_folder, ()),
     ".npy of the wrong shape": (_npy_wrong_shape, ()),
     "truncated DICOM file": (_dicom_orphan, ()),
+    "truncated HEYEX .vol": (_vol_truncated, ()),
+    "a .vol that is not a HEYEX export": (_vol_not_heyex, ()),
+    "HEYEX circle scan": (_vol_circle_scan, ()),
 }
 
 
@@ -506,6 +537,12 @@ def test_reader_errors_name_subject_and_file(case, data, run_cli, cut, dicom_ser
     assert ok.rc == 0, ok.err  # discovery does not read the scans
     res = run_cli(ae_pretrain(data, *extra), subprocess=case == "truncated NIfTI (.nii.gz)")
     check(res, "subject 10001", path, reason)
+
+
+def test_unsupported_vendor_file_in_a_manifest_names_what_is_supported(data, run_cli, cut):
+    path, reason = _vendor_unsupported(data, cut)
+    write_manifest(data, str(path))
+    check(run_cli(prepare(data)), "subject 10001", path, reason)
 
 
 def test_2d_image_and_projection_map_errors_name_subject_and_file(data, run_cli, cut, tmp_path):
@@ -577,8 +614,13 @@ def _input_same_id(data, cut):
     return folder, ["share the subject ID(s) 10002_octa"]
 
 
+def _input_truncated_vol(data, cut):
+    return cut(_angio_vol(data, "10002_Angio.vol"), -300), ["subject 10002", "truncated or damaged"]
+
+
 INPUT_CASES: dict[str, tuple[Callable, str]] = {
     "truncated scan": (_input_truncated, "explain"),
+    "truncated HEYEX .vol": (_input_truncated_vol, "explain"),
     "no such file": (_input_missing, "explain"),
     "empty folder": (_input_empty_folder, "predict"),
     "folder without scans": (_input_no_scans, "predict"),
@@ -593,6 +635,14 @@ def test_input_errors_name_the_input(case, data, run_cli, cut):
     res = run_cli(["--mode", mode, "--input", path, "--checkpoint", CHECKPOINT, "--runs-dir", data.parent / "runs"])
     check(res, path, *names)
     assert not (data.parent / "runs").exists()
+
+
+def test_damaged_vol_is_named_by_the_command_itself(data, run_cli, cut):
+    """``python main.py --mode explain --input <damaged .vol>`` in a process of its own: what a user sees."""
+    path, names = _input_truncated_vol(data, cut)
+    res = run_cli(["--mode", "explain", "--input", path, "--checkpoint", CHECKPOINT, "--runs-dir",
+                   data.parent / "runs"], subprocess=True)
+    check(res, path, *names)
 
 
 def test_synth_never_writes_over_a_dataset(data, run_cli):

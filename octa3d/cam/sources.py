@@ -159,6 +159,8 @@ def read_mask(subject: Subject, record: PreprocessRecord) -> np.ndarray | None:
                     str(exc).strip().splitlines()[-1])
         return None
     shape = tuple(record.geometry.shape)
+    if mask.ndim == 3 and str((record.meta.get("scan") or {}).get("orientation", "")).startswith("mirrored"):
+        mask = mask[:, :, ::-1]  # drawn on the vendor scan as stored; the scan was mirrored to a right eye's view
     if mask.ndim == 3 and len(shape) == 2 and record.meta.get("projection") == "compute":
         mask = mask.max(axis=int(record.meta.get("depth_axis", 1)))
     if tuple(mask.shape) != shape:

@@ -58,13 +58,14 @@ class RunConfig:
 class DataConfig:
     """Where the scans are, how subjects are labelled and split."""
 
-    data_root: str = opt("./data", "Dataset folder (OCTA-500 layout, manifest CSV, or 2D class folders) "
-                                   "or a manifest .csv file.")
+    data_root: str = opt("./data", "Dataset folder (OCTA-500 layout, manifest CSV, vendor exports such as "
+                                   "Heidelberg .vol / Duke / RETOUCH, or 2D class folders) or a manifest .csv file.")
     source: str = opt("auto", "Dataset layout; auto detects it from --data-root.",
-                      choices=("auto", "octa500", "manifest", "folders"))
+                      choices=("auto", "octa500", "manifest", "vendor", "folders"))
     labels: str | None = opt(None, "Label file (.xlsx/.csv with ID and Disease columns). "
                                    "Default for OCTA-500: '<data-root>/Text labels.xlsx'.")
-    modality: str = opt("OCTA", "OCTA-500 volume(s) to read; OCT+OCTA stacks both as two channels.",
+    modality: str = opt("OCTA", "Volume(s) to read (OCTA-500 folders, vendor exports: a .vol is OCT, its "
+                                "...Angio.vol OCTA); OCT+OCTA stacks both as two channels.",
                         choices=("OCTA", "OCT", "OCT+OCTA"))
     fov: str = opt("all", "OCTA-500 field of view subset.", choices=("6mm", "3mm", "all"))
     projection: str = opt("compute", "2D en-face source: 'compute' (projection of the volume over the retinal "
@@ -186,9 +187,10 @@ class EvalConfig:
 
     checkpoint: str | None = opt(None, "Model to test/explain (default: the experiment's train/checkpoints/best.pt; "
                                        "with --folds K all folds, ensembled by averaging probabilities).")
-    input: str | None = opt(None, "--mode explain: one scan (any supported format or an OCTA-500 subject folder); "
-                                  "--mode predict: a scan, an OCTA-500-layout folder, a manifest CSV or a folder "
-                                  "of images/volumes (labels optional).")
+    input: str | None = opt(None, "--mode explain: one scan (any supported format, a vendor export such as a "
+                                  "Heidelberg .vol, or an OCTA-500 subject folder); --mode predict: a scan, an "
+                                  "OCTA-500-layout folder, a manifest CSV, a vendor layout or a folder of "
+                                  "images/volumes (labels optional).")
     external: str | None = opt(None, "--mode test: a labelled external cohort (any supported layout) scored as "
                                      "test data, every labelled subject, into test-external/<name>/; refused when "
                                      "a subject or patient overlaps the experiment's train/val/AE subjects.")

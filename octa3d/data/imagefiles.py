@@ -39,11 +39,15 @@ SLICE_EXTS: frozenset[str] = frozenset({".bmp", ".png", ".tif", ".tiff", ".jpg",
 #: Extensions of volume files read by SimpleITK (``.tif``/``.tiff`` may be multi-page).
 SITK_EXTS: frozenset[str] = frozenset({".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm",
                                        ".tif", ".tiff", ".bmp", ".png", ".jpg", ".jpeg"})
+#: Extensions of the vendor exports read through eyepy (:mod:`octa3d.data.vendor`; an .xml only when it is a
+#: HEYEX export).
+VENDOR_EXTS: frozenset[str] = frozenset({".vol", ".e2e", ".fda", ".mat", ".xml"})
 #: Every file extension the readers accept.
-SUPPORTED_EXTS: frozenset[str] = SITK_EXTS | {".npy"}
+SUPPORTED_EXTS: frozenset[str] = SITK_EXTS | {".npy"} | VENDOR_EXTS
 #: The accepted scan formats, for error messages.
 FORMATS_HELP = ("a folder of numbered 2D slices (.bmp/.png/.tif/.jpg), a DICOM series folder, "
-                ".nii/.nii.gz, .nrrd, .mha/.mhd, multi-page .tif/.tiff or .npy")
+                ".nii/.nii.gz, .nrrd, .mha/.mhd, multi-page .tif/.tiff, .npy, or a vendor export (Heidelberg "
+                ".vol/.e2e/HEYEX XML, Topcon .fda, Duke .mat)")
 
 # Vector (multi-component) pixel type -> the scalar type of one component. Asking SimpleITK for the scalar
 # type makes ITK convert RGB/RGBA/palette pixels to luminance instead of returning vectors.

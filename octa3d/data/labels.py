@@ -30,6 +30,9 @@ log = logging.getLogger("octa3d.data")
 # Header names accepted for each column, compared after normalise_header() (lower case, no spaces/_/-/.).
 ID_HEADERS = ("id", "subject", "subjectid", "patientid", "patient", "eyeid", "caseid")
 DISEASE_HEADERS = ("disease", "label", "class", "diagnosis", "diseasetype", "category")
+#: Folder names (lower case) and manifest ``split`` values that give a dataset's own split.
+SPLIT_DIRS: dict[str, str] = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                              "validation": "val", "test": "test", "testing": "test"}
 #: Binary task: up to this many positive diseases are joined into the positive class name ("AMD+CNV").
 MAX_JOINED_POSITIVES = 3
 #: The disease names octa3d knows, and the datasets that use them: OCTA-500's label table, Kermany's OCT B-scan class

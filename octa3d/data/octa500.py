@@ -24,6 +24,7 @@ from octa3d.data.imagefiles import SLICE_EXTS, file_suffix, read_info, strip_ext
 from octa3d.data.labels import read_label_table
 from octa3d.data.slices import visible
 from octa3d.data.subject import Subject
+from octa3d.data.vendor import is_vendor, retouch_case, sniff, vendor_subject
 from octa3d.errors import DataError
 
 if TYPE_CHECKING:
@@ -185,7 +186,9 @@ def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     An OCTA-500 folder (``.../OCTA_6mm/OCTA/<ID>``) gets the field-of-view spacing, its ``Projection Maps`` and,
     if present, its lesion mask; with ``data_cfg.modality == "OCT+OCTA"`` its sibling ``.../OCT/<ID>`` (or ``OCTA``)
     folder is the second
-    channel. Anything else is read as one ``"image"``. The ID is the name without its scan extension; the subject
+    channel. A vendor export (HEYEX .vol / .e2e / XML export, Topcon .fda, Duke .mat, RETOUCH case folder) gets its
+    channels by modality and its scan record (:func:`octa3d.data.vendor.vendor_subject`). Anything else is read as
+    one ``"image"``. The ID is the name without its scan extension; the subject
     is unlabelled and ``meta["input"]`` holds the path. A 2D image file gets the patient group that discovery of
     class folders gives it (``data_cfg.group_regex`` on its file name: ``CNV-6294785-1.jpeg`` → ``6294785``), so
     :func:`octa3d.data.leakage.training_overlap` finds the patient's other images; anything else is its own group.
@@ -197,6 +200,8 @@ def subject_from_path(path: str | Path, data_cfg: DataConfig) -> Subject:
     p = Path(path)
     if not p.exists():
         raise DataError(f"--input {p}: no such file or folder")
+    if is_vendor(p) or retouch_case(p) is not None or (p.is_file() and sniff(p)):
+        return vendor_subject(p, meta={"input": str(p)})
     fov_folder = p.parent.parent
     fov = fov_folder.name.replace("OCTA_", "") if p.is_dir() else ""
     octa500 = p.is_dir() and p.parent.name in MODALITIES and fov in FOV_LATERAL_MM

@@ -65,6 +65,14 @@ class _Preset:
                 raise
             raise DataError(prefix + str(exc)) from exc
 
+    @staticmethod
+    def _with_scan(subject: Subject, out: tuple[np.ndarray, PreprocessRecord]) -> tuple[np.ndarray, PreprocessRecord]:
+        """Keep the subject's scan record (a vendor export's format, laterality and what was done to it, completed
+        by the loader) in the preprocessing record, so the cache, test, explain and predict outputs carry it."""
+        if subject.meta.get("scan"):
+            out[1].meta["scan"] = dict(subject.meta["scan"])
+        return out
+
     def read_2d(self, path: str) -> np.ndarray:
         """Read a 2D image with the injected reader (default :func:`octa3d.data.readers.read_image_2d`)."""
         reader = self._reader
@@ -129,7 +137,7 @@ class Clip3DPreset(_Preset):
             raise DataError(f"subject {subject.id}: {', '.join(self.source_paths(subject))} is a 2D image of "
                             f"{image.shape[1]}×{image.shape[2]} pixels, not a 3D scan; give a volume "
                             f"({FORMATS_HELP}) or use --dim 2d")
-        return self.preprocess_array(image, geometry, subject.id)
+        return self._with_scan(subject, self.preprocess_array(image, geometry, subject.id))
 
     def preprocess_array(self, image: np.ndarray, geometry: Geometry,
                          subject_id: str = "?") -> tuple[np.ndarray, PreprocessRecord]:
@@ -220,7 +228,7 @@ class Patch2DPreset(_Preset):
                 image, geometry = d["image"], drop_axis(geometry, self.depth_axis)
             elif image.ndim != 3:
                 raise DataError(f"subject {subject.id}: expected a 2D image or a volume, got shape {image.shape}")
-        return self.preprocess_array(image, geometry, subject.id, meta)
+        return self._with_scan(subject, self.preprocess_array(image, geometry, subject.id, meta))
 
     def preprocess_array(self, image: np.ndarray, geometry: Geometry, subject_id: str = "?",
                          meta: dict[str, Any] | None = None) -> tuple[np.ndarray, PreprocessRecord]:

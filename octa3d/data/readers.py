@@ -7,6 +7,9 @@ Supported inputs:
 * a DICOM series folder;
 * NIfTI (``.nii``/``.nii.gz``), NRRD (``.nrrd``/``.nhdr``), MetaImage (``.mha``/``.mhd``), multi-page TIFF;
 * NumPy ``.npy`` (no geometry on disk: unit spacing unless one is given);
+* vendor exports read through eyepy (Heidelberg HEYEX .vol / .e2e / XML, Topcon .fda, Duke .mat;
+  :mod:`octa3d.data.vendor`): a left eye is mirrored to a right eye's orientation, its geometry says so, and
+  :func:`load_subject` writes what the file says (and what was done) into the subject's scan record;
 * 2D images (PNG/JPG/BMP/TIF) for :func:`read_image_2d`.
 
 Pixel types are kept as stored, colour pixels become one grayscale channel (:mod:`octa3d.data.imagefiles`).
@@ -29,27 +32,35 @@ from octa3d.data.imagefiles import (FORMATS_HELP, MAX_VOXELS, SITK_EXTS, SLICE_E
                                     file_suffix, read_sitk_file, squeeze_4d)
 from octa3d.data.slices import read_folder, slice_number
 from octa3d.data.subject import Geometry, Subject
+from octa3d.data.vendor import read_vendor, sniff, unsupported, vendor_format
 from octa3d.errors import DataError
 
 __all__ = ["MAX_VOXELS", "SITK_EXTS", "SLICE_EXTS", "SUPPORTED_EXTS", "check_values", "file_suffix", "load_subject",
            "read_image_2d", "read_volume", "slice_number"]
 
 
-def _read_any(path: str | Path, spacing: Sequence[float] | None = None, max_voxels: int | None = None
-              ) -> tuple[np.ndarray, Geometry]:
-    """Read a 2D or 3D scan of any supported kind; the workhorse behind the public readers."""
+def _read_any(path: str | Path, spacing: Sequence[float] | None = None, max_voxels: int | None = None,
+              info: dict | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a 2D or 3D scan of any supported kind; the workhorse behind the public readers (``info``: filled with
+    a vendor export's scan record)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder; check --data-root / the manifest path")
+    ext = file_suffix(p)
+    # a vendor export by name, or (any other name that no reader here claims) by its first bytes
+    if vendor_format(p) is not None or (p.is_file() and ext not in SITK_EXTS | {".npy"} and sniff(p)):
+        scan = read_vendor(p, tuple(spacing) if spacing is not None else None, max_voxels=max_voxels)
+        if info is not None:
+            info.update(scan.info)
+        return scan.array, scan.geometry
     if p.is_dir():
         img = read_folder(p, max_voxels)
     else:
-        ext = file_suffix(p)
         if ext == ".npy":
             return _read_npy(p, spacing, max_voxels)
         if ext not in SITK_EXTS:
-            raise DataError(f"{p}: unsupported file type '{ext or p.name}'; expected {FORMATS_HELP}, or a 2D "
-                            "image (.png/.jpg/.bmp/.tif)")
+            raise unsupported(p) or DataError(f"{p}: unsupported file type '{ext or p.name}'; expected "
+                                              f"{FORMATS_HELP}, or a 2D image (.png/.jpg/.bmp/.tif)")
         img = squeeze_4d(read_sitk_file(p, max_voxels), p)
     ndim = img.ndim if isinstance(img, np.ndarray) else img.GetDimension()
     if spacing is not None:
@@ -149,10 +160,13 @@ def read_image_2d(path: str | Path, *, max_voxels: int | None = None) -> np.ndar
     return arr
 
 
-def _read_2d_or_3d(path: str | Path, spacing: Sequence[float] | None = None, max_voxels: int | None = None
-                   ) -> tuple[np.ndarray, Geometry]:
-    """Like :func:`_read_any`, but a 3D image with a single slice (e.g. a 2D NIfTI) counts as 2D."""
-    arr, geo = _read_any(path, None, max_voxels)
+def _read_2d_or_3d(path: str | Path, spacing: Sequence[float] | None = None, max_voxels: int | None = None,
+                   info: dict | None = None) -> tuple[np.ndarray, Geometry]:
+    """Like :func:`_read_any`, but a 3D image with a single slice (e.g. a 2D NIfTI, a single-line HEYEX scan)
+    counts as 2D."""
+    # a vendor scan is always read as 3D: the reader applies the spacing itself (a mirrored eye's origin follows it)
+    vendor = spacing is not None and len(spacing) == 3 and vendor_format(path) is not None
+    arr, geo = _read_any(path, spacing if vendor else None, max_voxels, info)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
         # Keep the in-plane geometry (drop the z row/column of the direction matrix).
@@ -208,18 +222,23 @@ def load_subject(subject: Subject, modality: str, *, max_voxels: int | None = No
         keys = ["OCT", "OCTA"] if modality == "OCT+OCTA" else [modality]
         missing = [k for k in keys if k not in subject.paths]
         if missing:
+            where = ("add the angiography export beside it (scan_Angio.vol next to scan.vol)" if missing == ["OCTA"]
+                     else "add its structural export") if "scan" in subject.meta else "add the missing folder"
             raise DataError(f"subject {subject.id}: no {' or '.join(missing)} scan (has: "
                             f"{', '.join(sorted(subject.paths)) or 'nothing'}); choose --modality from those or "
-                            "add the missing folder")
+                            f"{where}")
     # channels are copied into the output as they are read: the peak holds the output + one channel (not 2x all)
     out: np.ndarray | None = None
     geometry: Geometry | None = None
     for k, key in enumerate(keys):
         path = subject.paths[key]
+        info: dict = {}
         try:
-            arr, geo = _read_2d_or_3d(path, subject.spacing, max_voxels)
+            arr, geo = _read_2d_or_3d(path, subject.spacing, max_voxels, info)
         except DataError as exc:
             raise DataError(f"subject {subject.id}: {exc}") from exc
+        if info:
+            _record_scan(subject, key, path, info)
         kind = "image" if arr.ndim == 2 else "volume"
         what = f"subject {subject.id}: {kind if key == 'image' else key + ' ' + kind} {path}"
         check_values(arr, what)
@@ -236,3 +255,18 @@ def load_subject(subject: Subject, modality: str, *, max_voxels: int | None = No
         del arr
     assert out is not None and geometry is not None
     return out, geometry
+
+
+def _record_scan(subject: Subject, key: str, path: str, info: dict) -> None:
+    """Complete the subject's scan record (``meta["scan"]``) with what a vendor file says and what was done to it
+    (the first channel read describes the scan); the channels of one subject must show the same eye."""
+    rec = dict(subject.meta.get("scan") or {})
+    files = {k: v for k, v in (rec.get("files") or {}).items() if k != key}
+    if files and rec.get("laterality") != info["laterality"]:
+        raise DataError(f"subject {subject.id}: {path} is an "
+                        f"{info['laterality']} eye but {', '.join(files.values())} is {rec.get('laterality')}: the "
+                        "channels of a subject must come from one scan of one eye; fix the pairing of the exports")
+    if not files:
+        rec.update(info)
+    rec["files"] = {**files, key: path}
+    subject.meta["scan"] = rec

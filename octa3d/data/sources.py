@@ -1,12 +1,15 @@
 """Find the subjects of a dataset (no pixel data is read, only folder listings and image headers).
 
-Three layouts (``--source``; ``auto`` detects them with :func:`detect_source`):
+Four layouts (``--source``; ``auto`` detects them with :func:`detect_source`):
 
 * ``octa500``: ``<root>/OCTA_6mm|OCTA_3mm/{OCTA,OCT}/<ID>/<n>.bmp`` + ``Text labels.xlsx`` (+ optional
   ``Projection Maps/<type>/<ID>.bmp`` and ``Lesion Masks/<ID>.nii.gz``; the layout's facts are in
   :mod:`octa3d.data.octa500`, its discovery, which checks every eye's slice folder, in
   :mod:`octa3d.data.octa500_scan`);
-* ``manifest``: a CSV ``subject,label,path[,group][,mask][,split]`` (a file, or ``<root>/manifest.csv``);
+* ``manifest``: a CSV ``subject,label,path[,group][,mask][,split]`` (a file, or ``<root>/manifest.csv``;
+  :mod:`octa3d.data.manifest`);
+* ``vendor``: vendor exports (Heidelberg .vol/.e2e/XML, Topcon .fda) in class folders or with a label table, and
+  the Duke AMD/control and RETOUCH layouts (:mod:`octa3d.data.vendor_sources`);
 * ``folders``: 2D class folders ``<root>/[train|val|test/]<CLASS>/*.png|jpg|jpeg|bmp|tif|tiff``.
 
 :func:`discover` lists a labelled dataset; :func:`discover_unlabelled` lists extra scans whose labels are not used
@@ -24,17 +27,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
-
 from octa3d.data.identity import compile_group_regex, image_group
-from octa3d.data.imagefiles import SUPPORTED_EXTS, file_suffix, natural_key, short
-from octa3d.data.labels import (handle_unlabeled, normalise_header, normalise_id, normalise_label,
-                                read_label_table, skip_or_raise)
+from octa3d.data.imagefiles import SUPPORTED_EXTS, VENDOR_EXTS, file_suffix, natural_key, short
+from octa3d.data.labels import SPLIT_DIRS, normalise_label, skip_or_raise
+from octa3d.data.manifest import discover_manifest
 from octa3d.data.octa500 import (FOVS, MODALITIES, eyes_with_maps_only, find_label_tables, fov_dir, octa500_labels,
                                  subject_from_path)
 from octa3d.data.octa500_scan import discover_octa500, refuse_octa500_part
 from octa3d.data.slices import visible, visible_files
 from octa3d.data.subject import Subject
+from octa3d.data.vendor import heyex_xml, retouch_case, sniff
+from octa3d.data.vendor_sources import discover_vendor, folder_scans, vendor_layout
 from octa3d.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -45,14 +48,14 @@ __all__ = ["IMAGE_EXTS", "INPUT_KINDS", "SOURCES", "SPLIT_DIRS", "detect_source"
 
 log = logging.getLogger("octa3d.data")
 
-SOURCES = ("octa500", "manifest", "folders")
+SOURCES = ("octa500", "manifest", "vendor", "folders")
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-SPLIT_DIRS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-              "test": "test", "testing": "test"}
 
 _LAYOUTS = ("an OCTA-500 folder (OCTA_6mm/OCTA/<ID>/1.bmp …, optionally OCTA_3mm/), a manifest CSV with "
-            "columns subject,label,path (a .csv file or a folder holding manifest.csv), or 2D class folders "
-            "(<root>/[train|test/]<CLASS>/*.png|jpg|bmp|tif)")
+            "columns subject,label,path (a .csv file or a folder holding manifest.csv), vendor exports (class "
+            "folders <CLASS>/scan.vol, Duke AMD/ and Control/ .mat folders, RETOUCH Cirrus/Spectralis/Topcon case "
+            "folders, or scan files with a labels.csv), or 2D class folders (<root>/[train|test/]<CLASS>/*.png|jpg|"
+            "bmp|tif)")
 
 
 def _no_data(root: Path | str) -> DataError:
@@ -91,8 +94,9 @@ def detect_source(root: str | Path) -> str:
 
     Returns:
         ``"manifest"`` (a .csv file, or a folder with ``manifest.csv``), ``"octa500"`` (a folder with
-        ``OCTA_6mm``/``OCTA_3mm``) or ``"folders"`` (class subfolders of images, optionally under
-        train/val/test).
+        ``OCTA_6mm``/``OCTA_3mm``), ``"vendor"`` (vendor exports in one of
+        :data:`~octa3d.data.vendor_sources.LAYOUTS`) or ``"folders"`` (class subfolders of images, optionally
+        under train/val/test).
 
     Raises:
         DataError: ``root`` is missing or empty (says how to create a synthetic set), or matches no layout.
@@ -110,6 +114,8 @@ def detect_source(root: str | Path) -> str:
     if {fov_dir(p, f).name for f in FOVS} & names:
         return "octa500"
     refuse_octa500_part(p, names)
+    if vendor_layout(p) is not None:  # before 2D folders: a HEYEX XML export is a folder of .tif B-scans
+        return "vendor"
     splits = _split_dirs(p)
     for base in (list(splits.values()) or [p]):
         # Stop at the first image: Kermany-size folders hold ~100k files.
@@ -132,7 +138,8 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True, keep
             named projection map instead of volumes.
         require_labels: False for scans used without labels (``--ae-extra-data``, ``--mode explain``): a missing
             label table is fine and unlabeled subjects are kept with ``label=None``.
-        keep_unreadable: keep unreadable OCTA-500 eyes, problems in ``meta["unreadable"]`` (``--mode predict``).
+        keep_unreadable: keep unreadable OCTA-500 eyes, problems in ``meta["unreadable"]``, and vendor subjects
+            lacking the ``--modality`` channel (``--mode predict`` skips them one by one).
 
     Returns:
         Subjects sorted by ID (digit runs compared as numbers).
@@ -149,7 +156,9 @@ def discover(cfg: DataConfig, dim: str = "3d", require_labels: bool = True, keep
         subjects = discover_octa500(cfg, dim, require_labels, keep_unreadable)
         _eyes_with_maps_only(cfg, dim, require_labels)
     elif source == "manifest":
-        subjects = _discover_manifest(cfg, require_labels)
+        subjects = discover_manifest(cfg, require_labels)
+    elif source == "vendor":
+        subjects = discover_vendor(cfg, require_labels, keep_unreadable)
     elif source == "folders":
         subjects = _discover_folders(cfg)
     else:
@@ -212,6 +221,8 @@ def label_origin(cfg: DataConfig) -> str:
     if source == "manifest":
         csv = root if root.is_file() else root / "manifest.csv"
         return f"the label column of {csv}"
+    if source == "vendor" and vendor_layout(root) in ("retouch", "files"):
+        return ", ".join(map(str, find_label_tables(root, []))) or f"the label table of {root}"
     return f"the class folder names under {root}"
 
 
@@ -237,81 +248,6 @@ def discover_unlabelled(data_cfg: DataConfig, root: str | Path, dim: str, keep_u
     cfg = copy.deepcopy(data_cfg)
     cfg.data_root, cfg.labels, cfg.source = str(root), None, "auto"
     return discover(cfg, dim, require_labels=False, keep_unreadable=keep_unreadable)
-
-
-# ------------------------------------------------------------------------------------------- manifest
-_MANIFEST_COLUMNS = {"subject": ("subject", "id", "subjectid"), "label": ("label", "disease", "class"),
-                     "path": ("path", "image", "file", "filepath", "imagepath"), "group": ("group", "patient",
-                     "patientid"), "mask": ("mask", "maskpath"), "split": ("split",)}
-
-
-def _discover_manifest(cfg: DataConfig, require_labels: bool = True) -> list[Subject]:
-    root = Path(cfg.data_root)
-    csv = root if root.is_file() else next((f for f in visible(root) if f.name.lower() == "manifest.csv"),
-                                           root / "manifest.csv")
-    if not csv.is_file():
-        raise DataError(f"{root}: no manifest.csv; write one with columns subject,label,path[,group][,mask]")
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # noqa: BLE001 - pandas raises several types for a broken CSV
-        raise DataError(f"cannot read manifest {csv}: {exc}") from exc
-    norm = {normalise_header(c): c for c in df.columns}
-    cols = {key: next((norm[n] for n in names if n in norm), None) for key, names in _MANIFEST_COLUMNS.items()}
-    required = ["subject", "path"] + ([] if cfg.labels or not require_labels else ["label"])
-    absent = [k for k in required if cols[k] is None]
-    if absent:
-        raise DataError(f"manifest {csv}: no {', '.join(absent)} column (columns: {', '.join(map(str, df.columns))}"
-                        "); the header must be subject,label,path[,group][,mask]")
-    table = read_label_table(cfg.labels) if cfg.labels else None
-
-    def cell(row: pd.Series, key: str) -> str:
-        return str(row[cols[key]]).strip() if cols[key] is not None else ""
-
-    def resolve(text: str) -> Path:
-        p = Path(text).expanduser()
-        return p if p.is_absolute() else csv.parent / p
-
-    subjects, missing, no_label, no_image = [], [], [], []
-    for i, row in df.iterrows():
-        sid = normalise_id(cell(row, "subject"))
-        if not sid:
-            raise DataError(f"manifest {csv}: row {int(i) + 2} has an empty subject ID")
-        label = table.get(sid) if table is not None else (normalise_label(cell(row, "label")) or None)
-        path_text = cell(row, "path")
-        if not path_text:
-            no_image.append(sid)
-            continue
-        path = resolve(path_text)
-        if not path.exists():
-            missing.append((sid, f"{sid} ({path_text})"))
-            continue
-        if path.is_file() and file_suffix(path) not in SUPPORTED_EXTS:
-            raise DataError(f"manifest {csv}: subject {sid}: unsupported file type {path.name}; use a NIfTI/NRRD/"
-                            "MHA/.npy/TIFF/PNG/JPG/BMP file or a folder of slices/DICOM")
-        mask_text = cell(row, "mask")
-        mask = resolve(mask_text) if mask_text else None
-        if mask is not None and not mask.exists():
-            raise DataError(f"manifest {csv}: subject {sid}: its mask {mask} does not exist; restore it or clear "
-                            "the mask cell (paths are relative to the manifest's folder)")
-        split = cell(row, "split").lower() or None
-        if split is not None and split not in SPLIT_DIRS:
-            raise DataError(f"manifest {csv}: subject {sid}: split '{split}' is not train, val or test")
-        if label is None:
-            no_label.append(sid)
-        subjects.append(Subject(id=sid, label=label, paths={"image": str(path)}, group=cell(row, "group"),
-                                split=SPLIT_DIRS[split] if split else None, mask=str(mask) if mask else None))
-    if missing:
-        skip_or_raise(cfg, f"manifest {csv}: {len(missing)} subject(s) point to files that do not exist: "
-                           f"{short([m for _, m in missing], 10)}",
-                      f"restore the files or fix the paths (relative to {csv.parent}), or pass --skip-unlabeled to "
-                      "skip them")
-    if table is not None:  # labels whose ID has no manifest row at all (rows without a file are listed above)
-        listed = {s.id for s in subjects} | set(no_image) | {sid for sid, _ in missing}
-        no_image += [sid for sid in table if sid not in listed]
-    if not require_labels:
-        return subjects
-    handle_unlabeled(cfg, no_label, no_image, f"manifest {csv}")
-    return [s for s in subjects if s.label is not None]
 
 
 # ------------------------------------------------------------------------------------------- folders
@@ -345,12 +281,15 @@ def _discover_folders(cfg: DataConfig) -> list[Subject]:
 
 # ------------------------------------------------------------------------------------------- predict inputs
 #: What :func:`discover_input` recognises (the ``kind`` it returns).
-INPUT_KINDS = ("scan", "octa500", "manifest", "folders", "files", "scan-folders")
+INPUT_KINDS = ("scan", "octa500", "manifest", "vendor", "folders", "files", "scan-folders", "mixed")
 
 
 def _is_one_scan(p: Path, dim: str) -> bool:
-    """A folder that holds one scan: an OCTA-500 eye folder, a DICOM series, or (3D models) a folder of slices."""
+    """A folder that holds one scan: an OCTA-500 eye folder, a HEYEX XML export, a RETOUCH case, a DICOM series, or
+    (3D models) a folder of slices."""
     if p.parent.name in MODALITIES and p.parent.parent.name.startswith("OCTA_"):
+        return True
+    if heyex_xml(p) is not None or retouch_case(p) is not None:
         return True
     entries = visible(p)
     if any(c.is_dir() for c in entries):
@@ -367,16 +306,20 @@ def discover_input(path: str | Path, data_cfg: DataConfig, dim: str = "3d") -> t
 
     Recognised (``kind``, see :data:`INPUT_KINDS`):
 
-    * ``scan``: one scan file (any supported format, a 2D image), an OCTA-500 eye folder, a DICOM folder, or - for
-      3D models - a folder of numbered slices;
+    * ``scan``: one scan file (any supported format, a vendor export, a 2D image), an OCTA-500 eye folder, a HEYEX
+      XML export or RETOUCH case folder, a DICOM folder, or - for 3D models - a folder of numbered slices;
     * ``octa500``: an OCTA-500 dataset folder (``OCTA_6mm``/``OCTA_3mm``; its label table optional);
     * ``manifest``: a ``.csv`` (or a folder holding ``manifest.csv``) with ``subject,path`` and optionally
       ``label``/``group`` columns;
+    * ``vendor``: a Duke AMD/control, RETOUCH or class-folder layout of vendor exports
+      (:mod:`octa3d.data.vendor_sources`), labelled where the layout says;
     * ``folders``: 2D models: class folders of 2D images (``<root>/[train|test/]<CLASS>/*.png``), labelled by
       their folder;
-    * ``files``: a folder of scan files or (2D models) 2D images, one subject per file, unlabelled;
-    * ``scan-folders``: 3D models: a folder whose subfolders are scans (slice or DICOM folders, e.g. an
-      OCTA-500 ``OCTA_6mm/OCTA`` folder), one subject per subfolder.
+    * ``files``: a folder of scan files (vendor exports included: a ``.vol`` and its ``…Angio.vol`` are one
+      subject) or (2D models) 2D images, one subject per file, unlabelled;
+    * ``scan-folders``: 3D models: a folder whose subfolders are scans (slice, DICOM or HEYEX XML export folders,
+      e.g. an OCTA-500 ``OCTA_6mm/OCTA`` folder), one subject per subfolder;
+    * ``mixed``: 3D models: a folder of both, one subject per scan file and per scan subfolder.
 
     The experiment's ``--labels`` and ``--source`` do not apply to the input.
 
@@ -402,19 +345,27 @@ def discover_input(path: str | Path, data_cfg: DataConfig, dim: str = "3d") -> t
         return "manifest", discover_unlabelled(data_cfg, p, dim)
     if {fov_dir(p, f).name for f in FOVS} & names:
         return "octa500", discover_unlabelled(data_cfg, p, dim, keep_unreadable=True)
+    if vendor_layout(p) in ("duke", "retouch", "class-folders"):
+        return "vendor", discover_unlabelled(data_cfg, p, dim, keep_unreadable=True)
     subdirs = sorted((d for d in visible(p) if d.is_dir()), key=lambda d: natural_key(d.name))
     if subdirs and dim == "2d":
         cfg = copy.deepcopy(data_cfg)
         cfg.data_root, cfg.labels, cfg.source = str(p), None, "folders"
         return "folders", discover(cfg, dim, require_labels=False)
-    if subdirs:
-        return "scan-folders", [subject_from_path(d, data_cfg) for d in subdirs]
-    scans = [f for f in visible_files(p) if file_suffix(f) in SUPPORTED_EXTS or f.suffix.lower() in IMAGE_EXTS]
-    if not scans:
+    vendor = folder_scans(p)  # vendor files and export folders, a .vol and its angiography export as one scan
+    claimed = {v for paths in vendor for v in paths.values()}
+    scans = [Path(paths.get("OCT") or paths["OCTA"]) for paths in vendor if Path(next(iter(paths.values()))).is_file()]
+    scans += [f for f in visible_files(p) if str(f) not in claimed and (f.suffix.lower() in IMAGE_EXTS or (
+        file_suffix(f) in SUPPORTED_EXTS and file_suffix(f) not in VENDOR_EXTS) or sniff(f))]
+    folders = subdirs  # scan folders: slice, DICOM, HEYEX XML export, RETOUCH case folders (subject_from_path)
+    if not scans and not folders:
         raise DataError(f"--input {p}: no scans in the folder; expected a scan file or folder, an OCTA-500 folder, "
                         "a manifest CSV (subject,path[,label]), class folders of 2D images or a folder of scans")
-    subjects = [subject_from_path(f, data_cfg) for f in sorted(scans, key=lambda f: natural_key(f.name))]
+    subjects = [subject_from_path(d, data_cfg) for d in folders]
+    subjects += [subject_from_path(f, data_cfg) for f in sorted(scans, key=lambda f: natural_key(f.name))]
     dups = sorted((k for k, n in Counter(s.id for s in subjects).items() if n > 1), key=natural_key)
     if dups:  # a.nii.gz and a.npy: one ID, two scans
         raise DataError(f"--input {p}: several files share the subject ID(s) {short(dups)}; rename them")
-    return "files", subjects
+    if folders and scans:
+        return "mixed", sorted(subjects, key=lambda s: natural_key(s.id))
+    return ("scan-folders" if folders else "files"), subjects

@@ -92,7 +92,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """
     if not cfg.eval.input:
         raise ConfigError("--mode explain needs --input PATH: a scan file (NIfTI, NRRD, MHA, .npy, TIFF, DICOM "
-                          "folder, folder of slices) or an OCTA-500 subject folder")
+                          "folder, folder of slices, a vendor export such as a Heidelberg .vol) or an OCTA-500 "
+                          "subject folder")
     predictor = Predictor.from_config(cfg)  # the one code path of the Python API (octa3d.load)
     ecfg, models, ref, names = predictor.cfg, predictor.models, predictor.ref, predictor.classes
     subject = subject_from_path(cfg.eval.input, ecfg.data)
@@ -117,6 +118,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                   "uncertain": pred.uncertain,
                                   "checkpoints": predictor.checkpoints, "model": ref["model_name"],
                                   "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}
+        if prep.record.meta.get("scan"):  # a vendor export: what the file says and what was done to it
+            result["scan"] = prep.record.meta["scan"]
         if ecfg.eval.cam != "none":
             tb = tensorboard_writer(out / "tensorboard")
             item = CamItem(subject, prep.record, lambda: prep.samples, probs, None)

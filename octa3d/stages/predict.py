@@ -16,7 +16,8 @@ same command again uses the same folder, another input or other settings another
   training_overlap (why the scan is not new to the model);
 * ``skipped.csv``: subjects whose scan could not be read, with the reason (the run goes on without them);
 * ``cams/`` (as in ``--mode test``), ``summary.json``, ``review/index.html``;
-* ``subjects/<stem>.json``: one per finished subject, written last (atomically) once its map files exist.
+* ``subjects/<stem>.json``: one per finished subject, written last (atomically) once its map files exist (with
+  the scan record of a vendor export: format, device, laterality, orientation, scan pattern, spacing).
 
 **Resuming.** The run works in its final folder; ``.complete`` is written at the end. A run stopped in any way
 (kill -9 included) is continued by the same command: subjects with a ``subjects/<stem>.json`` are skipped, the
@@ -148,6 +149,8 @@ def _predict_one(predictor: Predictor, s: Subject, exporter: Any, cam_ids: set[s
     pred = predictor.predict_prepared(prep)
     row = pred.row(predictor.classes)
     doc: dict[str, Any] = {"row": row, "input": s.meta.get("input") or next(iter(s.paths.values()), "")}
+    if prep.record.meta.get("scan"):  # a vendor export: format, device, laterality, what was done to it
+        doc["scan"] = prep.record.meta["scan"]
     if exporter is None:
         row["cam_status"] = "none"
     elif cam_ids is not None and s.id not in cam_ids:
