@@ -50,7 +50,7 @@ TASKS: dict[str, tuple[str, list[str]]] = {
 #: One change at a time against the recipe (NORMAL vs DR on the ``dropout-only`` look, DR as non-perfusion only,
 #: every seed: where the stock cnn sat longest at chance before the head changed): name -> extra flags.
 ABLATIONS: dict[str, list[str]] = {
-    "old cnn head (3 FC layers, dropout 0.5)": ["--model", "cnn_fc3"],
+    "old cnn head (FC3 + dropout 0.5)": ["--model", "cnn_fc3"],
     "lr 1e-3": ["--lr", "1e-3"],
     "batch 8": ["--batch-size", "8"],
     "no warm-up": ["--warmup-epochs", "0"],
@@ -209,6 +209,7 @@ def main(args: list[str] | None = None) -> dict:
                     help="tiny sizes (smoke test): 16 eyes, 16^3, 2 epochs, 1 seed, the first look")
     ap.add_argument("--ablate", action="store_true",
                     help=f"also the ablations ({ABLATION_TASK} on the {ABLATION_LOOK} look, every seed)")
+    ap.add_argument("--ablations", default=",".join(ABLATIONS), help="with --ablate: which (comma-separated names)")
     ap.add_argument("--looks", default=",".join(PRESETS), help="comma-separated generator looks (default: all)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
     ap.add_argument("--seeds", default="1,2", help="comma-separated cohort/split/training seeds (default 1,2)")
@@ -237,7 +238,8 @@ def main(args: list[str] | None = None) -> dict:
         base = [runs[f"{look} / {ABLATION_TASK} / seed {s}"] for s in seeds if f"{look} / {ABLATION_TASK} / seed {s}"
                 in runs]
         named = {"recipe (stock)": base}
-        for name, extra in ABLATIONS.items():
+        for name in [a for a in ns.ablations.split(",") if a]:
+            extra = ABLATIONS[name]
             rows_abl = [_run(work, look, ABLATION_TASK, seed, shape, size, extra,
                              f"abl-{look}-{'-'.join(extra).strip('-')}-s{seed}", q) for seed in seeds]
             named[name] = rows_abl

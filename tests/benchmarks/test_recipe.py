@@ -34,7 +34,7 @@ def test_ablation_table_and_epochs_to_leave_chance_count_a_run_that_never_left_w
     assert recipe._left([never, early]) == 33
     table = recipe.ablation_table({"recipe (stock)": [early, early], "x": [never, early]})
     assert "| recipe (stock) | 6/6 | 1.00/1.00 | 31/31 |" in table and "| x | never/6 | 0.50/1.00 | 60/31 |" in table
-    assert {"--model", "cnn_fc3"} <= set(recipe.ABLATIONS["old cnn head (3 FC layers, dropout 0.5)"])
+    assert {"--model", "cnn_fc3"} <= set(recipe.ABLATIONS["old cnn head (FC3 + dropout 0.5)"])
     from octa3d.model import registry
 
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # the ablation model stays in this test
