@@ -155,7 +155,12 @@ def _flags(mapping: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: expected a mapping of octa3d flags, got {type(mapping).__name__}")
     flat = flatten_yaml(mapping, where)
     probe = Config()
-    apply_overrides(probe, flat, where)  # unknown keys and wrong types named here
+    try:
+        apply_overrides(probe, flat, where)  # unknown keys (named with `where`) and wrong types
+    except ConfigError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
     return {str(k).strip().replace("-", "_"): get_value(probe, str(k)) for k in flat}
 
 

@@ -102,7 +102,8 @@ def _run(spec: Any, scfg: Config, study_dir: Path) -> dict[str, Any]:
     log.info("Study %s: %d arms x %d folds = %d cells in %s", spec.name, len(spec.arms), spec.folds, len(cells),
              study_dir)
     outcomes = execute(cells, run_cell, opts)
-    report = write_report(spec, study_dir, cells, splits, outcomes)
+    report = write_report(spec, study_dir, cells, splits, outcomes,
+                          {"executor": s.executor, "address": s.ray_address})
     failed = sorted(k for k, o in outcomes.items() if o.status == "failed")
     print(report["summary"])
     print(f"Study page: {report['page']} (open it in a browser; works from disk)")
