@@ -103,3 +103,19 @@ def test_cells_are_ordinary_runs_with_ae_first(tmp_path):
     assert train["epochs"] == 2 and train["folds"] == 1 and train["exp"] == "fold-0"
     assert Path(train["runs_dir"]) == (tmp_path / "study" / "cells" / "a").resolve()
     assert train["cache_dir"] == str((tmp_path / "study").resolve() / ".cache")
+
+
+def test_the_shipped_studies_are_valid():
+    """``studies/*.yaml`` load and name registered models with usable input sizes."""
+    root = Path(__file__).resolve().parents[2] / "studies"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        spec = load_study(f)
+        check_models(spec)
+    spec = load_study(root / "octa500_2d_vs_3d.yaml")
+    assert spec.folds == 5 and len(spec.arms) == 7 and spec.reference == "3d-resnet18"
+    assert {a.values["model"] for a in spec.arms if a.values["dim"] == "2d"} == {"vgg19", "resnet50", "resnet152",
+                                                                                  "inception_v3"}
+    assert {a.values["model"] for a in spec.arms if a.values["dim"] == "3d"} == {"resnet18", "resnet50",
+                                                                                  "inception_v3"}
