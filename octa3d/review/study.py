@@ -27,7 +27,7 @@ h1{font-size:22px;margin:4px 0 8px}h2{font-size:17px;margin:26px 0 8px;border-bo
 dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 14px;margin:0}dt{color:#5a6570}dd{margin:0}
 table{border-collapse:collapse;margin:6px 0;font-size:13px}th,td{border:1px solid #dde2e7;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f2f5f8}td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
-tr.ref td{background:#f6fbff}tr.sig td.p{font-weight:600;color:#0b5394}.done{color:#1b7f3b}.failed{color:#b3261e;
+tr.ref td{background:#f6fbff}td.sig{font-weight:600;color:#0b5394}.p{font-size:11px}.done{color:#1b7f3b}.failed{color:#b3261e;
 font-weight:600}.waiting,.running{color:#8a6d00}img{max-width:100%;border:1px solid #dde2e7;margin:4px 0}
 .note{color:#5a6570;font-size:12px}.ci{color:#5a6570;font-size:11px}.wide{overflow-x:auto}code{background:#f2f5f8;padding:0 3px}details summary{cursor:pointer;color:#0b5394}
 """
@@ -78,20 +78,43 @@ def _arms(ctx: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+#: Columns of the page's comparison tables: (test, metric, heading) per population kind.
+FOLD_COLUMNS = (("corrected t", "balanced_accuracy", "Bal. acc."), ("corrected t", "auc", "AUC"),
+                ("corrected t", "f1_macro", "Macro-F1"))
+PAIRED_COLUMNS = (("DeLong", "auc", "AUC (DeLong)"), ("McNemar exact", "accuracy", "Accuracy (McNemar exact)"),
+                  ("McNemar asymptotic", "accuracy", "Accuracy (McNemar asympt.)"),
+                  ("paired bootstrap", "balanced_accuracy", "Bal. acc. (bootstrap)"),
+                  ("paired bootstrap", "f1_macro", "Macro-F1 (bootstrap)"))
+
+
+def _test_cell(r: dict[str, Any] | None) -> str:
+    """Difference [CI], then p and Holm's p; bold when Holm's p < 0.05."""
+    if r is None:
+        return "<td class='num'>\u2013</td>"
+    sig = isinstance(r.get("p_holm"), float) and r["p_holm"] < 0.05
+    return (f"<td class='num{' sig' if sig else ''}'>{_value(r['estimate'], [r['ci_low'], r['ci_high']])}"
+            f"<br><span class='p'>p {e(fmt_p(r['p']))} \u00b7 Holm {e(fmt_p(r.get('p_holm')))}</span></td>")
+
+
 def _pairs(rows: list[dict[str, Any]], vs_reference: bool) -> str:
+    """One row per pair and population, one column per test (the long form is tables/pairs.*)."""
     picked = [r for r in rows if r["vs_reference"] == vs_reference]
     if not picked:
         return "<p>None.</p>"
-    out = ["<table><tr><th>comparison</th><th>population</th><th>test</th><th>metric</th><th>difference [95 % CI]"
-           "</th><th>p</th><th>p (Holm)</th></tr>"]
-    order = {"folds": 0, "oof": 1, "holdout": 2}
-    for r in sorted(picked, key=lambda r: (r["a"], r["b"], order[r["population"]], r["test"], r["metric"])):
-        sig = " class='sig'" if isinstance(r.get("p_holm"), float) and r["p_holm"] < 0.05 else ""
-        out.append(f"<tr{sig}><td>{e(r['a'])} vs {e(r['b'])}</td><td>{e(POPULATION_NAMES[r['population']])}</td>"
-                   f"<td>{e(r['test'])}</td><td>{e(HEADLINE.get(r['metric'], r['metric']))}</td>"
-                   f"<td class='num'>{e(fmt(r['estimate'], [r['ci_low'], r['ci_high']]))}</td>"
-                   f"<td class='num p'>{e(fmt_p(r['p']))}</td><td class='num p'>{e(fmt_p(r.get('p_holm')))}</td></tr>")
-    out.append("</table>")
+    index = {(r["a"], r["b"], r["population"], r["test"], r["metric"]): r for r in picked}
+    pairs = list(dict.fromkeys((r["a"], r["b"]) for r in picked))
+    out = []
+    for pops, cols, title in ((("folds",), FOLD_COLUMNS, "per fold: corrected resampled t-test over the folds"),
+                              (("oof", "holdout"), PAIRED_COLUMNS, "the same eyes: pooled out-of-fold and hold-out")):
+        out.append(f"<p class='note'>{e(title)}</p><div class='wide'><table><tr><th>comparison</th>"
+                   + ("<th>population</th>" if len(pops) > 1 else "") + "".join(f"<th>{e(h)}</th>" for *_, h in cols)
+                   + "</tr>")
+        for a, b in pairs:
+            for pop in pops:
+                cells = "".join(_test_cell(index.get((a, b, pop, t, m))) for t, m, _ in cols)
+                where = f"<td>{e(POPULATION_NAMES[pop])}</td>" if len(pops) > 1 else ""
+                out.append(f"<tr><td>{e(a)} vs {e(b)}</td>{where}{cells}</tr>")
+        out.append("</table></div>")
     return "\n".join(out)
 
 
@@ -179,8 +202,9 @@ def write_study_page(study_dir: Path, ctx: dict[str, Any]) -> Path:
 {fig('folds', 'per-fold values per arm')}
 <h2 id="pairs">Other pairwise comparisons</h2>
 <details><summary>every other pair of arms</summary>{_pairs(ctx['rows'], False)}</details>
-<p class="note">Differences are first arm minus second arm. p-values are two-sided and Holm-adjusted within each
-population, test and metric over all pairs of arms (bold: adjusted p &lt; 0.05).</p>
+<p class="note">Differences are first arm minus second arm, with {ctx['level']} % CIs. p-values are two-sided and Holm-adjusted
+within each population, test and metric over all pairs of arms (bold: adjusted p &lt; 0.05). Every comparison in
+long form: <a href="tables/pairs.md">tables/pairs.md</a>.</p>
 <h2 id="subgroups">Subgroups</h2>
 {_subgroups([r for r in ctx['subgroups'] if r['population'] == 'holdout'], 'hold-out')}
 {_subgroups([r for r in ctx['subgroups'] if r['population'] == 'oof'], 'pooled out-of-fold', True)}

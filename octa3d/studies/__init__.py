@@ -10,12 +10,13 @@ Modules:
     kit       the paper kit: tables (csv, md, tex), methods.md, checklist.md, subgroup table
     report    all of it written into the study folder, with the study page (:mod:`octa3d.review.study`)
 
-``--mode study`` (:mod:`octa3d.stages.study`) composes these with the stages that run each cell.
+``--mode study`` (:mod:`octa3d.stages.study`) composes these with the stages that run each cell. The package
+imports no report module itself: :mod:`octa3d.review.study` (the page) reads the formatting of
+:mod:`~octa3d.studies.tables`, and :mod:`~octa3d.studies.report` writes that page.
 """
 
 from octa3d.studies.engine import ExecOptions, Outcome, execute
 from octa3d.studies.plan import Cell, build_cells
-from octa3d.studies.report import write_report
 from octa3d.studies.spec import StudySpec, load_study
 
-__all__ = ["Cell", "ExecOptions", "Outcome", "StudySpec", "build_cells", "execute", "load_study", "write_report"]
+__all__ = ["Cell", "ExecOptions", "Outcome", "StudySpec", "build_cells", "execute", "load_study"]

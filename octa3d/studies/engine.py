@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from octa3d.errors import Octa3dError, error_message
+from octa3d.errors import ConfigError, Octa3dError, error_message
 from octa3d.studies.plan import CELL_RUNNING, Cell, finished, mark_failed
 from octa3d.utils.io import atomic_write_json
 
@@ -104,11 +104,19 @@ class Progress:
         done = self.skipped + sum(o.status == "done" for o in self.ended.values())
         failed = sum(o.status == "failed" for o in self.ended.values())
         open_ = [c for k, c in self.cells.items() if k not in self.ended]
-        running = sum((Path(c.folder) / CELL_RUNNING).is_file() for c in open_)
-        times = [o.seconds for o in self.ended.values() if o.status == "done"]
+        started = {c.key: _mtime(Path(c.folder) / CELL_RUNNING) for c in open_}
+        running = sum(t is not None for t in started.values())
+        times = {k: o.seconds for k, o in self.ended.items() if o.status == "done"}
         if times and open_:
-            parallel = max(1, running)
-            eta = f"ETA {_duration(sum(times) / len(times) * len(open_) / parallel)}"
+            # a cell takes what the finished cells of its arm took (of any arm, before one finished); a running
+            # cell has spent part of it already; the running cells are the parallelism
+            mean = sum(times.values()) / len(times)
+            left = 0.0
+            for c in open_:
+                own = [t for k, t in times.items() if self.cells[k].arm == c.arm]
+                expect = sum(own) / len(own) if own else mean
+                left += max(0.1 * expect, expect - (time.time() - started[c.key])) if started[c.key] else expect
+            eta = f"ETA {_duration(left / max(1, running))}"
         else:
             eta = "ETA after the first cell" if open_ else f"took {_duration(time.perf_counter() - self.t0)}"
         return (f"study: {done}/{self.total} cells done, {running} running, {failed} failed, "
@@ -121,6 +129,13 @@ class Progress:
         else:
             log.info("cell %s finished in %s", outcome.key, _duration(outcome.seconds))
         log.info("%s", self.line())
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _duration(s: float) -> str:
@@ -171,14 +186,17 @@ def _sequential(todo: list[Cell], fn: CellFn, opts: ExecOptions, progress: Progr
 
 def init_ray(address: str) -> bool:
     """Connect to Ray (``local``: start a private one); returns True when this call started it."""
-    import ray  # imported here: the CLI must start without it and the sequential executor never needs it
-
+    try:
+        import ray  # imported here: the CLI must start without it and the sequential executor never needs it
+    except ImportError as exc:
+        raise ConfigError("--executor ray needs the ray package (pip install 'ray>=2.40'); or run the cells one "
+                          "after another with --executor sequential") from exc
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report over the network
     # Ray's own notices (e.g. that its token authentication is on) are no news to a study's user
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-    if address == "local":
+    if address == "local":  # a private Ray for this study: no dashboard, token authentication on (Ray's default)
         ray.init(address="local", include_dashboard=False, **quiet)
     else:
         ray.init(address=address, **quiet)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -239,13 +238,3 @@ def checklist_text(spec: StudySpec, study_dir: Path, sp: Splits, summaries: dict
              f"({n_author} of {len(rows)}).", "", "| Guideline | Topic | Where / status |", "|---|---|---|"]
     lines += [f"| {g} | {t} | {v} |" for g, t, v in rows]
     return "\n".join(lines) + "\n"
-
-
-def run_info(spec: StudySpec, cells: int, executor: str, address: str, seed: int) -> dict[str, Any]:
-    """The facts of the run that methods.md reports besides the configurations."""
-    return {"n_cells": cells, "executor": executor, "address": address, "stats_seed": seed}
-
-
-def dump(obj: Any) -> str:
-    """JSON text for the kit's records (NaN as null)."""
-    return json.dumps(obj, indent=2, default=str, allow_nan=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class Cell:
         stages: ``(mode, {flag: value})`` in the order they run (ae_pretrain when ``init: ae``, train, test).
         splits: the study's ``splits/`` folder (absolute).
         threads: torch threads (the CPUs the cell was given).
+        extra: free-form values for a cell function other than the study's own (another backend, a test).
     """
 
     arm: str
@@ -256,8 +257,3 @@ def check_resume(spec: StudySpec, study_dir: Path) -> list[str]:
         raise ConfigError(f"{study_dir}: arm(s) changed since the study started: {'; '.join(changed)}; rename a "
                           "changed arm (a new arm runs its own cells) or restore its settings")
     return sorted(set(recorded) - {a.name for a in spec.arms})
-
-
-def cell_record(cell: Cell) -> dict[str, Any]:
-    """The cell as JSON (for logs and the failure record)."""
-    return asdict(cell)

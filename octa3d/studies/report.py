@@ -104,8 +104,7 @@ def write_report(spec: StudySpec, study_dir: Path, cells: list[Cell], sp: Splits
         files.append(Path(atomic_write_csv(res / f"predictions_{pop}.csv", _predictions(arms, order, pop, names))))
     tables = study_dir / "tables"
     files += arms_tables(tables, spec, summaries)
-    if rows:
-        files += pairs_table(tables, spec, rows)
+    files += pairs_table(tables, spec, rows)  # written even without comparisons: the page links it
     files += write_subgroups(tables, spec.name, sub, st["level"], st["bootstrap"])
     figures = write_figures(study_dir / "figures", arms, summaries, rows, order, spec.reference, len(names) == 2)
     info = {**run_info, "n_cells": len(cells), "stats_seed": seed}

@@ -52,8 +52,8 @@ STUDY_LEVEL = ("data_root", "source", "labels", "fov", "task", "classes", "negat
 #: Flags the study sets for each cell (its folder, its stages, its folds, resuming).
 MANAGED = ("mode", "exp", "runs_dir", "overwrite", "resume", "folds", "checkpoint", "input", "external", "max_steps",
            "study", "ray_address", "executor", "cell_cpus", "cell_gpus", "cell_retries")
-#: Settings of every cell before the study's own: no evidence maps (minutes per cell on a CPU; ask for them with
-#: ``test: {cam: layercam}``), 1000 bootstrap resamples for the cells' own CIs.
+#: Settings of every cell below the study's own: no evidence maps and no faithfulness scores (minutes per cell on a
+#: CPU; ask for them with ``test: {cam: layercam}``).
 CELL_DEFAULTS: dict[str, Any] = {"cam": "none", "faithfulness_subjects": 0}
 #: Flags that name files or folders: made absolute against the current folder when the study is read, since the
 #: cells run elsewhere (Ray workers start in folders of their own).

@@ -13,6 +13,7 @@ from benchmarks import study
 pytest.importorskip("ray")
 
 
+@pytest.mark.slow  # two studies in fresh interpreters, ~80 s on 2 cores; tests/stages/test_study.py is the fast one
 def test_quick_study_benchmark_result_is_well_formed(tmp_path):
     out = tmp_path / "study.json"
     res = study.main(["--quick", "--work", str(tmp_path / "work"), "--out", str(out)])

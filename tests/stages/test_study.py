@@ -94,7 +94,7 @@ def test_study_page_links_resolve_from_disk(study):
     sdir = root / "runs" / "tiny"
     page = (sdir / "index.html").read_text(encoding="utf-8")
     assert "octa3d study" in page and "broken" in page and "failed" in page
-    links = re.findall(r"(?:href|src)='([^']+)'", page)
+    links = re.findall(r"(?:href|src)=['\"]([^'\"]+)['\"]", page)
     assert any(link.endswith("test/review/index.html") for link in links)
     assert any(link.endswith("forest.png") for link in links) and any(link.endswith("roc.png") for link in links)
     for link in links:

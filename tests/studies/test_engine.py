@@ -77,3 +77,20 @@ def test_cell_resources():
     assert cell_resources(16, 4, 10, opts) == (4, 1.0)  # one GPU per cell, the CPUs per GPU
     assert cell_resources(16, 4, 10, ExecOptions(cell_gpus=0.5)) == (2, 0.5)
     assert cell_resources(16, 0, 4, ExecOptions(cell_cpus=3)) == (3, 0.0)
+
+
+def test_progress_counts_and_eta_per_arm(tmp_path):
+    from octa3d.studies.engine import Outcome, Progress
+    from octa3d.studies.plan import CELL_RUNNING
+
+    cells = [Cell(a, k, 2, str(tmp_path / a / f"fold-{k}"), [], "") for a in ("slow", "fast") for k in range(2)]
+    p = Progress(cells, skipped=1)
+    assert p.line() == "study: 1/5 cells done, 0 running, 0 failed, 4 waiting; ETA after the first cell"
+    p.ended["slow/fold-0"] = Outcome("slow/fold-0", "done", 100.0)
+    p.ended["fast/fold-0"] = Outcome("fast/fold-0", "failed", 1.0, "boom")
+    Path(cells[1].folder).mkdir(parents=True)
+    (Path(cells[1].folder) / CELL_RUNNING).write_text("{}")  # slow/fold-1 has just started
+    line = p.line()
+    # slow/fold-1 is expected to take what slow/fold-0 took; fast/fold-1 what any finished cell took
+    assert line.startswith("study: 2/5 cells done, 1 running, 1 failed, 1 waiting; ETA ")
+    assert line.endswith("ETA 3.3 min")  # (100 s left of slow/fold-1 + 100 s for fast/fold-1) / 1 running

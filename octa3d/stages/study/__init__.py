@@ -25,8 +25,9 @@ import yaml
 
 from octa3d.config import Config, apply_overrides, get_value, validate
 from octa3d.errors import ConfigError, RunExistsError, StudyError
-from octa3d.studies import ExecOptions, build_cells, execute, load_study, write_report
+from octa3d.studies import ExecOptions, build_cells, execute, load_study
 from octa3d.studies.plan import PLAN_FILE, check_arm_subjects, check_resume, study_splits, write_plan
+from octa3d.studies.report import write_report
 from octa3d.studies.spec import MANAGED, check_models
 from octa3d.stages.study.cell import run_cell
 from octa3d.utils.io import atomic_write_text
@@ -68,6 +69,9 @@ def run_study(study: str | Path | dict[str, Any], cfg: Config | None = None, **f
     cfg.run.mode = "study"
     cfg.study.study = str(study) if not isinstance(study, dict) else "<dict>"
     validate(cfg)
+    if cfg.run.overwrite:
+        raise ConfigError("--overwrite: a study is never replaced (its cells may hold days of training); continue "
+                          "it with --resume, or delete its folder, or choose another name (name: / --exp)")
     spec = load_study(study, _flags_of(cfg))
     if cfg.is_explicit("folds"):
         if cfg.data.folds < 2:

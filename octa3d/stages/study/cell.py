@@ -47,7 +47,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     done = finished(cell.folder)
     if done is not None:
         return done
-    setup_logging("WARNING")  # a Ray worker has no console handler; the cell's own log is its octa3d.log
+    if not any(getattr(h, "_octa3d_console", False) for h in logging.getLogger("octa3d").handlers):
+        setup_logging("WARNING")  # a fresh Ray worker: warnings to its stderr, everything to the cell's octa3d.log
     torch.set_num_threads(max(1, cell.threads))
     t0 = time.perf_counter()
     first = stage_config(cell.stages[0][1], cell.stages[0][0])
