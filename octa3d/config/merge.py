@@ -4,6 +4,7 @@ mapping a run folder's ``config.yaml`` holds. Precedence: field default < ``--co
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from pathlib import Path
@@ -114,7 +115,9 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> None:
     for raw_key, value in values.items():
         key = _key(raw_key)
         if key not in index:
-            close = [k.replace("_", "-") for k in index if k.startswith(key[:4])][:3]
+            # names sharing the first letters, then near misspellings ("modle" -> model)
+            near = [k for k in index if k.startswith(key[:4])] + difflib.get_close_matches(key, list(index), 3, 0.75)
+            close = [k.replace("_", "-") for k in dict.fromkeys(near)][:3]
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{origin}: unknown key '{raw_key}'{hint}")
         sec, f, tp = index[key]

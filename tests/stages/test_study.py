@@ -144,3 +144,15 @@ def test_failing_arm_is_reported_by_the_python_entry_point(study, tmp_path):
     with pytest.raises(StudyError, match=r"2 of 6 cells of study tiny failed[\s\S]*broken/fold-0"):
         run_study(root / "study.yaml", runs_dir=str(tmp_path / "runs"), resume=True, executor="sequential")
     assert Path(tmp_path / "runs" / "tiny" / "index.html").is_file()
+
+
+def test_cli_errors_are_one_line_and_name_the_file_and_key(tmp_path, run_cli):
+    res = run_cli(["--mode", "study"])
+    assert res.rc == 2 and "--mode study needs --study FILE.yaml" in res.err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arms:\n  - {name: a, modle: cnn}\n", encoding="utf-8")
+    res = run_cli(["--mode", "study", "--study", str(bad), "--runs-dir", str(tmp_path / "runs")])
+    assert res.rc == 2 and f"{bad}: arms[0] (a): unknown key 'modle'" in res.err and "model" in res.err
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+    res = run_cli(["--mode", "study", "--study", str(bad), "--ray-address", "somewhere"])
+    assert res.rc == 2 and "--ray-address 'somewhere'" in res.err
