@@ -39,6 +39,7 @@ _GROUP_TITLES = {
     "eval": "testing, prediction and evidence maps (--mode test / explain / predict)",
     "synth": "synthetic data (--mode synth)",
     "compress": "edge deployment (--mode compress)",
+    "study": "studies: arms x folds on Ray, paired statistics, paper kit (--mode study)",
 }
 
 

@@ -41,6 +41,10 @@ class RunExistsError(Octa3dError):
     """A stage folder already holds results and ``--overwrite`` was not given."""
 
 
+class StudyError(Octa3dError):
+    """Cells of a study failed (the others finished; ``--resume`` runs the failed ones again)."""
+
+
 class DiskFullError(Octa3dError):
     """A write failed because the file system is full (or the user's disk quota is spent)."""
 

@@ -12,9 +12,10 @@ flag values, validation, to/from the run folder's ``config.yaml``).
 from octa3d.config.merge import (apply_overrides, coerce, flatten_yaml, from_dict, get_value, load_yaml, to_argv,
                                  to_dict, to_yaml, validate)
 from octa3d.config.schema import (MODES, SECTIONS, CompressConfig, Config, DataConfig, EvalConfig, ModelConfig,
-                                  PreprocessConfig, RunConfig, SynthConfig, TrainConfig, opt, section_fields)
+                                  PreprocessConfig, RunConfig, StudyConfig, SynthConfig, TrainConfig, opt,
+                                  section_fields)
 
 __all__ = ["MODES", "SECTIONS", "CompressConfig", "Config", "DataConfig", "EvalConfig", "ModelConfig",
-           "PreprocessConfig", "RunConfig", "SynthConfig", "TrainConfig", "apply_overrides", "coerce", "flatten_yaml",
+           "PreprocessConfig", "RunConfig", "StudyConfig", "SynthConfig", "TrainConfig", "apply_overrides", "coerce", "flatten_yaml",
            "from_dict", "get_value", "load_yaml", "opt", "section_fields", "to_argv", "to_dict", "to_yaml",
            "validate"]

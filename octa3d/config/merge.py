@@ -4,6 +4,7 @@ mapping a run folder's ``config.yaml`` holds. Precedence: field default < ``--co
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from pathlib import Path
@@ -114,7 +115,9 @@ def apply_overrides(cfg: Config, values: dict[str, Any], origin: str) -> None:
     for raw_key, value in values.items():
         key = _key(raw_key)
         if key not in index:
-            close = [k.replace("_", "-") for k in index if k.startswith(key[:4])][:3]
+            # names sharing the first letters, then near misspellings ("modle" -> model)
+            near = [k for k in index if k.startswith(key[:4])] + difflib.get_close_matches(key, list(index), 3, 0.75)
+            close = [k.replace("_", "-") for k in dict.fromkeys(near)][:3]
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{origin}: unknown key '{raw_key}'{hint}")
         sec, f, tp = index[key]
@@ -242,9 +245,25 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--prune-rounds {c.prune_rounds}: must be >= 1")
     if c.qat_epochs < 0 or c.finetune_epochs < 0:
         raise ConfigError("--qat-epochs and --finetune-epochs must be >= 0")
+    _validate_study(cfg)
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+#: ``--ray-address``: the embedded local Ray, the running cluster, a Ray Client address or a GCS HOST:PORT.
+RAY_ADDRESS_PATTERN = re.compile(r"local|auto|ray://[^\s/]+:\d+|[^\s/:]+:\d+")
+
+
+def _validate_study(cfg: Config) -> None:
+    """--mode study needs its file; the cell resources and retries are usable; --ray-address is an address."""
+    s = cfg.study
+    if cfg.run.mode == "study" and not s.study:
+        raise ConfigError("--mode study needs --study FILE.yaml (the arms and folds; docs/how-to/studies.md)")
+    if not RAY_ADDRESS_PATTERN.fullmatch(s.ray_address):
+        raise ConfigError(f"--ray-address {s.ray_address!r}: choose local (an embedded Ray on this machine), auto "
+                          "(the running cluster), ray://HOST:PORT or HOST:PORT")
+    if s.cell_cpus < 0 or s.cell_gpus < 0 or s.cell_retries < 0:
+        raise ConfigError(f"--cell-cpus {s.cell_cpus}, --cell-gpus {s.cell_gpus}, --cell-retries {s.cell_retries}: "
+                          "must be >= 0 (--cell-cpus 0 = automatic)")
 
 
 def _validate_run(cfg: Config) -> None:

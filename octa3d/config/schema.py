@@ -10,7 +10,8 @@ from typing import Any, get_type_hints
 
 from octa3d.errors import ConfigError
 
-MODES = ("synth", "prepare", "ae_pretrain", "train", "test", "explain", "predict", "export", "compress", "demo")
+MODES = ("synth", "prepare", "ae_pretrain", "train", "test", "explain", "predict", "export", "compress", "study",
+         "demo")
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, factory: bool = False) -> Any:
@@ -168,7 +169,8 @@ class TrainConfig:
                               "--batch-size).")
     clip_grad: float = opt(0.0, "Clip the gradient norm to this value (0 = off).")
     resume: bool = opt(False, "Continue --mode ae_pretrain/train from its [fold-k/]checkpoints/last.pt (model, "
-                              "optimiser, schedule, AMP scaler, epoch, RNG and early-stopping state).")
+                              "optimiser, schedule, AMP scaler, epoch, RNG and early-stopping state); --mode study: "
+                              "continue the study (finished cells are kept, interrupted ones resumed).")
     max_steps: int = opt(0, "Stop each fold's training after this many optimiser steps (0 = no limit), as an "
                             "interruption would: last.pt keeps the last finished epoch and --resume continues.")
     channels_last: bool = opt(False, "channels-last memory format (faster convolutions on recent GPUs).")
@@ -250,6 +252,23 @@ class CompressConfig:
 
 
 @dataclass
+class StudyConfig:
+    """A study: arms x folds of ordinary runs, paired statistics and a paper kit (--mode study)."""
+
+    study: str | None = opt(None, "--mode study: the study file (YAML: data, folds, arms; docs/how-to/studies.md).")
+    ray_address: str = opt("local", "Where the cells of a study run: local (an embedded Ray on this machine, every "
+                                    "CPU and GPU, nothing to start), auto (the running Ray cluster this machine "
+                                    "belongs to), ray://HOST:PORT (Ray Client) or HOST:PORT.")
+    executor: str = opt("ray", "ray: cells as Ray tasks (in parallel, retried when a worker dies); sequential: one "
+                               "after another in this process, without Ray.", choices=("ray", "sequential"))
+    cell_cpus: int = opt(0, "CPUs (and torch threads) per cell; 0 = the CPUs per GPU where there are GPUs, else "
+                            "the CPUs divided among the cells (1 to 8).")
+    cell_gpus: float = opt(1.0, "GPUs per cell where the cluster has GPUs (0.5 = two cells share one).")
+    cell_retries: int = opt(2, "Retries of a cell whose worker died or that stopped on an unexpected error (octa3d "
+                               "errors, e.g. a bad setting or a missing file, are reported, not retried).")
+
+
+@dataclass
 class Config:
     """The whole configuration of one octa3d invocation."""
 
@@ -261,6 +280,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def __post_init__(self) -> None:
         # Not dataclass fields (so not flags, not in config.yaml): set by the CLI parser.

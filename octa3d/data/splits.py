@@ -33,7 +33,7 @@ from octa3d.utils.io import atomic_write_csv, atomic_write_text, read_csv
 from octa3d.utils.runs import experiments_over
 
 __all__ = ["SPLIT_KEYS", "Splits", "existing_splits", "format_counts", "labelled_subjects", "load_or_make_splits",
-           "make_splits", "read_splits", "write_splits"]
+           "make_splits", "read_splits", "split_settings", "write_splits"]
 
 log = logging.getLogger("octa3d.data.splits")
 
@@ -57,7 +57,7 @@ def _layout(cfg: Config) -> str | None:
         return None
 
 
-def _split_settings(cfg: Config) -> dict[str, Any]:
+def split_settings(cfg: Config) -> dict[str, Any]:
     """The settings recorded in split.json; ``modality``/``fov`` are null for manifest and class-folder data (a 2D
     class-folder experiment has no OCTA-500 volume or field of view)."""
     d = cfg.data
@@ -178,7 +178,7 @@ def existing_splits(cfg: Config) -> Splits | None:
     if not (folder / "split.json").exists():
         return None
     sp = read_splits(folder)
-    settings = _split_settings(cfg)
+    settings = split_settings(cfg)
     # a setting that does not apply to this layout (null) is not compared: splits recorded before it was null match
     diff = {k: (sp.settings.get(k), v) for k, v in settings.items()
             if sp.settings.get(k) != v and not (v is None and k in OCTA500_ONLY_KEYS)}
@@ -232,7 +232,7 @@ def load_or_make_splits(cfg: Config, subjects: list[Subject] | None = None, labe
     assert label_map is not None and label_of is not None
     sp = make_splits(subjects, label_of, label_map.class_names, test_fraction=cfg.data.test_fraction,
                      val_fraction=cfg.data.val_fraction, folds=cfg.data.folds, seed=cfg.run.seed)
-    sp.settings = _split_settings(cfg)
+    sp.settings = split_settings(cfg)
     write_splits(sp, folder)
     _announce_new_splits(cfg, folder, sp.settings)
     return sp

@@ -25,9 +25,9 @@ __all__ = ["calibration_summary", "cam_scalars", "print_summary", "uncertainty_s
 
 def write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarray, names: list[str],
                       cam_status: dict[str, str] | None = None, raw: np.ndarray | None = None,
-                      extra: dict[str, np.ndarray] | None = None) -> None:
-    """predictions.csv, with ``p_raw_<class>`` columns (uncalibrated) when ``probs`` are temperature-scaled and a
-    ``cam_status`` column once maps were made (``not computed`` for the others)."""
+                      extra: dict[str, np.ndarray] | None = None, name: str = "predictions.csv") -> None:
+    """predictions.csv (or ``name``), with ``p_raw_<class>`` columns (uncalibrated) when ``probs`` are
+    temperature-scaled and a ``cam_status`` column once maps were made (``not computed`` for the others)."""
     frame = predictions_frame(ids, y, probs, names)
     if raw is not None:
         for c, n in enumerate(names):
@@ -36,7 +36,7 @@ def write_predictions(out: Path, ids: list[str], y: np.ndarray, probs: np.ndarra
         frame[k] = v
     if cam_status is not None:
         frame["cam_status"] = [cam_status.get(i, "not computed") for i in ids]
-    atomic_write_csv(out / "predictions.csv", frame)
+    atomic_write_csv(out / name, frame)
 
 
 def write_outputs(out: Path, tb: Any, ids: list[str], y: np.ndarray, probs: np.ndarray,

@@ -25,6 +25,7 @@ STAGES: dict[str, str] = {
     "predict": "octa3d.stages.predict",
     "export": "octa3d.stages.export",
     "compress": "octa3d.stages.compress",
+    "study": "octa3d.stages.study",
     "demo": "octa3d.stages.demo",
 }
 

@@ -36,6 +36,7 @@ from octa3d.evaluation.calibration import (UNCERTAIN_COVERAGE, apply_temperature
                                            expected_calibration_error, fit_temperature)
 from octa3d.evaluation.figures import confusion_figure
 from octa3d.evaluation.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
+from octa3d.evaluation.outputs import write_predictions
 from octa3d.model import (create_model, freeze_encoder_stages, get_spec, init_model_kwargs, load_init_weights,
                           model_options, read_init_file, set_encoder_trainable, transfer_encoder)
 from octa3d.model.weights import InitFile
@@ -225,7 +226,8 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
     result = fit(spec, cfg, train_loader, out, ctx.device, name=f"fold {fold}")
     _hparams(out, cfg, start, result.best)
     best = dict(result.best)
-    best.update(calibrate_checkpoint(out / "checkpoints" / "best.pt", model, val_loader, precision, va_ids, sp.test))
+    best.update(calibrate_checkpoint(out / "checkpoints" / "best.pt", model, val_loader, precision, va_ids, sp.test,
+                                     names))
     best["fit"] = assess_fit(result.history, chance, result.best, best["temperature"], result.stopped_early)
     info, warnings = fit_messages(best["fit"], f"fold {fold}", cfg.train.lr)
     log.info("Fit check, %s", info)
@@ -235,13 +237,20 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
 
 
 def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, precision: Precision,
-                         val_ids: list[str], test_ids: list[str]) -> dict[str, float]:
+                         val_ids: list[str], test_ids: list[str], names: list[str] | None = None) -> dict[str, float]:
     """Fit the temperature of ``path`` (a fold's ``best.pt``) on its validation subjects and store it there.
+
+    With ``names`` the fold's validation predictions of ``best.pt`` are also written beside its ``checkpoints/``
+    folder as ``val_predictions.csv`` (calibrated ``p_<class>`` and raw ``p_raw_<class>`` columns): with k folds
+    these are the out-of-fold predictions a study (:mod:`octa3d.studies`) pools and compares. The calibrated
+    columns use the temperature fitted on these very subjects; accuracy, AUC and F1 are the same either way
+    (temperature scaling keeps the order of the classes), calibration scores are read from the raw ones.
 
     Args:
         path: the fold's best checkpoint; its weights are loaded into ``model`` (the fold's network).
         val_loader: the fold's validation loader (the only data the temperature sees).
         val_ids: the fold's validation subject IDs; test_ids: the experiment's hold-out subjects.
+        names: the class names (writes ``val_predictions.csv``), or None.
 
     Returns:
         ``temperature``, the validation ECE before/after (``val_ece_raw``, ``val_ece_calibrated``), and the
@@ -277,6 +286,9 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
         for k in ("val_ece_raw", "val_ece_calibrated"):
             ckpt.pop(k)
         atomic_torch_save(ckpt, path)
+        if names is not None:
+            write_predictions(path.parent.parent, ids, np.asarray(y), cal, names, raw=probs,
+                              name="val_predictions.csv")
     return report
 
 

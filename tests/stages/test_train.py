@@ -303,6 +303,15 @@ def test_temperature_is_fitted_per_fold_on_validation_only(blob_root, tmp_path, 
         assert ck["uncertainty_coverage"] == 0.9 and thr == summary["folds"][f"fold-{k}"]["entropy_threshold"]
         assert (e <= thr).sum() >= 0.9 * n and ((e < thr).sum() < 0.9 * n)
         assert (calibration.entropy(val_probs[k]) <= ck["entropy_threshold_raw"]).mean() >= 0.9
+        # the fold's out-of-fold predictions (a study pools them): raw and calibrated, its validation eyes only
+        pred = pd.read_csv(tmp_path / "temp" / "train" / f"fold-{k}" / "val_predictions.csv", dtype={"subject": str})
+        assert sorted(pred["subject"]) == sorted(val["subject"])
+        raw_cols = [c for c in pred.columns if c.startswith("p_raw_")]
+        assert len(raw_cols) == val_probs[k].shape[1]
+        assert np.allclose(np.sort(pred[raw_cols].to_numpy(), axis=0), np.sort(val_probs[k], axis=0), atol=1e-5)
+        cal = calibration.apply_temperature(val_probs[k], ck["temperature"])
+        assert np.allclose(np.sort(pred[[c.replace("p_raw_", "p_") for c in raw_cols]].to_numpy(), axis=0),
+                           np.sort(cal, axis=0), atol=1e-5)
 
 
 def test_temperature_refuses_validation_subjects_that_are_test_subjects(tmp_path):
