@@ -2,12 +2,15 @@
 (:mod:`octa3d.evaluation.ood`), thresholds at a false-alarm rate, a fold ensemble's vote, and the reason.
 
 **Threshold rule.** ``--ood-false-alarm`` (default :data:`FALSE_ALARM`, 5 %) is the share of in-distribution eyes
-allowed to be flagged. It is split evenly over the learned checks (intensity, features: Bonferroni), each
-thresholded at the split-conformal quantile of its held-out-of-the-fit reference scores (validation subjects plus
-cross-fitted training subjects, :func:`~octa3d.evaluation.ood.reference_scores`), so the learned checks together
-flag at most that share; the geometry rule (:data:`~octa3d.evaluation.ood.GEOMETRY_TOLERANCE` outside the
-training range) flags no scan inside the range. Each check's score is divided by its threshold, so
-``ood_score`` > 1 means flagged; ``ood_score`` is the largest over the checks.
+allowed to be flagged. The reference eyes are held out of the fit (validation subjects plus cross-fitted training
+subjects, :func:`~octa3d.evaluation.ood.reference_scores`). Each learned check (intensity, features) is first put
+on one scale, its score over its own split-conformal quantile at that rate among the reference eyes; an eye's
+combined score is the larger of the two, and the threshold is the split-conformal quantile of the reference eyes'
+combined scores at the rate, so the learned checks together flag at most that share of new in-distribution eyes
+(checked in ``benchmarks/ood.py``: less conservative than splitting the rate over the checks). The geometry rule
+(:data:`~octa3d.evaluation.ood.GEOMETRY_TOLERANCE` outside the training range) flags no scan inside the range.
+Each check's score is divided by its resulting threshold, so ``ood_score`` > 1 means flagged; ``ood_score`` is the
+largest over the checks.
 
 **Ensembles** (``--folds K``): every fold model has its own reference; an eye is flagged when a *majority* of the
 folds flag it (``ood_score`` is the (K // 2 + 1)-th largest fold score). "Any fold" would add the folds'
@@ -75,16 +78,27 @@ class OodCheck:
         self.rate = false_alarm
         self.thresholds: dict[str, float] = {}
         self.about: dict[str, Any] = {}
+        scores, how = {}, {}
         for c in learned:
-            scores, how = ood.reference_scores(reference, c)
-            t, guaranteed = ood.conformal_threshold(scores, false_alarm / len(learned))
-            self.thresholds[c] = t
-            self.about[c] = {**how, "threshold": t, "false_alarm": guaranteed}
+            scores[c], how[c] = ood.reference_scores(reference, c)
+        scale = {c: max(ood.conformal_threshold(scores[c], false_alarm)[0], 1e-12) for c in learned}
+        self.guaranteed = 0.0
+        if learned and len({len(v) for v in scores.values()}) == 1:  # one row per reference eye: the joint rule
+            joint, self.guaranteed = ood.conformal_threshold(np.max([scores[c] / scale[c] for c in learned], axis=0),
+                                                             false_alarm)
+            self.thresholds = {c: scale[c] * joint for c in learned}
+        else:  # checks scored on other eyes (not written by this version): each at its own quantile
+            for c in learned:
+                self.thresholds[c], g = ood.conformal_threshold(scores[c], false_alarm / len(learned))
+                self.guaranteed += g
+        for c in learned:
+            self.about[c] = {**how[c], "threshold": self.thresholds[c]}
 
     @property
     def false_alarm_bound(self) -> float:
-        """The false-alarm rate the thresholds guarantee together (more than the asked rate with few eyes)."""
-        return float(sum(a["false_alarm"] for a in self.about.values()))
+        """The false-alarm rate the thresholds guarantee together (more than the asked rate with few reference
+        eyes: ``1 / (n + 1)`` when ``n`` eyes are too few for the rate)."""
+        return float(self.guaranteed)
 
     def check(self, record: PreprocessRecord, features: np.ndarray | None, spacing_known: bool = True
               ) -> OodResult:
