@@ -28,6 +28,11 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, factory: bool 
     return field(default=default, metadata=meta)
 
 
+#: The named looks of ``--synth-look``: the keys of :data:`octa3d.data.synthetic.PRESETS`, spelt out here so that
+#: the CLI starts without importing the generator (numpy, scipy); a test keeps the two equal.
+SYNTH_LOOKS = ("stock", "faint", "small", "dropout-only", "microaneurysms-only", "noisy", "drift", "sparse-vessels",
+               "artefacts")
+
 #: The evidence-map methods of ``--cam`` (:mod:`octa3d.cam.backends` implements each).
 CAM_METHODS = ("gradcam", "gradcam++", "layercam", "hirescam", "occlusion", "medcam")
 
@@ -218,6 +223,10 @@ class SynthConfig:
     shape: list[int] = opt([32, 64, 32], "Volume shape as B-scans,depth,width (OCTA-500 full size: 400,640,400).")
     layout: str = opt("octa500", "What to write: OCTA-500 BMP stacks, NIfTI + manifest.csv, or both.",
                       choices=("octa500", "nifti", "both"))
+    synth_look: str = opt("stock", "Cohort variant: how the same diseases look (lesion contrast/size/count, DR as "
+                                   "dropout or microaneurysms only, noise, drift between eyes, vessel density, "
+                                   "OCTA artefacts); judge a recipe on looks it was not tuned on "
+                                   "(docs/how-to/external-validation.md).", choices=SYNTH_LOOKS)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,12 @@ def test_run_3mm_nifti(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     assert [r["id"] for r in recs] == ["10301", "10302"]
     assert "volumes/<ID>_{octa,oct}.nii.gz" in out and ".bmp" not in out
+
+
+def test_run_with_a_look(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = Config()
+    cfg.data.data_root = str(tmp_path / "d")
+    cfg.synth.n_subjects, cfg.synth.shape, cfg.synth.synth_look = 2, list(SHAPE), "noisy"
+    synth.run(cfg)
+    assert "look noisy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "d" / "synthetic.json").read_text())["look"]["name"] == "noisy"

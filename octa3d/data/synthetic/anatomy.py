@@ -19,6 +19,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt, gaussian_filter, map_coordinates
 
 from octa3d.data.octa500 import DEPTH_MM, FOV_LATERAL_MM
+from octa3d.data.synthetic.look import Look
 
 F32 = np.float32
 
@@ -43,11 +44,14 @@ def lowfreq(rng: np.random.Generator, s: int, w: int, cells: int = 5) -> np.ndar
     return ((g - g.mean()) / max(g.std(), 1e-6)).astype(F32)
 
 
-def mesh(rng: np.random.Generator, s: int, w: int, scale_px: float) -> np.ndarray:
-    """Vessel-mesh texture in 0..1: the zero crossings of band-passed noise look like a capillary network."""
+def mesh(rng: np.random.Generator, s: int, w: int, scale_px: float, width: float = 0.7) -> np.ndarray:
+    """Vessel-mesh texture in 0..1: the zero crossings of band-passed noise look like a capillary network.
+
+    ``scale_px`` sets the spacing of the lines, ``width`` their thickness relative to it (so the area they cover).
+    """
     n = gaussian_filter(rng.standard_normal((s, w), dtype=F32), max(scale_px, 0.5))
     n /= max(float(n.std()), 1e-6)
-    return np.exp(-(n / 0.7) ** 2).astype(F32)
+    return np.exp(-(n / width) ** 2).astype(F32)
 
 
 def ellipse_rho(u: np.ndarray, v: np.ndarray, cu: float, cv: float, ru: float, rv: float,
@@ -99,22 +103,30 @@ class Plan:
     zv: np.ndarray | None = None     # vessel centre depth
     rvd: np.ndarray | None = None    # vessel half-height in rows
     tuft: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None      # CNV: footprint, top, flow texture
+    fluid: float = 0.02              # OCT reflectivity of subretinal fluid (CSC; a look's contrast raises it)
+    offset: tuple[float, float] = (0.0, 0.0)                           # OCT, OCTA offset in 8-bit grey levels
+    motion: np.ndarray | None = None  # (S,) OCTA motion-line strength per B-scan (a look's artefacts)
     slabs: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # mask parts
     spheres: list[tuple[float, ...]] = field(default_factory=list)    # (s, d, w, rs, rd, rw) microaneurysms
 
 
 def eye_rng(seed: int, index: int, stream: int, *more: int) -> np.random.Generator:
-    """Independent streams per eye: anatomy (0), lesion (1), noise (2, per B-scan), metadata (3).
+    """Independent streams per eye: anatomy (0), lesion (1), noise (2, per B-scan), metadata (3), a look's
+    between-eye drift (4) and artefacts (5).
 
-    Keeping the lesion in its own stream makes a NORMAL 'twin' of a diseased eye pixel-identical outside it.
+    Keeping the lesion in its own stream makes a NORMAL 'twin' of a diseased eye pixel-identical outside it; giving
+    a look's draws their own streams leaves the stock eyes (:class:`~.look.Look` ``()``) as they were.
     """
     return np.random.default_rng([seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, index, stream, *more])
 
 
 def _walk(rng: np.random.Generator, start: tuple[float, float], heading: float, radius: float, vein: bool,
           fovea: tuple[float, float], r_arc: float, faz: float, max_len: float, main: bool,
-          vessels: list[Vessel], parent: int, at: int, depth: int) -> None:
-    """Grow one vessel (and, recursively, its branches) as a random walk; mains circle the fovea."""
+          vessels: list[Vessel], parent: int, at: int, depth: int, branching: float = 1.0) -> None:
+    """Grow one vessel (and, recursively, its branches) as a random walk; mains circle the fovea.
+
+    ``branching`` multiplies the chance of a branch at each step.
+    """
     step = 0.01
     n_max = int(max_len / step)
     jit = rng.standard_normal(n_max)
@@ -139,7 +151,7 @@ def _walk(rng: np.random.Generator, start: tuple[float, float], heading: float, 
         pts.append((x, y))
         if rq < faz + 0.02 or not (-0.8 < x < 1.8 and -0.8 < y < 1.8):
             break
-        if depth < 2 and k > 5 and branch_u[k] < (0.05 if main else 0.025) and 0 < x < 1 and 0 < y < 1:
+        if depth < 2 and k > 5 and branch_u[k] < (0.05 if main else 0.025) * branching and 0 < x < 1 and 0 < y < 1:
             children.append((len(pts) - 1, h + rng.choice([-1.0, 1.0]) * rng.uniform(0.45, 1.0),
                              rng.uniform(0.15, 0.45)))
     arr = np.asarray(pts, F32)
@@ -148,11 +160,15 @@ def _walk(rng: np.random.Generator, start: tuple[float, float], heading: float, 
     vessels.append(Vessel(arr, (radius * taper).astype(F32), vein, parent, at))
     for idx, ch, length in children:
         _walk(rng, (float(arr[idx, 0]), float(arr[idx, 1])), ch, float(radius * taper[idx] * rng.uniform(0.55, 0.7)),
-              vein, fovea, r_arc, faz, length, False, vessels, me, idx, depth + 1)
+              vein, fovea, r_arc, faz, length, False, vessels, me, idx, depth + 1, branching)
 
 
-def healthy_eye(shape: tuple[int, int, int], rng: np.random.Generator, fov: str) -> tuple[Plan, dict[str, float]]:
+def healthy_eye(shape: tuple[int, int, int], rng: np.random.Generator, fov: str,
+                look: Look = Look()) -> tuple[Plan, dict[str, float]]:
     """A healthy eye: layer surfaces, vessel tree and textures (all drawn from the anatomy stream).
+
+    ``look.capillaries`` scales the capillary density (and the vessel tree's branching); the look's other knobs
+    act in :func:`~.render.plan_eye`, :mod:`.lesions` and :func:`~.render.render_chunk`.
 
     Returns:
         The plan (vessels not yet rasterized) and the facts lesions are placed by: fovea ``fu``/``fv`` (FOV
@@ -180,8 +196,11 @@ def healthy_eye(shape: tuple[int, int, int], rng: np.random.Generator, fov: str)
     px = fmm / W
     dist = np.sqrt(r2) / fmm
     avascular = np.clip((dist - faz) / (0.1 / fmm), 0, 1).astype(F32)
-    cap1 = (0.35 + 0.65 * mesh(rng, S, W, 0.02 / px)) * avascular
-    cap2 = (0.35 + 0.65 * mesh(rng, S, W, 0.025 / px)) * avascular
+    # Density c: c times as many lines (spacing / c) of the same thickness in mm (relative width 0.7 c), so c
+    # times the coverage, and the unresolved background (0.35) scaled alike.
+    c = look.capillaries
+    cap1 = (0.35 * c + 0.65 * mesh(rng, S, W, 0.02 / px / c, 0.7 * c)) * avascular
+    cap2 = (0.35 * c + 0.65 * mesh(rng, S, W, 0.025 / px / c, 0.7 * c)) * avascular
     cc = (0.6 + 0.4 * mesh(rng, S, W, 0.015 / px)).astype(F32)
     chv = mesh(rng, S, W, 0.12 / px)
     # Vessel tree: two arcades (artery + vein above and below the fovea) and 1-2 smaller vessels, from the disc.
@@ -198,7 +217,7 @@ def healthy_eye(shape: tuple[int, int, int], rng: np.random.Generator, fov: str)
         if i >= 4:
             radius *= 0.7
         _walk(rng, disc, heading, radius, vein, (fu, fv), r_arc * (1 if i < 4 else 0.6), faz,
-              rng.uniform(0.95, 1.3), i < 4, vessels, -1, 0, 0)
+              rng.uniform(0.95, 1.3), i < 4, vessels, -1, 0, 0, c)
     gain = (float(rng.uniform(0.85, 1.1)), float(rng.uniform(0.85, 1.1)))
     plan = Plan(shape, ilm.astype(F32), opl.astype(F32), rpe.copy(), rpe, rpe_th, (rpe + rpe_th).astype(F32),
                  chb.astype(F32), cap1.astype(F32), cap2.astype(F32), cc, chv, vessels, gain, eye)

@@ -2,7 +2,7 @@
 
 Files (``fov="6mm"``; IDs 10001, 10002, … like the real set; ``3mm`` → ``OCTA_3mm``, IDs from 10301)::
 
-    DIR/synthetic.json                                 generator parameters (marks the folder as synthetic)
+    DIR/synthetic.json                                 generator parameters and look (marks the folder as synthetic)
     DIR/Text labels.xlsx                               ID, Gender, Age, OS/OD, Disease        (octa500, both)
     DIR/OCTA_6mm/OCTA/<ID>/<n>.bmp, OCT/<ID>/<n>.bmp   n = 1..S, depth rows x width, 8-bit palette BMP
     DIR/OCTA_6mm/Projection Maps/<type>/<ID>.bmp       S x W en-face maps, types in PROJECTIONS
@@ -37,6 +37,7 @@ from octa3d.data.octa500 import FOV_LATERAL_MM, FOVS, MASKS_DIR, PROJECTIONS_DIR
 from octa3d.data.subject import Geometry
 from octa3d.data.synthetic.anatomy import F32, Plan, eye_rng, spacing_of
 from octa3d.data.synthetic.lesions import CLASSES
+from octa3d.data.synthetic.look import Look, look_record
 from octa3d.data.synthetic.render import chunks, plan_eye, render_chunk
 from octa3d.errors import ConfigError, DataError
 from octa3d.utils.io import atomic_write_bytes, atomic_write_csv, atomic_write_text
@@ -87,7 +88,7 @@ def _to_u8(img: np.ndarray) -> np.ndarray:
 
 
 def _write_subject(rec: dict[str, Any], plan: Plan, seed: int, index: int, layout: str,
-                   fov: str) -> None:
+                   fov: str, look: Look) -> None:
     """Render one eye chunk by chunk and write its BMP stacks, projections, mask and/or NIfTI volumes."""
     S, D, W = plan.shape
     spacing = spacing_of(plan.shape, fov)
@@ -110,7 +111,7 @@ def _write_subject(rec: dict[str, Any], plan: Plan, seed: int, index: int, layou
                     shutil.rmtree(stacks[key])  # left by an interrupted run
                 stacks[key].mkdir()
         for s0, s1 in chunks(plan.shape):
-            oct8, octa8, m = render_chunk(plan, s0, s1, seed, index)
+            oct8, octa8, m = render_chunk(plan, s0, s1, seed, index, look)
             mask[s0:s1] = m
             for key, arr in (("OCT", oct8), ("OCTA", octa8)):
                 if nifti:
@@ -215,7 +216,7 @@ def _write_tables(root: Path, recs: list[dict[str, Any]], layout: str) -> None:
 
 def generate(root: str | Path, n_subjects: int, shape: Sequence[int] = (32, 64, 32), seed: int = 0,
              layout: str = "octa500", fov: str = "6mm", classes: Sequence[str] = CLASSES,
-             overwrite: bool = False) -> list[dict[str, Any]]:
+             overwrite: bool = False, look: Look = Look()) -> list[dict[str, Any]]:
     """Write a synthetic OCTA-500-style dataset (see the module docstring for the layout).
 
     Args:
@@ -228,6 +229,9 @@ def generate(root: str | Path, n_subjects: int, shape: Sequence[int] = (32, 64, 
         fov: ``"6mm"`` or ``"3mm"`` (folder ``OCTA_<fov>``, first ID, lateral spacing).
         classes: class names to cycle through (subset/reordering of :data:`CLASSES`).
         overwrite: replace a previous synthetic dataset in ``root``.
+        look: the cohort variant (:class:`~octa3d.data.synthetic.Look`, e.g. from
+            :func:`~octa3d.data.synthetic.look_from_name`); ``synthetic.json`` records it under ``look`` (the
+            preset's name, or None, and every knob). The default is the stock generator.
 
     Returns:
         One record per eye: ``id``, ``disease``, ``gender``, ``age``, ``eye`` (OD/OS) and ``paths`` (``OCTA``/``OCT``
@@ -244,15 +248,17 @@ def generate(root: str | Path, n_subjects: int, shape: Sequence[int] = (32, 64, 
     _clear(root, overwrite)
     # The marker goes first (complete: false), so that an interrupted run is still recognised as ours.
     params = {"generator": "octa3d.data.synthetic", "seed": seed, "n_subjects": n_subjects, "shape": list(shape),
-              "layout": layout, "fov": fov, "classes": list(classes), "spacing_xyz_mm": spacing_of(shape, fov)}
+              "layout": layout, "fov": fov, "classes": list(classes), "spacing_xyz_mm": spacing_of(shape, fov),
+              "look": look_record(look)}
     atomic_write_text(root / MARKER, json.dumps({**params, "complete": False}, indent=1) + "\n")
     recs = _records(root, n_subjects, seed, layout, fov, list(classes))
     for i, rec in enumerate(tqdm(recs, desc="synth", unit="eye", disable=None)):
-        plan = plan_eye(shape, rec["disease"], seed, i, fov)
+        plan = plan_eye(shape, rec["disease"], seed, i, fov, look)
         rec["eye"] = "OD" if plan.eye > 0 else "OS"
-        _write_subject(rec, plan, seed, i, layout, fov)
+        _write_subject(rec, plan, seed, i, layout, fov, look)
         log.debug("eye %s (%s) written", rec["id"], rec["disease"])
     _write_tables(root, recs, layout)
     atomic_write_text(root / MARKER, json.dumps({**params, "complete": True}, indent=1) + "\n")
-    log.info("wrote %d synthetic eyes (%s) to %s", n_subjects, "x".join(map(str, shape)), root)
+    log.info("wrote %d synthetic eyes (%s, look %s) to %s", n_subjects, "x".join(map(str, shape)),
+             params["look"]["name"] or "custom", root)
     return recs
