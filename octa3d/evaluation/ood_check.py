@@ -36,8 +36,9 @@ from octa3d.evaluation import ood
 #: Default share of in-distribution eyes flagged (``--ood-false-alarm``).
 FALSE_ALARM = 0.05
 #: What a model without a usable reference gets (the columns stay empty).
-PREDATES = ("the model predates the out-of-distribution check (its checkpoint stores no training reference): "
-            "ood columns are empty; re-run --mode train to add it")
+PREDATES = ("the model predates the out-of-distribution check (no training reference in the model file: a checkpoint "
+            "from before the check, an export or a compressed model): the ood columns are empty; --mode train "
+            "writes checkpoints that have it")
 
 
 @dataclass

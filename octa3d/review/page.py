@@ -128,7 +128,9 @@ def _table(rows: list[dict[str, Any]], classes: list[str]) -> str:
             cells.append(("YES" if r.get("seen") else "no", "1" if r.get("seen") else "0"))
         flagged = bool(r.get("ood"))
         if ood:
-            cells.append((f"YES: {r.get('ood_reason') or 'flagged'}" if flagged else "no", "1" if flagged else "0"))
+            # the checks that fired in the cell (rows stay one line); what lay outside in the row's tooltip
+            checks = ", ".join(x.split(" (", 1)[0] for x in (r.get("ood_reason") or "flagged").split("; "))
+            cells.append((f"YES: {checks}" if flagged else "no", "1" if flagged else "0"))
         names = [n for n, on in (("error", correct is False), ("ood", flagged)) if on]
         cls = f" class='{' '.join(names)}'" if names else ""
         cls += f" title='out of distribution: {e(r.get('ood_reason') or '', quote=True)}'" if flagged else ""
@@ -209,7 +211,8 @@ def write_page(out: Path, info: dict[str, Any], metrics: dict[str, Any], rows: l
     subjects_js, sizes = [], 0
     for r in rows:
         s: dict[str, Any] = {"id": r["id"], "label": r.get("label"), "prediction": r["prediction"],
-                             "files": [], "sheet": None, "volumes": None, "has_map": False, "reason": ""}
+                             "files": [], "sheet": None, "volumes": None, "has_map": False, "reason": "",
+                             "ood": (r.get("ood_reason") or "flagged") if r.get("ood") else ""}
         stem, status = r.get("stem"), r["cam_status"]
         scans = sorted(cam_dir.glob(f"{stem}_input*.nii.gz")) if stem else []
         cam = cam_dir / f"{stem}_cam.nii.gz" if stem else None

@@ -95,7 +95,8 @@ def test_predict_flags_the_shifted_scan_with_its_reason_and_the_page_shades_it(t
     # the review page: the flagged row shaded, its reason shown, the summary paragraph says what to do
     html = (folder / "review" / "index.html").read_text(encoding="utf-8")
     row = next(line for line in html.splitlines() if "data-v=\"shifted\"" in line)
-    assert "class='ood'" in row and "data-ood='1'" in row and "YES: geometry (shape 40x48x40" in row
+    assert "class='ood'" in row and "data-ood='1'" in row and ">YES: geometry, intensity</td>" in row
+    assert "title='out of distribution: geometry (shape 40x48x40" in row
     assert "<th title='sort'>out of distribution</th>" in html and "Out of distribution (unlike the training" in html
     if CHROMIUM:  # the page as a user sees it (pitfalls.md: headless Chromium with SwiftShader)
         png = tmp_path / "ood_review.png"
