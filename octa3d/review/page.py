@@ -298,6 +298,7 @@ def write_explain_review(folder: Path, info: dict[str, Any], result: dict[str, A
         row = {"id": result["subject"], "label": None, "prediction": result["prediction"],
                "probs": [float(probs[c]) for c in classes], "correct": None,
                "cam_status": result.get("status", "none"), "stem": result.get("file_stem")}
+        _ood_row(row, result)
         metrics = {"model": result.get("model"), "cam": result.get("cam")}
         return write_page(folder / "review", info, metrics, [row], classes, folder)
     except (OSError, ValueError, KeyError, RuntimeError) as err:

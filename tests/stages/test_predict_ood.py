@@ -136,3 +136,13 @@ def test_a_fold_ensemble_votes_by_majority(trained, tmp_path):
     assert len(model.ood) == 3
     table = model.predict([trained / "cohort" / "shifted.nii.gz"])
     assert bool(table.loc[0, "ood"]) and "[3/3 folds]" in table.loc[0, "ood_reason"]
+
+
+def test_explain_reports_the_check_for_its_one_scan(trained, run_cli):
+    res = run_cli(["--mode", "explain", *_base(trained), "--input", trained / "cohort" / "shifted.nii.gz",
+                   "--cam", "none"])
+    assert res.rc == 0, res.err
+    (doc,) = [json.loads(p.read_text(encoding="utf-8"))
+              for p in (trained / "runs" / "e" / "explain").glob("*/prediction.json")]
+    assert doc["ood"] is True and doc["uncertain"] is True and doc["ood_reason"].startswith("geometry")
+    assert "out of distribution (unlike the training scans" in res.out
