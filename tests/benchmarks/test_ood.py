@@ -1,5 +1,6 @@
 """``benchmarks/ood.py --quick``: a well-formed result; on a 1-epoch model the feature scores say little, but the
-geometry and intensity checks do not depend on training: the drifted and the resized cohorts are flagged."""
+geometry and intensity checks do not depend on training: the gain/offset-changed and the resized cohorts are
+flagged."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def test_quick_ood_result_is_well_formed(tmp_path):
     assert json.loads(out.read_text(encoding="utf-8")) == json.loads(json.dumps(res))
     assert res["benchmark"] == "ood" and res["quick"] is True
     by_name = {f["name"]: f for f in res["figures"]}
-    for shift in ("drift", "shape-48x64x48"):
+    for shift in ("gain-offset", "shape-48x64x48"):
         for score in ood.SCORES:
             assert 0 <= by_name[f"{shift}: OOD AUROC {score}"]["value"] <= 1
         assert by_name[f"{shift}: share flagged ood"]["value"] == 1.0
