@@ -24,3 +24,4 @@ def test_quick_ood_result_is_well_formed(tmp_path):
     assert far["target"] == "<= 0.05" and 0 <= far["value"] <= 1
     assert by_name["cost: check seconds / predict seconds"]["target"] == "<= 0.1"
     assert len(res["runs"]["in_distribution"]["fresh"]["flag"]) == 6
+    assert res["runs"]["default_rule_reproduced"] is True  # the alternatives are computed the pipeline's way
