@@ -196,17 +196,44 @@ def _flags(ref: dict[str, Any], sc: dict[str, np.ndarray], rate: float, features
     return (sc["geometry"] > 1) | (sc["intensity_raw"] > t_int) | (sc["mahalanobis"] > t_feat)
 
 
-def _predict_seconds(manifest: Path, common: list[str], checkpoint: Path, repeat: int) -> tuple[float, float]:
-    """Best-of-``repeat`` seconds per subject of ``--mode predict --cam none`` and the check's share of them."""
-    best, share = float("inf"), float("nan")
+def _predict_seconds(manifest: Path, common: list[str], checkpoints: dict[str, Path], repeat: int
+                     ) -> dict[str, tuple[float, float]]:
+    """Best-of-``repeat`` seconds per subject of ``--mode predict --cam none`` with each checkpoint, and the check's
+    share of them; the checkpoints take turns (a burst of load on the shared machine hits both)."""
+    best = {k: (float("inf"), float("nan")) for k in checkpoints}
     for _ in range(repeat):
-        with contextlib.redirect_stdout(io.StringIO()):  # the stage's closing lines: the table is this output
-            s = run_stage([*common, "--mode", "predict", "--input", str(manifest), "--cam", "none", "--overwrite",
-                           "--checkpoint", str(checkpoint), "--device", "cpu"])
-        if s["seconds_per_subject"] < best:
-            best = s["seconds_per_subject"]
-            share = (s["ood"].get("seconds", 0.0) / s["seconds"]) if s["seconds"] else float("nan")
-    return best, share
+        for name, path in checkpoints.items():
+            with contextlib.redirect_stdout(io.StringIO()):  # the stage's closing lines: the table is this output
+                s = run_stage([*common, "--mode", "predict", "--input", str(manifest), "--cam", "none",
+                               "--overwrite", "--checkpoint", str(path), "--device", "cpu"])
+            if s["seconds_per_subject"] < best[name][0]:
+                share = (s["ood"].get("seconds", 0.0) / s["seconds"]) if s["seconds"] else float("nan")
+                best[name] = (s["seconds_per_subject"], share)
+    return best
+
+
+def _forward_seconds(predictor: Any, subjects: list[Any], repeat: int) -> tuple[float, float]:
+    """Best-of-``repeat`` seconds of the forward passes over ``subjects`` (one at a time, as predict runs them):
+    plain logits vs logits and pooled features of the same pass, taking turns."""
+    import torch
+
+    from octa3d.evaluation import forward
+
+    m = predictor.models[0].model
+    xs = [torch.from_numpy(np.ascontiguousarray(predictor.prepare(s).samples, np.float32)) for s in subjects]
+    plain, feats = float("inf"), float("inf")
+    with torch.no_grad():
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for x in xs:
+                forward.logits(m, x, predictor.precision).cpu()
+            plain = min(plain, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for x in xs:
+                out, f = forward.logits_and_features(m, x, predictor.precision)
+                out.cpu(), f.cpu().numpy()
+            feats = min(feats, time.perf_counter() - t0)
+    return plain, feats
 
 
 def main(args: list[str] | None = None) -> dict:
@@ -306,12 +333,17 @@ def main(args: list[str] | None = None) -> dict:
     ck.pop("ood_reference")
     torch.save(ck, noref)
     repeat = 1 if q else 3
-    with_s, share = _predict_seconds(fresh, common, predictor.models[0].path, repeat)
-    without_s, _ = _predict_seconds(fresh, common, noref, repeat)
+    secs = _predict_seconds(fresh, common, {"with": predictor.models[0].path, "without": noref}, repeat)
+    (with_s, share), (without_s, _) = secs["with"], secs["without"]
+    plain_f, feat_f = _forward_seconds(predictor, predictor.subjects(fresh), 2 if q else 5)
     figures += [Figure("cost: check seconds / predict seconds", share, "", target="<= 0.1",
                        note=f"--mode predict --cam none over {n_fresh} eyes, {with_s:.4f} s per subject"),
+                Figure("cost: forward with pooled features / plain forward", feat_f / plain_f, "x",
+                       note=f"the same {n_fresh} preprocessed eyes one at a time, {feat_f:.3f} vs {plain_f:.3f} s "
+                            f"(best of {2 if q else 5}, taking turns)"),
                 Figure("cost: predict time with / without the reference", with_s / without_s, "x",
-                       note=f"{with_s:.4f} vs {without_s:.4f} s per subject (best of {repeat}; noisy shared machine)"),
+                       note=f"{with_s:.4f} vs {without_s:.4f} s per subject (best of {repeat}, taking turns; noisy "
+                            "shared machine)"),
                 Figure("training: reference fit / train stage time", fit_s / train_s, "",
                        note=f"{fit_s:.1f} s of {train_s:.1f} s (one more pass over the training eyes + fits)")]
     setup = {"eyes": n_train, "shape": list(shape), "input_size": size, "model": "cnn", "classes": list(CLASSES),

@@ -192,6 +192,8 @@ def summary_line(block: dict[str, Any]) -> str | None:
     if not block.get("available"):
         return None
     why = ", ".join(f"{k} {v}" for k, v in block["by_reason"].items() if v)
+    few = block["false_alarm_guaranteed"] > block["false_alarm"] + 1e-9
     return (f"  out of distribution: {block['n_flagged']} of {block['n_checked']}" + (f" ({why})" if why else "")
-            + f"; threshold for {100 * block['false_alarm']:.0f} % false alarms on in-distribution eyes "
-            "(column ood_reason says why; they are predicted anyway, and marked uncertain)")
+            + f"; threshold for {100 * block['false_alarm']:.0f} % false alarms on in-distribution eyes"
+            + (f" (too few reference eyes for that: {100 * block['false_alarm_guaranteed']:.0f} % holds)" if few else "")
+            + " (column ood_reason says why; they are predicted anyway, and marked uncertain)")
