@@ -27,7 +27,7 @@ log = logging.getLogger("octa3d.bench")
 REPO = Path(__file__).resolve().parent.parent
 #: Benchmark modules in the order they run (cheap and independent first).
 BENCHMARKS = ("data_pipeline", "vendor_read", "train_step", "gradcam", "cam_quality", "explain_fullsize", "recipe",
-              "calibration", "predict", "compress_bench", "ae_transfer", "mae_transfer", "study")
+              "calibration", "predict", "ood", "compress_bench", "ae_transfer", "mae_transfer", "study")
 
 
 def run_one(name: str, quick: bool, work: Path) -> dict:

@@ -231,6 +231,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--bootstrap must be >= 0")
     if cfg.eval.tta < 0 or cfg.eval.mc_dropout < 0:
         raise ConfigError(f"--tta {cfg.eval.tta} / --mc-dropout {cfg.eval.mc_dropout}: passes must be >= 0 (0 = off)")
+    if not 0 < cfg.eval.ood_false_alarm < 1:
+        raise ConfigError(f"--ood-false-alarm {cfg.eval.ood_false_alarm}: must be between 0 and 1 (e.g. 0.05)")
     if cfg.synth.n_subjects < 1:
         raise ConfigError("--n-subjects must be >= 1")
     if len(cfg.synth.shape) != 3 or any(s < 8 for s in cfg.synth.shape):

@@ -216,6 +216,9 @@ class EvalConfig:
                       "from --seed) that give the per-eye spread p_sd of P(positive); 0 = off.")
     mc_dropout: int = opt(0, "MC-dropout passes per model (dropout sampling, BatchNorm in eval) that give the "
                              "per-eye spread p_sd; needs a model with dropout layers; 0 = off.")
+    ood_false_alarm: float = opt(0.05, "Out-of-distribution flag (--mode predict, test, the API): share of "
+                                       "in-distribution eyes allowed to be flagged; the thresholds come from the "
+                                       "checkpoint's validation and cross-fitted training subjects.")
 
 
 @dataclass

@@ -13,15 +13,17 @@ float16 storage of the preprocessing cache, so a subject gets the probabilities 
 Probabilities are temperature-scaled per model (each checkpoint's ``temperature``,
 :mod:`octa3d.evaluation.calibration`) before a fold ensemble averages them; ``calibrate=False`` reports the raw
 softmax. Every prediction also carries the raw probabilities,
-the entropy, the ``uncertain`` flag (entropy above the validation threshold) and, for binary models, ``p_sd``.
+the entropy, the ``uncertain`` flag (entropy above the validation threshold, or out of distribution), for binary
+models ``p_sd``, and the out-of-distribution check (``ood_score``, ``ood``, ``ood_reason``:
+:mod:`octa3d.evaluation.ood_check`; features from the prediction's own forward pass).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +39,12 @@ from octa3d.data.labels import normalise_label
 from octa3d.data.presets import build_preset
 from octa3d.data.sources import discover_input
 from octa3d.data.subject import Geometry, Subject
+from octa3d.deploy.prediction import Explanation, Prediction, Prepared
 from octa3d.errors import ConfigError, DataError
 from octa3d.evaluation import forward
 from octa3d.evaluation.calibration import apply_temperature, entropy
 from octa3d.evaluation.evaluate import models_for_evaluation
+from octa3d.evaluation.ood_check import PREDATES, checks_of, vote
 from octa3d.training.precision import Precision
 from octa3d.utils import dist
 from octa3d.utils.io import unique_names
@@ -51,70 +55,6 @@ __all__ = ["Explanation", "Prediction", "Predictor", "load"]
 
 #: Patches per forward pass (2D patch grids): bounds memory, not results.
 PATCH_BATCH = 32
-
-
-@dataclass
-class Prediction:
-    """One subject's prediction.
-
-    Attributes:
-        subject: the subject ID.
-        probs: ``(K,)`` reported probabilities (calibrated unless ``calibrated`` is False).
-        raw: ``(K,)`` uncalibrated softmax (mean over patches and ensemble members).
-        prediction: the predicted class name.
-        entropy: predictive entropy of ``probs`` in nats.
-        uncertain: entropy above the validation threshold; None when the checkpoint has no threshold.
-        calibrated: whether ``probs`` are temperature-scaled.
-        label: the subject's label when the input says it (manifest column, class folder, label table).
-        p_sd: binary models: sd of P(positive) over the ``--tta``/``--mc-dropout`` passes, else over a fold
-            ensemble's members (as ``--mode test``); None without either.
-    """
-
-    subject: str
-    probs: np.ndarray
-    raw: np.ndarray
-    prediction: str
-    entropy: float
-    uncertain: bool | None
-    calibrated: bool
-    label: str | None = None
-    p_sd: float | None = None
-
-    def row(self, classes: list[str]) -> dict[str, Any]:
-        """A ``predictions.csv`` row: subject, label, ``p_<class>``, ``p_raw_<class>``, prediction, entropy,
-        uncertain (empty when unknown), correct (empty without a label of the model's classes)."""
-        out: dict[str, Any] = {"subject": self.subject, "label": self.label or ""}
-        out.update({f"p_{c}": round(float(p), 6) for c, p in zip(classes, self.probs)})
-        out.update({f"p_raw_{c}": round(float(p), 6) for c, p in zip(classes, self.raw)})
-        known = self.label is not None and self.label in classes
-        out.update(prediction=self.prediction, entropy=round(self.entropy, 6),
-                   uncertain="" if self.uncertain is None else bool(self.uncertain),
-                   correct=(self.label == self.prediction) if known else "")
-        if self.p_sd is not None:
-            out["p_sd"] = round(self.p_sd, 6)
-        return out
-
-
-@dataclass
-class Prepared:
-    """A preprocessed subject: network inputs ``(P, C, *input_shape)`` float32 and the preprocessing record."""
-
-    subject: Subject
-    samples: np.ndarray
-    record: Any
-
-
-@dataclass
-class Explanation:
-    """A prediction and its evidence map: ``cam`` in the source geometry (when no ``out_dir`` was given), else the
-    ``files`` written (``cam``, ``input*``, ``review``) with the map's ``status``; ``report``: the exporter's
-    summary of the subject (peak, localisation where a lesion mask exists)."""
-
-    prediction: Prediction
-    cam: np.ndarray | None = None
-    status: str = ""
-    files: dict[str, str] = field(default_factory=dict)
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 class Predictor:
@@ -139,6 +79,12 @@ class Predictor:
         self.threshold = entropy_threshold_of(models, self.calibrated)
         self.preset = build_preset(cfg)
         self.precision = Precision.for_device(device, cfg.train.amp)
+        #: one out-of-distribution check per model; None: a model without the training reference
+        self.ood = checks_of([m.record for m in models], cfg.eval.ood_false_alarm)
+        if self.ood is None:
+            log.info(PREDATES)
+        #: seconds spent scoring the check (the features come from the prediction's pass): its cost
+        self.ood_seconds = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> Predictor:
@@ -192,12 +138,15 @@ class Predictor:
     # ------------------------------------------------------------------------------------------------ predicting
     @torch.no_grad()
     def forward(self, samples: np.ndarray | torch.Tensor, mc_pass: tuple[int, int] | None = None,
-                subject: str = "", patches: list[int] | None = None) -> dict[str, np.ndarray]:
+                subject: str = "", patches: list[int] | None = None,
+                features: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """Raw softmax ``(K,)`` of each model for one subject's samples (mean over its patches).
 
         Args:
             mc_pass: ``(seed, k)``: MC-dropout pass ``k`` (dropout layers sample, with the masks of
                 :func:`octa3d.evaluation.forward.mc_seed` for ``subject`` and each of ``patches``).
+            features: filled with model name -> pooled features ``(F,)`` of this pass (mean over the patches;
+                models with ``forward_features``, plain passes only).
         """
         out: dict[str, np.ndarray] = {}
         x_all = torch.as_tensor(np.ascontiguousarray(samples, np.float32))
@@ -206,17 +155,24 @@ class Predictor:
                 raise ValueError("forward(mc_pass=...) needs the samples' patch indices")
             patches = [-1] * len(x_all)
         for m in self.models:
-            parts = []
+            parts, feats = [], []
             forward.sample_dropout(m.model, mc_pass is not None)
             try:
                 for i in range(0, len(x_all), PATCH_BATCH):
                     x = x_all[i:i + PATCH_BATCH].to(self.device)
                     chunk = patches[i:i + PATCH_BATCH]
-                    logits = forward.logits(m.model, x, self.precision, mc_pass, [subject] * len(chunk), chunk)
+                    if features is not None and mc_pass is None:
+                        logits, f = forward.logits_and_features(m.model, x, self.precision)
+                        if f is not None:
+                            feats.append(f.cpu().numpy().astype(np.float64))
+                    else:
+                        logits = forward.logits(m.model, x, self.precision, mc_pass, [subject] * len(chunk), chunk)
                     parts.append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
             finally:
                 m.model.eval()
             out[m.name] = np.concatenate(parts).mean(axis=0)
+            if feats:
+                features[m.name] = np.concatenate(feats).mean(axis=0)
         return out
 
     def spread(self, prepared: Prepared, per_model: dict[str, np.ndarray]) -> float | None:
@@ -260,11 +216,21 @@ class Predictor:
                           None if self.threshold is None else e > self.threshold, self.calibrated, label)
 
     def predict_prepared(self, prepared: Prepared) -> Prediction:
-        """The prediction of one preprocessed subject."""
+        """The prediction of one preprocessed subject, with its out-of-distribution check."""
         s = prepared.subject
-        per_model = self.forward(prepared.samples)
+        feats: dict[str, np.ndarray] = {}
+        per_model = self.forward(prepared.samples, features=feats)
         pred = self.combine(s.id, per_model, _label(s, self.classes))
         pred.p_sd = self.spread(prepared, per_model)
+        if self.ood is not None:
+            t0 = time.perf_counter()
+            # an array input has no spacing (unit spacing is assumed): its shape is checked, not its spacing
+            res = vote([c.check(prepared.record, feats.get(m.name), spacing_known=bool(s.paths))
+                        for c, m in zip(self.ood, self.models)])
+            pred.ood_score, pred.ood, pred.ood_reason = res.score, res.flagged, res.reason
+            if res.flagged:
+                pred.uncertain = True  # nothing is refused: the flag travels with the prediction
+            self.ood_seconds += time.perf_counter() - t0
         return pred
 
     def iter_inputs(self, x: Any) -> Iterator[tuple[Subject, np.ndarray | None]]:

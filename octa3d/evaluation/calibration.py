@@ -301,9 +301,10 @@ def entropy_threshold(entropies: Any, coverage: float = UNCERTAIN_COVERAGE) -> f
     return float(e[max(1, int(math.ceil(coverage * len(e) - 1e-9))) - 1])
 
 
-def uncertainty_report(y_true: Any, probs: Any, entropies: Any, threshold: float | None) -> dict[str, Any]:
-    """Share of eyes flagged (entropy > ``threshold``) and the error rate of flagged vs unflagged eyes (NaN where
-    a group is empty), plus the AURC with entropy as the confidence ranking."""
+def uncertainty_report(y_true: Any, probs: Any, entropies: Any, threshold: float | None,
+                       also: Any = None) -> dict[str, Any]:
+    """Share of eyes flagged (entropy > ``threshold``, or ``also``: e.g. out of distribution) and the error rate of
+    flagged vs unflagged eyes (NaN where a group is empty), plus the AURC with entropy as the confidence ranking."""
     y, p = _as_arrays(y_true, probs)
     e = np.asarray(entropies, dtype=np.float64)
     wrong = p.argmax(axis=1) != y if len(y) else np.zeros(0, bool)
@@ -312,6 +313,8 @@ def uncertainty_report(y_true: Any, probs: Any, entropies: Any, threshold: float
     if threshold is None:
         return {**out, "threshold": None, "n_flagged": None, "share_flagged": None}
     flag = e > threshold
+    if also is not None:
+        flag = flag | np.asarray(also, dtype=bool)
     rate = (lambda m: float(wrong[m].mean()) if m.any() else math.nan)
     return {**out, "threshold": float(threshold), "n_flagged": int(flag.sum()),
             "share_flagged": float(flag.mean()) if len(e) else math.nan,

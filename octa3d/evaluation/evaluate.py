@@ -28,6 +28,7 @@ from octa3d.data.augment import tta_augment
 from octa3d.evaluation import forward
 from octa3d.evaluation.calibration import (UNCERTAIN_COVERAGE, apply_temperature, calibration_scores, entropy, nll,
                                            uncertainty_report)
+from octa3d.evaluation.ood_check import PREDATES, check_subjects, checks_of, summary_block
 from octa3d.evaluation.metrics import bootstrap_ci, chance_report, evaluation_metrics, resampling_units
 from octa3d.evaluation.outputs import cam_scalars, write_outputs
 from octa3d.training.precision import Precision
@@ -65,15 +66,18 @@ def models_for_evaluation(cfg: Config, settings_from: Config | None = None,
     return models, ref, ecfg
 
 
-def predict_all(models: Models, loader: Any, precision: Precision, **kw: Any
+def predict_all(models: Models, loader: Any, precision: Precision,
+                features: dict[str, dict[str, np.ndarray]] | None = None, **kw: Any
                 ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
     """Subject-level probabilities per model, aligned on the first model's subject order (``kw``: TTA / MC dropout
-    options of :func:`forward.predict`)."""
+    options of :func:`forward.predict`; ``features``: filled with model name -> subject -> pooled features of the
+    same pass)."""
     ids: list[str] = []
     y = np.zeros(0, int)
     per: dict[str, np.ndarray] = {}
     for m in models:
-        sids, labels, probs, _ = forward.predict(m.model, loader, precision, **kw)
+        feats = features.setdefault(m.name, {}) if features is not None else None
+        sids, labels, probs, _ = forward.predict(m.model, loader, precision, features=feats, **kw)
         if not ids:
             ids, y = list(sids), np.asarray(labels)
         order = {s: i for i, s in enumerate(sids)}
@@ -110,18 +114,21 @@ def spread(ecfg: Config, seed: int, models: Models, loader: Any, precision: Prec
 
 
 def uncertainty_block(models: Models, y: np.ndarray, probs: np.ndarray, applied: bool, p_sd: np.ndarray | None,
-                      source: str | None, ecfg: Config) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                      source: str | None, ecfg: Config, ood: np.ndarray | None = None
+                      ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """metrics.json ``uncertainty`` and predictions.csv's ``entropy``, ``p_sd``, ``uncertain``: the threshold is the
-    checkpoints' validation one (mean over folds; raw under ``--no-calibrate``; none in old checkpoints: no flag)."""
+    checkpoints' validation one (mean over folds; raw under ``--no-calibrate``; none in old checkpoints: no flag);
+    an eye flagged out of distribution (``ood``) is uncertain as well."""
     thr = entropy_threshold_of(models, applied)
     e = entropy(probs)
-    block = uncertainty_report(y, probs, e, thr)
+    block = uncertainty_report(y, probs, e, thr, ood)
     block.update(coverage=models[0].record.get("uncertainty_coverage", UNCERTAIN_COVERAGE), entropy_unit="nats",
                  threshold_from="validation split of each fold (train stage)" if thr is not None else None,
                  p_sd_source=source, p_sd_mean=float(np.mean(p_sd)) if p_sd is not None else None,
                  tta=ecfg.eval.tta, mc_dropout=ecfg.eval.mc_dropout)
     cols = {"entropy": np.round(e, 6), **({"p_sd": np.round(p_sd, 6)} if p_sd is not None else {})}
-    return block, {**cols, **({"uncertain": e > thr} if thr is not None else {})}
+    flag = (e > thr) | (ood if ood is not None else False) if thr is not None else None
+    return block, {**cols, **({"uncertain": flag} if flag is not None else {})}
 
 
 def calibration_block(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, temps: dict[str, float | None],
@@ -188,7 +195,8 @@ def evaluate(ecfg: Config, out: Path, models: Models, ref: dict[str, Any], handl
     """
     loader = handler.loader(subjects, train=False, batch_size=ecfg.train.batch_size)
     precision = Precision.for_device(device, ecfg.train.amp)
-    ids, y, raw_per = predict_all(models, loader, precision)
+    feats: dict[str, dict[str, np.ndarray]] = {}
+    ids, y, raw_per = predict_all(models, loader, precision, features=feats)
     temps = temperatures(models)
     # each member is calibrated with its own fold's temperature before the ensemble averages
     cal_per = {n: apply_temperature(p, temps[n]) for n, p in raw_per.items()}
@@ -203,7 +211,16 @@ def evaluate(ecfg: Config, out: Path, models: Models, ref: dict[str, Any], handl
     raw_cols = raw if applied else None
     p_sd, source = (spread(ecfg, seed, models, loader, precision, ids, per_model, temps, applied)
                     if len(names) == 2 else (None, None))
-    metrics["uncertainty"], extra = uncertainty_block(models, y, probs, applied, p_sd, source, ecfg)
+    checks = checks_of([m.record for m in models], ecfg.eval.ood_false_alarm)
+    ood = check_subjects(checks, [m.name for m in models], ids, handler.record, feats) if checks else []
+    flags = np.array([r.flagged for r in ood], bool) if checks else None
+    metrics["uncertainty"], extra = uncertainty_block(models, y, probs, applied, p_sd, source, ecfg, flags)
+    if checks is None:
+        log.info(PREDATES)
+    metrics["ood"] = summary_block(checks, [r.flagged for r in ood], [r.reason for r in ood])
+    none = [""] * len(ids)  # a model that predates the check: empty columns
+    extra.update(ood_score=[round(r.score, 4) for r in ood] if checks else none,
+                 ood=[r.flagged for r in ood] if checks else none, ood_reason=[r.reason for r in ood] if checks else none)
     tb = tensorboard_writer(out / "tensorboard")
     cam_status = None
     if ecfg.eval.cam != "none" and dist.is_main():

@@ -1,5 +1,6 @@
-"""Forward passes over labelled loaders: subject-level probabilities (with test-time augmentation or MC dropout)
-and reconstruction error; the ``--tta``/``--mc-dropout`` option check shared by test, predict and the API."""
+"""Forward passes over labelled loaders: subject-level probabilities (with test-time augmentation or MC dropout),
+the pooled encoder features of the same pass (the out-of-distribution check's input) and reconstruction error;
+the ``--tta``/``--mc-dropout`` option check shared by test, predict and the API."""
 
 from __future__ import annotations
 
@@ -76,10 +77,40 @@ def logits(model: torch.nn.Module, x: torch.Tensor, precision: Precision, mc_pas
         return torch.cat(out).float()
 
 
+def has_features(model: torch.nn.Module) -> bool:
+    """Whether ``model`` exposes the encoder/head split (registered networks do; TorchScript, ONNX and int8 exports
+    do not): its pooled features can come from the prediction's own forward pass."""
+    return (not isinstance(model, torch.jit.ScriptModule) and callable(getattr(model, "forward_features", None))
+            and callable(getattr(model, "forward_head", None)))
+
+
+def pool_features(f: torch.Tensor) -> torch.Tensor:
+    """The penultimate representation ``(B, F)`` of an encoder output: the global mean of a ``(B, C, *spatial)`` map;
+    the class token of a ViT's ``(B, tokens, hidden)`` (what its head reads)."""
+    if f.ndim == 2:
+        return f
+    if f.ndim == 3:
+        return f[:, 0]
+    return f.flatten(2).mean(dim=2)
+
+
+def logits_and_features(model: torch.nn.Module, x: torch.Tensor, precision: Precision
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 logits and pooled features ``(B, F)`` of one forward pass (``forward_head(forward_features(x))``,
+    which is ``model(x)`` for every registered network); features None for models without the split."""
+    if not has_features(model):
+        return logits(model, x, precision), None
+    with precision.autocast():
+        f = model.forward_features(x)
+        out = model.forward_head(f)
+    return out.float(), pool_features(f).float()
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: Any = None,
             augment: Callable[[torch.Tensor, list[str], list[int]], torch.Tensor] | None = None,
-            mc_pass: tuple[int, int] | None = None) -> tuple[list[str], np.ndarray, np.ndarray, float]:
+            mc_pass: tuple[int, int] | None = None, features: dict[str, np.ndarray] | None = None
+            ) -> tuple[list[str], np.ndarray, np.ndarray, float]:
     """Subject-level probabilities over a loader, merged across DDP ranks (each subject once).
 
     Args:
@@ -87,12 +118,15 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
             the batch goes to the device.
         mc_pass: ``(seed, k)``: MC-dropout pass ``k`` — dropout modules sample (train mode) while everything else,
             BatchNorm included, stays in eval; masks as :func:`logits` draws them.
+        features: filled with subject ID -> pooled features ``(F,)`` of the same pass (mean over a subject's
+            patches) when given; left empty for models without ``forward_features`` (plain passes only).
 
     Returns:
         (subject IDs, labels (N,), probabilities (N, K), mean loss).
     """
     sample_dropout(model, mc_pass is not None)
-    rows: dict[tuple[str, int], tuple[int, np.ndarray, float]] = {}
+    want = features is not None and mc_pass is None and has_features(model)
+    rows: dict[tuple[str, int], tuple[int, np.ndarray, float, np.ndarray | None]] = {}
     try:
         for batch in progress(loader, desc="val", unit="batch"):
             x, subjects, patches = batch["image"], list(batch["subject"]), batch["patch"].tolist()
@@ -100,14 +134,18 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
                 x = augment(x, subjects, patches)
             x = x.to(precision.device, non_blocking=True)
             y = batch["label"].to(precision.device)
-            out = logits(model, x, precision, mc_pass, subjects, patches)
+            if want:
+                out, f = logits_and_features(model, x, precision)
+                feats = f.cpu().numpy()
+            else:
+                out, feats = logits(model, x, precision, mc_pass, subjects, patches), [None] * len(y)
             losses = (loss_fn(out, y) if loss_fn is not None else torch.zeros(len(y))).tolist()
             probs = torch.softmax(out, dim=1).cpu().numpy()
-            for sid, patch, lab, p, ls in zip(subjects, patches, y.tolist(), probs, losses):
-                rows[(sid, int(patch))] = (int(lab), p, float(ls))
+            for sid, patch, lab, p, ls, fv in zip(subjects, patches, y.tolist(), probs, losses, feats):
+                rows[(sid, int(patch))] = (int(lab), p, float(ls), fv)
     finally:
         model.eval()  # MC dropout: leave no module sampling behind
-    merged: dict[tuple[str, int], tuple[int, np.ndarray, float]] = {}
+    merged: dict[tuple[str, int], tuple[int, np.ndarray, float, np.ndarray | None]] = {}
     for part in dist.gather_objects(rows):
         merged.update(part)  # DistributedSampler pads with repeats: keyed merge keeps each sample once
     keys = sorted(merged)
@@ -116,6 +154,9 @@ def predict(model: torch.nn.Module, loader: Any, precision: Precision, loss_fn: 
     label_of = {k[0]: merged[k][0] for k in keys}
     mean_loss = float(np.mean([merged[k][2] for k in keys])) if keys else math.nan
     ids, agg = aggregate_patches(sids, probs)
+    if want and keys:
+        fids, fagg = aggregate_patches(sids, np.stack([merged[k][3] for k in keys]))
+        features.update(zip(fids, np.asarray(fagg)))
     return list(ids), np.array([label_of[i] for i in ids]), np.asarray(agg), mean_loss
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from octa3d.cam import score_lines
 from octa3d.evaluation.calibration import reliability_bins, risk_coverage
 from octa3d.evaluation.figures import confusion_figure, coverage_figure, reliability_figure, roc_figure, save_figure
+from octa3d.evaluation.ood_check import summary_line
 from octa3d.evaluation.metrics import CI_METRICS, chance_lines, format_metric, predictions_frame, summary_lines
 from octa3d.utils.io import atomic_write_csv
 
@@ -113,6 +114,8 @@ def print_summary(exp: str, m: dict[str, Any], out: Path, n: int, title: str | N
     lines += chance_lines(m)
     lines += calibration_summary(m.get("calibration") or {})
     lines += uncertainty_summary(m.get("uncertainty") or {})
+    ood_line = summary_line(m.get("ood") or {})
+    lines += [ood_line] if ood_line else []
     for name, fm in (m.get("folds") or {}).items():
         lines.append(f"  {name}: balanced accuracy {format_metric(fm, 'balanced_accuracy')}, AUC "
                      f"{format_metric(fm, 'auc')}")
@@ -149,6 +152,7 @@ def uncertainty_summary(u: dict[str, Any]) -> list[str]:
     if u.get("threshold") is None:
         return [f"  uncertainty: mean entropy {u['entropy_mean']:.3f} nats; no `uncertain` flag (the checkpoint has "
                 f"no validation entropy threshold: re-run --mode train){sd}"]
-    return [f"  uncertain (entropy > {u['threshold']:.3f}, {100 * u['coverage']:.0f} % of validation eyes below): "
+    return [f"  uncertain (entropy > {u['threshold']:.3f}, {100 * u['coverage']:.0f} % of validation eyes below; or out "
+            "of distribution): "
             f"{u['n_flagged']} eyes ({100 * u['share_flagged']:.0f} %); error rate flagged "
             f"{u['error_rate_flagged']:.3f} vs unflagged {u['error_rate_unflagged']:.3f}{sd}"]

@@ -80,6 +80,27 @@ def _cam_scores(metrics: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _ood_summary(block: dict[str, Any]) -> str:
+    """One paragraph on the out-of-distribution check: how many scans were flagged and for what."""
+    if not block:
+        return ""
+    if not block.get("available"):
+        return f"<p class='ood-note'>Out-of-distribution check: none ({e(str(block.get('note', '')))}).</p>"
+    why = ", ".join(f"{k} {v}" for k, v in (block.get("by_reason") or {}).items() if v)
+    return (f"<p class='ood-note'><span class='ood-key'>&nbsp;</span> Out of distribution (unlike the training "
+            f"scans): {e(str(block.get('n_flagged')))} of {e(str(block.get('n_checked')))}"
+            + (f" ({e(why)})" if why else "") + f"; threshold for {100 * float(block.get('false_alarm', 0)):.0f} % "
+            "false alarms on in-distribution eyes. Flagged scans are shaded; they are predicted anyway and marked "
+            "uncertain: check them (scanner, protocol, field of view) before trusting the prediction.</p>")
+
+
+def _ood_row(row: dict[str, Any], rec: dict[str, Any]) -> None:
+    """The ``ood``/``ood_reason`` of a predictions.csv record into a page row (nothing when the check is empty)."""
+    if str(rec.get("ood", "")) in ("True", "False"):
+        row["ood"] = str(rec["ood"]) == "True"
+        row["ood_reason"] = str(rec.get("ood_reason") or "")
+
+
 def _table(rows: list[dict[str, Any]], classes: list[str]) -> str:
     head = ["ID", "true", "predicted", *[f"p({c})" for c in classes], "correct", "map"]
     extra = any("uncertainty" in r for r in rows)
@@ -88,6 +109,9 @@ def _table(rows: list[dict[str, Any]], classes: list[str]) -> str:
     seen = any("seen" in r for r in rows)  # predict: the scan trained/validated the model (optimistic)
     if seen:
         head.append("in training")
+    ood = any("ood" in r for r in rows)  # unlike the training scans: shaded, with the reason
+    if ood:
+        head.append("out of distribution")
     out = ["<table id='subjects'><thead><tr>" + "".join(f"<th title='sort'>{e(h)}</th>" for h in head)
            + "</tr></thead><tbody id='rows'>"]
     for i, r in enumerate(rows):
@@ -102,8 +126,16 @@ def _table(rows: list[dict[str, Any]], classes: list[str]) -> str:
             cells.append((f"{u:.3f}" if isinstance(u, float) else "\u2013", str(u)))
         if seen:
             cells.append(("YES" if r.get("seen") else "no", "1" if r.get("seen") else "0"))
-        cls = " class='error'" if correct is False else ""
-        out.append(f"<tr data-idx='{i}' data-correct='{'0' if correct is False else '1'}'{cls}>"
+        flagged = bool(r.get("ood"))
+        if ood:
+            # the checks that fired in the cell (rows stay one line); what lay outside in the row's tooltip
+            checks = ", ".join(x.split(" (", 1)[0] for x in (r.get("ood_reason") or "flagged").split("; "))
+            cells.append((f"YES: {checks}" if flagged else "no", "1" if flagged else "0"))
+        names = [n for n, on in (("error", correct is False), ("ood", flagged)) if on]
+        cls = f" class='{' '.join(names)}'" if names else ""
+        cls += f" title='out of distribution: {e(r.get('ood_reason') or '', quote=True)}'" if flagged else ""
+        out.append(f"<tr data-idx='{i}' data-correct='{'0' if correct is False else '1'}' "
+                   f"data-ood='{int(flagged)}'{cls}>"
                    + "".join(f"<td data-v=\"{e(str(v))}\">{e(str(t))}</td>" for t, v in cells) + "</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
@@ -121,13 +153,14 @@ def _render(info: dict[str, Any], metrics: dict[str, Any], rows: list[dict[str, 
     metrics_html = ("<table class='small'><tr><th>metric</th><th>value</th><th>95 % CI</th></tr>"
                     f"{metric_rows}</table>" if metric_rows else "")
     title = f"octa3d review \u2014 {info.get('experiment', '')}"
+    ood_html = _ood_summary(metrics.get("ood") or {})
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <link rel="stylesheet" href="review.css"></head>
 <body>
 <header><h1>{e(title)}</h1><dl>{dl}</dl></header>
-<section id="summary"><div>{metrics_html}{_cam_scores(metrics)}</div><div class="figs">{figs}</div></section>
+<section id="summary"><div>{metrics_html}{_cam_scores(metrics)}{ood_html}</div><div class="figs">{figs}</div></section>
 <main>
 <section id="list"><p><label><input type="checkbox" id="only-errors"> only errors</label>
 <span id="n-shown"></span> &middot; click a row to open it; <kbd>j</kbd>/<kbd>k</kbd> or arrows: next/previous;
@@ -178,7 +211,8 @@ def write_page(out: Path, info: dict[str, Any], metrics: dict[str, Any], rows: l
     subjects_js, sizes = [], 0
     for r in rows:
         s: dict[str, Any] = {"id": r["id"], "label": r.get("label"), "prediction": r["prediction"],
-                             "files": [], "sheet": None, "volumes": None, "has_map": False, "reason": ""}
+                             "files": [], "sheet": None, "volumes": None, "has_map": False, "reason": "",
+                             "ood": (r.get("ood_reason") or "flagged") if r.get("ood") else ""}
         stem, status = r.get("stem"), r["cam_status"]
         scans = sorted(cam_dir.glob(f"{stem}_input*.nii.gz")) if stem else []
         cam = cam_dir / f"{stem}_cam.nii.gz" if stem else None
@@ -233,6 +267,7 @@ def prediction_rows(folder: Path, classes: list[str], cam_dir: Path) -> list[dic
                "cam_status": status, "stem": stems.get(sid, safe_name(sid)) if has_cam else None}
         if "uncertainty" in rec:
             row["uncertainty"] = float(rec["uncertainty"])
+        _ood_row(row, rec)
         rows.append(row)
     return rows
 
@@ -263,6 +298,7 @@ def write_explain_review(folder: Path, info: dict[str, Any], result: dict[str, A
         row = {"id": result["subject"], "label": None, "prediction": result["prediction"],
                "probs": [float(probs[c]) for c in classes], "correct": None,
                "cam_status": result.get("status", "none"), "stem": result.get("file_stem")}
+        _ood_row(row, result)
         metrics = {"model": result.get("model"), "cam": result.get("cam")}
         return write_page(folder / "review", info, metrics, [row], classes, folder)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
@@ -289,8 +325,9 @@ def write_predict_review(folder: Path, info: dict[str, Any], summary: dict[str, 
                 row["uncertainty"] = float(rec["entropy"])
             if "training_overlap" in rec:
                 row["seen"] = bool(rec["training_overlap"])
+            _ood_row(row, rec)
             rows.append(row)
-        metrics = {"model": summary.get("model"), "cam": summary.get("cam")}
+        metrics = {"model": summary.get("model"), "cam": summary.get("cam"), "ood": summary.get("ood")}
         return write_page(folder / "review", info, metrics, rows, classes, folder / "cams")
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         log.warning("review page of %s not written: %s", folder, err)

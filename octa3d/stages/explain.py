@@ -4,8 +4,8 @@ The scan (a file in any supported format, a slice/DICOM folder, or an OCTA-500 s
 :func:`octa3d.data.sources.subject_from_path`) is preprocessed as the model was trained (settings from the
 checkpoint), predicted by the experiment's model or fold ensemble through the Python API
 (:class:`octa3d.deploy.api.Predictor`: calibrated probabilities unless ``--no-calibrate``, raw ones, entropy and
-the ``uncertain`` flag in ``prediction.json``), and its map exported in the source geometry by
-:class:`octa3d.cam.CamExporter`, into ``runs/<exp>/explain/<name>/`` with ``prediction.json``.
+the ``uncertain`` flag and the out-of-distribution check in ``prediction.json``), and its map exported in the
+source geometry by :class:`octa3d.cam.CamExporter`, into ``runs/<exp>/explain/<name>/`` with ``prediction.json``.
 
 ``<name>`` (:func:`output_name`) is unique per input and settings: ``<ID>[_<modality>]_<cam>_<hash>``, e.g.
 ``10001_OCTA_layercam_3f9a1c0e``, where the modality names the OCTA-500 folder read (``OCT``, ``OCTA``,
@@ -115,7 +115,8 @@ def run(cfg: Config) -> dict[str, Any]:
                                   "probabilities": {n: float(p) for n, p in zip(names, probs)},
                                   "probabilities_raw": {n: float(p) for n, p in zip(names, pred.raw)},
                                   "calibrated": pred.calibrated, "entropy": pred.entropy,
-                                  "uncertain": pred.uncertain,
+                                  "uncertain": pred.uncertain, "ood_score": pred.ood_score, "ood": pred.ood,
+                                  "ood_reason": pred.ood_reason,
                                   "checkpoints": predictor.checkpoints, "model": ref["model_name"],
                                   "model_format": "int8" if ref["is_quantized"] else ref["artifact_format"]}
         if prep.record.meta.get("scan"):  # a vendor export: what the file says and what was done to it
@@ -136,6 +137,9 @@ def run(cfg: Config) -> dict[str, Any]:
     print(f"{subject.id} ({cfg.eval.input}): predicted {pred} ("
           + ", ".join(f"p({n}) = {p:.3f}" for n, p in zip(names, probs)) + f") by {ref['model_name']} "
           f"[{', '.join(str(m.path) for m in models)}]")
+    if result["ood"]:
+        print(f"  out of distribution (unlike the training scans; predicted anyway, marked uncertain): "
+              f"{result['ood_reason']}")
     files = ["prediction.json"] + [Path(f).name for f in result.get("files", {}).values()]
     print(f"Files in {out}/: {', '.join(files)}" + (", review/index.html (open it in a browser)" if page else ""))
     return result

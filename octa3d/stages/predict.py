@@ -12,8 +12,10 @@ resolved input path, the checkpoint file(s), the map settings, ``--no-calibrate`
 same command again uses the same folder, another input or other settings another one):
 
 * ``predictions.csv``: subject, label (when known), ``p_<class>`` (calibrated), ``p_raw_<class>``, prediction,
-  entropy, uncertain, p_sd (binary: ``--tta``/``--mc-dropout``/fold ensemble), correct (when labelled), cam_status,
-  training_overlap (why the scan is not new to the model);
+  entropy, uncertain (entropy above the validation threshold, or out of distribution), ood_score, ood, ood_reason
+  (the out-of-distribution check, :mod:`octa3d.evaluation.ood_check`; empty for a model that predates it), p_sd
+  (binary: ``--tta``/``--mc-dropout``/fold ensemble), correct (when labelled), cam_status, training_overlap (why
+  the scan is not new to the model);
 * ``skipped.csv``: subjects whose scan could not be read, with the reason (the run goes on without them);
 * ``cams/`` (as in ``--mode test``), ``summary.json``, ``review/index.html``;
 * ``subjects/<stem>.json``: one per finished subject, written last (atomically) once its map files exist (with
@@ -47,6 +49,7 @@ from octa3d.data.sources import discover_input
 from octa3d.data.subject import Subject
 from octa3d.deploy.api import Predictor
 from octa3d.errors import ConfigError, DataError
+from octa3d.evaluation.ood_check import FALSE_ALARM, summary_block, summary_line
 from octa3d.review import write_predict_review
 from octa3d.utils.io import atomic_write_csv, atomic_write_json, atomic_write_text, safe_name, unique_names
 from octa3d.utils.runs import MARKER, command_line, init_run, releases_locks
@@ -74,6 +77,8 @@ def output_name(ecfg: Config, input_path: str | Path, checkpoints: list[Path]) -
         "cam_class": (ecfg.eval.cam_class or "predicted") if cam != "none" else None,
         "cam_subjects": sorted(ecfg.eval.cam_subjects or []) if cam != "none" else None,
         "calibrate": bool(ecfg.eval.calibrate), "tta": ecfg.eval.tta, "mc_dropout": ecfg.eval.mc_dropout}
+    if ecfg.eval.ood_false_alarm != FALSE_ALARM:  # only when changed: folders of earlier runs keep their names
+        settings["ood_false_alarm"] = ecfg.eval.ood_false_alarm
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     stem = strip_ext(Path(input_path).resolve().name) or "input"
     return safe_name(f"{stem}_{cam if cam != 'none' else 'no-cam'}_{digest}"), dict(settings, hash=digest)
@@ -240,8 +245,8 @@ def _finish(cfg: Config, ecfg: Config, predictor: Predictor, final: Path, kind: 
 
     order = [s.id for s in subjects if s.id in done]
     rows = [done[i]["row"] for i in order]
-    columns = ["subject", "label", *(f"p_{c}" for c in predictor.classes), "prediction", "cam_status",
-               "training_overlap"]
+    columns = ["subject", "label", *(f"p_{c}" for c in predictor.classes), "prediction", "uncertain", "ood_score",
+               "ood", "ood_reason", "cam_status", "training_overlap"]
     frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
     atomic_write_csv(final / "predictions.csv", frame)
     atomic_write_csv(final / "skipped.csv", pd.DataFrame(skipped, columns=["subject", "input", "reason"]))
@@ -264,6 +269,8 @@ def _finish(cfg: Config, ecfg: Config, predictor: Predictor, final: Path, kind: 
         "class_names": predictor.classes, "model": predictor.ref["model_name"],
         "checkpoints": predictor.checkpoints, "calibrated": predictor.calibrated,
         "temperature": predictor.temperatures, "uncertainty_threshold": predictor.threshold,
+        "ood": {**summary_block(predictor.ood, [r.get("ood") for r in rows], [r.get("ood_reason", "") for r in rows]),
+                "seconds": round(predictor.ood_seconds, 4)},
         "seconds": round(seconds, 2), "seconds_per_subject": round(seconds / max(1, n_new), 4),
         "settings": settings,
         "cam": ({"backend": ecfg.eval.cam, "layer": ecfg.eval.cam_layer or "default",
@@ -291,7 +298,11 @@ def _print_summary(summary: dict[str, Any], final: Path, page: bool, skipped: li
              f"({summary['kind']}) with {summary['model']} [{', '.join(summary['checkpoints'])}]: {counts or '-'}"
              + ("; calibrated probabilities" if summary["calibrated"] else "; raw probabilities")]
     if summary["n_uncertain"] is not None:
-        lines.append(f"  uncertain (entropy > {summary['uncertainty_threshold']:.3f}): {summary['n_uncertain']}")
+        lines.append(f"  uncertain (entropy > {summary['uncertainty_threshold']:.3f} or out of distribution): "
+                     f"{summary['n_uncertain']}")
+    ood_line = summary_line(summary["ood"])
+    if ood_line:
+        lines.append(ood_line)
     if summary["n_seen_in_training"]:
         lines.append(f"  WARNING: {summary['n_seen_in_training']} subject(s) trained/validated the model "
                      "(column training_overlap): their predictions are optimistic")

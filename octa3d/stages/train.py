@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from octa3d.evaluation.calibration import (UNCERTAIN_COVERAGE, apply_temperature
 from octa3d.evaluation.figures import confusion_figure
 from octa3d.evaluation.metrics import HIGHER_IS_BETTER, classification_metrics, confusion
 from octa3d.evaluation.outputs import write_predictions
+from octa3d.evaluation.ood import build_reference, profile_set
 from octa3d.model import (create_model, freeze_encoder_stages, get_spec, init_model_kwargs, load_init_weights,
                           model_options, read_init_file, set_encoder_trainable, transfer_encoder)
 from octa3d.model.weights import InitFile
@@ -226,8 +228,10 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
     result = fit(spec, cfg, train_loader, out, ctx.device, name=f"fold {fold}")
     _hparams(out, cfg, start, result.best)
     best = dict(result.best)
+    # the out-of-distribution reference sees the training eyes as the model will see new ones: no augmentation
+    train_eval = handler.loader(train_subs, train=False, batch_size=cfg.train.batch_size)
     best.update(calibrate_checkpoint(out / "checkpoints" / "best.pt", model, val_loader, precision, va_ids, sp.test,
-                                     names))
+                                     names, reference=(train_eval, handler.record, cfg)))
     best["fit"] = assess_fit(result.history, chance, result.best, best["temperature"], result.stopped_early)
     info, warnings = fit_messages(best["fit"], f"fold {fold}", cfg.train.lr)
     log.info("Fit check, %s", info)
@@ -237,8 +241,10 @@ def train_fold(cfg: Config, ctx: StageContext, out: Path, fold: int) -> dict[str
 
 
 def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, precision: Precision,
-                         val_ids: list[str], test_ids: list[str], names: list[str] | None = None) -> dict[str, float]:
-    """Fit the temperature of ``path`` (a fold's ``best.pt``) on its validation subjects and store it there.
+                         val_ids: list[str], test_ids: list[str], names: list[str] | None = None,
+                         reference: tuple[Any, Any, Config] | None = None) -> dict[str, float]:
+    """Fit the temperature of ``path`` (a fold's ``best.pt``) on its validation subjects and store it there, with
+    the out-of-distribution reference of the model (:func:`octa3d.evaluation.ood.build_reference`).
 
     With ``names`` the fold's validation predictions of ``best.pt`` are also written beside its ``checkpoints/``
     folder as ``val_predictions.csv`` (calibrated ``p_<class>`` and raw ``p_raw_<class>`` columns): with k folds
@@ -251,12 +257,15 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
         val_loader: the fold's validation loader (the only data the temperature sees).
         val_ids: the fold's validation subject IDs; test_ids: the experiment's hold-out subjects.
         names: the class names (writes ``val_predictions.csv``), or None.
+        reference: ``(training subjects' loader without augmentation, subject ID -> PreprocessRecord, cfg)``: the
+            reference is fitted on the training subjects and its thresholds' scores come from the validation
+            subjects (features of the temperature's own forward pass) and cross-fitting; None: no reference.
 
     Returns:
         ``temperature``, the validation ECE before/after (``val_ece_raw``, ``val_ece_calibrated``), and the
         entropy threshold of the ``uncertain`` flag (``entropy_threshold`` on the calibrated, ``..._raw`` on the
         raw probabilities; :data:`UNCERTAIN_COVERAGE` of the validation eyes lie at or below it). All but the ECEs
-        are stored in the checkpoint.
+        are stored in the checkpoint (and ``ood_reference``).
 
     Raises:
         DataError: a validation subject is a hold-out test subject (the temperature would see test data).
@@ -267,7 +276,8 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
                         f"subjects; re-run --mode prepare for this experiment")
     ckpt = load_checkpoint(path, kind="classifier")
     model.load_state_dict(ckpt["state_dict"])
-    ids, y, probs, _ = forward.predict(model, val_loader, precision)
+    val_features: dict[str, np.ndarray] = {}
+    ids, y, probs, _ = forward.predict(model, val_loader, precision, features=val_features)
     if set(ids) & set(test_ids):  # what was actually predicted, not only what was asked for
         raise DataError(f"temperature scaling refused: the validation loader of {path} holds test subjects")
     t = fit_temperature(y, probs)
@@ -281,6 +291,8 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
     log.info("temperature %.3f fitted on %d validation subjects (validation ECE %.3f -> %.3f), entropy threshold "
              "%.3f (%.0f %% of them unflagged); stored in %s", t, len(ids), report["val_ece_raw"],
              report["val_ece_calibrated"], report["entropy_threshold"], 100 * UNCERTAIN_COVERAGE, path)
+    if reference is not None:
+        ckpt["ood_reference"] = _ood_reference(model, precision, reference, (ids, y, val_features))
     if dist.is_main():
         ckpt.update(report)
         for k in ("val_ece_raw", "val_ece_calibrated"):
@@ -290,6 +302,20 @@ def calibrate_checkpoint(path: Path, model: torch.nn.Module, val_loader: Any, pr
             write_predictions(path.parent.parent, ids, np.asarray(y), cal, names, raw=probs,
                               name="val_predictions.csv")
     return report
+
+
+def _ood_reference(model: torch.nn.Module, precision: Precision, reference: tuple[Any, Any, Config],
+                   val: tuple[list[str], np.ndarray, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The checkpoint's ``ood_reference``: one more forward pass, over the training subjects, then the fits."""
+    loader, record_of, cfg = reference
+    t0 = time.perf_counter()
+    feats: dict[str, np.ndarray] = {}
+    tr_ids, tr_y, _, _ = forward.predict(model, loader, precision, features=feats)
+    ref = build_reference(profile_set(tr_ids, tr_y, feats, record_of), profile_set(*val, record_of),
+                          cfg.data.modality.split("+"), cfg.preprocess.clip_percentiles, seed=cfg.run.seed)
+    log.info("out-of-distribution reference: %d training + %d validation subjects (geometry, intensity%s) in "
+             "%.1f s", len(tr_ids), len(val[0]), ", features" if "features" in ref else "", time.perf_counter() - t0)
+    return ref
 
 
 def _hparams(out: Path, cfg: Config, start: str, best: dict[str, Any]) -> None:

@@ -75,3 +75,31 @@ def test_checkpoints_record_the_version_that_wrote_them_and_newer_formats_say_so
         load_checkpoint(tmp_path / "newer.pt")
     with pytest.raises(CheckpointError, match="written by octa3d 9.1.0"):
         octa3d.load(tmp_path / "newer.pt", device="cpu")
+
+
+def test_the_out_of_distribution_reference_survives_a_weights_only_round_trip(tmp_path):
+    """The reference the train stage stores (tensors, lists, numbers) loads with weights_only=True and gives the
+    same thresholds and scores as before it was written."""
+    import numpy as np
+
+    from octa3d.evaluation import ood
+    from octa3d.evaluation.ood_check import OodCheck, checks_of
+
+    rng = np.random.default_rng(0)
+
+    def part(n):
+        return {"geometry": [{"shape": [32.0, 64.0, 32.0], "spacing": [0.19, 0.03, 0.19], "extent": [6, 2, 6.0]}] * n,
+                "intensity": np.column_stack([np.zeros(n), rng.normal(240, 5, n)]),
+                "features": rng.standard_normal((n, 24)), "labels": rng.integers(0, 2, n)}
+
+    ref = ood.build_reference(part(40), part(10), ["OCTA"], [0.5, 99.5])
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, torch.nn.Linear(3, 2), {**model_record(Config(), ["NORMAL", "DR"], "classifier"),
+                                                  "ood_reference": ref}, epoch=1)
+    back = load_checkpoint(path, kind="classifier")["ood_reference"]
+    assert torch.equal(back["features"]["precision"], ref["features"]["precision"])
+    assert back["training"] == ref["training"] and back["geometry"] == ref["geometry"]
+    before, after = OodCheck(ref), checks_of([{"ood_reference": back}])[0]
+    assert after.thresholds == before.thresholds
+    x = rng.standard_normal((5, 24))
+    assert np.allclose(ood.mahalanobis(x, back["features"]), ood.mahalanobis(x, ref["features"]))

@@ -34,15 +34,20 @@ FIXTURES = Path(__file__).parent / "fixtures" / "octa3d-0.1.0"
 
 
 @pytest.mark.parametrize("name", ["classifier_best.pt", "model_fp32.ts"])
-def test_files_written_before_the_package_regrouping_load_and_predict_as_they_did(name):
+def test_files_written_before_the_package_regrouping_load_and_predict_as_they_did(name, capture_log):
     """A checkpoint and an fp32 TorchScript export (with its model card) written by octa3d 0.1.0 before the modules
-    moved into packages load through today's code and give the probabilities they gave then."""
+    moved into packages load through today's code and give the probabilities they gave then; they predate the
+    out-of-distribution check: its columns are empty and one INFO line says why."""
+    logs = capture_log("octa3d.deploy.api")
     want = json.loads((FIXTURES / "expected.json").read_text(encoding="utf-8"))
     got = octa3d.load(FIXTURES / name, device="cpu", cam="none").predict(FIXTURES / want["input"])
     row = got.iloc[0]
     assert row["prediction"] == want["prediction"]
     for col in ("p_NORMAL", "p_ABNORMAL", "p_raw_NORMAL", "p_raw_ABNORMAL"):
         assert row[col] == pytest.approx(want[col], abs=1e-5), col
+    assert (row["ood_score"], row["ood"], row["ood_reason"]) == ("", "", "")
+    said = [r for r in logs if "predates the out-of-distribution check" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
 
 
 def test_an_ensemble_loads_as_named_members(tmp_path):

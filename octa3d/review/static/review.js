@@ -67,7 +67,8 @@
     current = i;
     rows().forEach((r) => r.classList.toggle("current", +r.dataset.idx === i));
     $("viewer").hidden = false;
-    $("subject-title").textContent = s.id + " \u2014 true " + (s.label || "?") + ", predicted " + s.prediction;
+    $("subject-title").textContent = s.id + " \u2014 true " + (s.label || "?") + ", predicted " + s.prediction
+      + (s.ood ? " \u2014 out of distribution: " + s.ood : "");
     const links = $("subject-files");
     links.textContent = "";
     s.files.forEach((f) => {
