@@ -51,7 +51,7 @@ TASKS: dict[str, tuple[str, list[str]]] = {
 #: every seed: where the stock cnn sat longest at chance before the head changed): name -> extra flags.
 ABLATIONS: dict[str, list[str]] = {
     "old cnn head (FC3 + dropout 0.5)": ["--model", "cnn_fc3"],
-    "lr 1e-3": ["--lr", "1e-3"],
+    "lr 3e-4 (the previous default)": ["--lr", "3e-4"],
     "batch 8": ["--batch-size", "8"],
     "no warm-up": ["--warmup-epochs", "0"],
     "no augmentation": ["--no-augment"],
