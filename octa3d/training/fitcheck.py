@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from octa3d.config.schema import TrainConfig
 from octa3d.evaluation.calibration import TEMPERATURE_BOUNDS
 from octa3d.training.optim import LEFT_CHANCE
 
@@ -26,6 +27,10 @@ from octa3d.training.optim import LEFT_CHANCE
 UNDER_FIT_ACCURACY = 0.9
 #: Training accuracy minus validation balanced accuracy above which the fold is reported as over-fitted.
 GAP = 0.2
+#: The stock ``--lr``: the recipe ladder found it learns every look where 3e-4 stalled and 3e-3 was unstable.
+STOCK_LR = TrainConfig().lr
+#: A rise of the training loss, epoch on epoch, by more than this fraction of the chance loss counts as a jump.
+JUMP = 0.25
 
 
 def _f(value: Any) -> float:
@@ -49,7 +54,8 @@ def assess_fit(history: list[dict[str, Any]], chance_loss: float, best: dict[str
     Returns:
         ``verdict`` (``fit``/``did_not_learn``/``under_fit``/``over_fit``), ``problems`` (every verdict that
         applies, plus ``temperature_at_bound``), ``left_chance_epoch`` (first epoch below the threshold, None if
-        none), ``epochs_run``, ``stopped_early``, ``chance_loss``, ``left_chance_below``, ``train_loss`` and
+        none), ``epochs_run``, ``stopped_early``, ``loss_jumps`` (the training loss rose by more than
+        :data:`JUMP` x the chance loss from one epoch to the next), ``chance_loss``, ``left_chance_below``, ``train_loss`` and
         ``train_accuracy`` (last epoch), ``val_balanced_accuracy`` (best epoch), ``gap``, ``temperature``.
     """
     rows = sorted(history, key=lambda r: int(r["epoch"]))
@@ -69,10 +75,25 @@ def assess_fit(history: list[dict[str, Any]], chance_loss: float, best: dict[str
     if temperature is not None and (temperature >= 0.99 * hi or temperature <= 1.01 * lo):
         problems.append("temperature_at_bound")
     verdict = next((p for p in problems if p != "temperature_at_bound"), "fit")
+    losses = [_f(r.get("train_loss")) for r in rows]
+    jumps = any(b - a > JUMP * chance_loss for a, b in zip(losses, losses[1:]) if not (math.isnan(a) or math.isnan(b)))
     return {"verdict": verdict, "problems": problems, "left_chance_epoch": left, "epochs_run": len(rows),
-            "stopped_early": bool(stopped_early), "chance_loss": chance_loss, "left_chance_below": below,
+            "stopped_early": bool(stopped_early), "loss_jumps": jumps, "chance_loss": chance_loss, "left_chance_below": below,
             "train_loss": _f(last.get("train_loss")), "train_accuracy": train_acc, "best_epoch": best.get("epoch"),
             "val_balanced_accuracy": val_bacc, "gap": gap, "temperature": temperature}
+
+
+def _lr_advice(report: dict[str, Any], lr: float) -> str:
+    """The learning-rate part of the advice, from what the recipe ladder measured (docs/explanation/training-recipe.md).
+
+    A loss that jumps about calls for a lower rate whatever the rate; otherwise a rate below the stock one may be
+    raised to it, and one at or above it is not raised further (3e-3 was unstable where 1e-3 learned every look).
+    """
+    if report.get("loss_jumps"):
+        return f"--lr {lr / 3:g} (the training loss jumped about)"
+    if lr < STOCK_LR * 0.99:
+        return f"--lr {min(lr * 3, STOCK_LR):g}"
+    return f"--lr {lr / 3:g} if the training loss jumps about in history.csv"
 
 
 def fit_messages(report: dict[str, Any], where: str, lr: float) -> tuple[str, list[str]]:
@@ -96,14 +117,15 @@ def fit_messages(report: dict[str, Any], where: str, lr: float) -> tuple[str, li
                 f"{where}: the model did not learn: its training loss never fell below {LEFT_CHANCE} x the chance "
                 f"loss ({r['left_chance_below']:.3f}) in {r['epochs_run']} epochs, so its validation and test "
                 f"numbers are at chance level. Try, in this order: check the labels (the class counts printed "
-                f"by --mode prepare; every eye needs its own disease), --epochs {2 * max(1, r['epochs_run'])}, "
-                f"--lr {lr * 3:g} (or --lr {lr / 3:g} if the loss jumps about), a larger --input-size if the "
-                f"lesions are small, and --no-augment to see whether the training eyes can be fitted at all ({tips})")
+                f"by --mode prepare; every eye needs its own disease), --epochs {2 * max(1, r['epochs_run'])} "
+                f"--patience 0, {_lr_advice(r, lr)}, a larger --input-size if the lesions are small, and "
+                f"--no-augment to see whether the training eyes can be fitted at all ({tips})")
         elif p == "under_fit":
             warnings.append(
                 f"{where}: the model under-fits: training accuracy {r['train_accuracy']:.2f} after "
-                f"{r['epochs_run']} epochs (below {UNDER_FIT_ACCURACY}). Try --epochs {2 * r['epochs_run']}, "
-                f"--patience 0 (train every epoch), --lr {lr * 3:g}, or a larger model ({tips})")
+                f"{r['epochs_run']} epochs (below {UNDER_FIT_ACCURACY}). Try --epochs {2 * r['epochs_run']} "
+                f"--patience 0 (train every epoch), {_lr_advice(r, lr)}, a larger --input-size if the lesions are "
+                f"small, or a larger model ({tips})")
         elif p == "over_fit":
             warnings.append(
                 f"{where}: training accuracy {r['train_accuracy']:.2f} but validation balanced accuracy "
