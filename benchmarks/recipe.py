@@ -16,7 +16,8 @@ macro-F1 / AUC with 95 % cluster-bootstrap CIs, lowest per-class recall, the def
 per lesion class (tolerance as ``--mode test`` reports it) and wall time. ``--ablate`` adds NORMAL vs DR runs on the
 ``dropout-only`` look (every seed) that change one setting at a time, the old cnn head among them.
 
-    python -m benchmarks.recipe [--quick] [--ablate] [--looks stock,faint] [--seeds 1,2] [--work DIR] [--out F.json]
+    python -m benchmarks.recipe [--quick] [--ablate] [--looks stock,faint] [--seeds 1,2] [--size 32] [--work DIR]
+        [--out F.json]
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _run(work: Path, look: str, task: str, seed: int, shape: tuple[int, ...], si
         return json.loads(saved.read_text(encoding="utf-8"))
     cohort, task_flags = TASKS[task]
     n = 16 if quick else COHORTS[cohort]["n"]
-    data = work / f"{look}-{cohort}-s{seed}"
+    data = work / (f"{look}-{cohort}-s{seed}" + ("" if size in (16, 32) else f"-{size}"))
     if not (data / "synthetic.json").is_file():
         generate(data, n, shape, seed=1000 * seed + len(cohort), classes=COHORTS[cohort]["classes"],
                  look=PRESETS[look])
@@ -120,6 +121,7 @@ def _run(work: Path, look: str, task: str, seed: int, shape: tuple[int, ...], si
            "ci95": {k: m["ci95"].get(k) for k in ("balanced_accuracy", "f1_macro", "auc")},
            "recall": {c: v["recall"] for c, v in m["per_class"].items()},
            "pointing_game": {c: v["pointing_game"] for c, v in loc.items()},
+           "pointing_game_enface": {c: v.get("pointing_game_enface") for c, v in loc.items()},
            "n_test": int(m["n_subjects"]), "best_epoch": int(fit["best_epoch"] or 0),
            "epochs_run": len(hist), "left_chance_epoch": fit["left_chance_epoch"], "verdict": fit["verdict"],
            "train_accuracy": fit["train_accuracy"], "stopped_early": fit["stopped_early"],
@@ -213,12 +215,16 @@ def main(args: list[str] | None = None) -> dict:
     ap.add_argument("--looks", default=",".join(PRESETS), help="comma-separated generator looks (default: all)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks (default: all)")
     ap.add_argument("--seeds", default="1,2", help="comma-separated cohort/split/training seeds (default 1,2)")
+    ap.add_argument("--size", type=int, default=32,
+                    help="volumes of SIZE x 2*SIZE x SIZE voxels and --input-size SIZE (default 32; 48 takes ~3x "
+                         "the CPU time)")
     ap.add_argument("--work", help="folder for data and runs (default: a temporary folder, removed)")
     ap.add_argument("--out", help="also write the result here (JSON); the ladder table goes next to it (.md)")
     ns = ap.parse_args(args)
     quiet_logs()
     q = ns.quick
-    shape, size = ((16, 32, 16), 16) if q else ((32, 64, 32), 32)
+    size = 16 if q else ns.size
+    shape = (size, 2 * size, size)
     seeds = [int(s) for s in ns.seeds.split(",")][: 1 if q else None]
     looks = [s for s in ns.looks.split(",") if s][: 1 if q else None]
     tasks = [t for t in ns.tasks.split(",") if t]
@@ -228,7 +234,7 @@ def main(args: list[str] | None = None) -> dict:
     for look in looks:
         for task in tasks:
             for seed in seeds:
-                exp = f"{look}-{task.replace(' ', '')}-s{seed}"
+                exp = f"{look}-{task.replace(' ', '')}-s{seed}" + ("" if size in (16, 32) else f"-{size}")
                 runs[f"{look} / {task} / seed {seed}"] = _run(work, look, task, seed, shape, size, [], exp, q)
     rows = list(runs.values())
     figures = _figures(rows, looks)
@@ -241,7 +247,9 @@ def main(args: list[str] | None = None) -> dict:
         for name in [a for a in ns.ablations.split(",") if a]:
             extra = ABLATIONS[name]
             rows_abl = [_run(work, look, ABLATION_TASK, seed, shape, size, extra,
-                             f"abl-{look}-{'-'.join(extra).strip('-')}-s{seed}", q) for seed in seeds]
+                             f"abl-{look}-{'-'.join(extra).strip('-')}-s{seed}" + ("" if size in (16, 32) else
+                                                                                     f"-{size}"), q)
+                        for seed in seeds]
             named[name] = rows_abl
             for seed, row in zip(seeds, rows_abl):
                 runs[f"ablation: {name} / seed {seed}"] = row

@@ -172,7 +172,9 @@ class CamExporter:
                                "files": {k: str(v) for k, v in files.items()},
                                "peak": ([int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
                                         if status == OK else None)}
-        loc = localization(cam, mask, self._tolerance(rec), ok=status == OK) if mask is not None else None
+        loc = (localization(cam, mask, self._tolerance(rec), ok=status == OK,
+                            depth_axis=self.cfg.preprocess.depth_axis if cam.ndim == 3 else None)
+               if mask is not None else None)
         if loc is not None:
             out["localization"] = loc
         return out
@@ -257,7 +259,9 @@ def score_lines(m: dict[str, Any]) -> list[str]:
     tol = "x".join(map(str, loc.get("tolerance_voxels") or []))
     for cls, v in loc.get("per_class", {}).items():
         lines.append(f"  {cls} ({v['n']} with lesion masks): pointing game {v['pointing_game']:.2f} (tolerance "
-                     f"{tol} voxels; exact {v['pointing_game_exact']:.2f}), map mass in lesion {v['mass_inside']:.3f}"
+                     f"{tol} voxels; exact {v['pointing_game_exact']:.2f}"
+                     + (f"; en face {v['pointing_game_enface']:.2f}" if "pointing_game_enface" in v else "")
+                     + f"), map mass in lesion {v['mass_inside']:.3f}"
                      f" = {v['mass_ratio']:.1f}x chance ({v['lesion_fraction']:.4f})")
     f = m.get("faithfulness")
     if f:

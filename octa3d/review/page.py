@@ -64,12 +64,15 @@ def _cam_scores(metrics: dict[str, Any]) -> str:
              f"{e(str(cam.get('target')))}; {e(str(cam.get('n_subjects')))} subjects ({e(counts)}).</p>"]
     loc = (metrics.get("localization") or {}).get("per_class") or {}
     if loc:
+        enface = all("pointing_game_enface" in v for v in loc.values())
         parts.append("<table class='small'><tr><th>class</th><th>n with masks</th><th>pointing game</th>"
-                     "<th>mass in lesion</th><th>\u00d7 chance</th></tr>")
+                     + ("<th>pointing game en face</th>" if enface else "")
+                     + "<th>mass in lesion</th><th>\u00d7 chance</th></tr>")
         for cls, v in loc.items():
             parts.append(f"<tr><td>{e(str(cls))}</td><td>{e(str(v.get('n')))}</td>"
                          f"<td>{v.get('pointing_game', float('nan')):.2f}</td>"
-                         f"<td>{v.get('mass_inside', float('nan')):.3f}</td>"
+                         + (f"<td>{v['pointing_game_enface']:.2f}</td>" if enface else "")
+                         + f"<td>{v.get('mass_inside', float('nan')):.3f}</td>"
                          f"<td>{v.get('mass_ratio', float('nan')):.1f}</td></tr>")
         parts.append("</table>")
     f = metrics.get("faithfulness")

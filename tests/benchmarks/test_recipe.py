@@ -23,6 +23,7 @@ def test_quick_recipe_ladder_is_well_formed(tmp_path):
     assert set(res["runs"]["dropout-only / NORMAL vs DR / seed 1"]["recall"]) == {"NORMAL", "DR"}
     assert by_name["dropout-only: 4-class lowest per-class recall"]["value"] == min(multi["recall"].values())
     assert "DR" in multi["pointing_game"]  # the default map scored against the non-perfusion mask
+    assert 0 <= multi["pointing_game_enface"]["DR"] <= 1  # and en face (peak depth ignored)
     assert by_name["runs stopped while training loss > 0.9 x chance"]["value"] == 0
     table = (tmp_path / "recipe.ladder.md").read_text(encoding="utf-8")
     assert table == res["ladder"] and table.count("| dropout-only |") == 3

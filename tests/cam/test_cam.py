@@ -16,6 +16,7 @@ from octa3d.config import Config
 from octa3d.data.subject import Subject
 from octa3d.data.presets import build_preset
 from octa3d.cam import CamComputer, CamExporter, CamItem, localization, minmax, resolve_cam_class
+from octa3d.cam.localization import summarize
 from octa3d.errors import ConfigError
 from octa3d.utils.tracking import tensorboard_writer
 
@@ -174,6 +175,20 @@ def test_helpers():
     assert localization(near, mask, (1, 1))["hit"] and not localization(near, mask, (1, 1))["hit_exact"]
     assert not localization(near, mask)["hit"]
     assert localization(cam, mask, ok=False)["hit"] is False  # a map without evidence is a miss
+    # en face (volumes): a peak above the lesion (the lifted retina over a fluid dome) misses in 3D, hits en face
+    vol_mask = np.zeros((6, 10, 6), np.uint8)
+    vol_mask[2:4, 6:8, 2:4] = 1
+    above = np.zeros((6, 10, 6))
+    above[3, 1, 2] = 1.0
+    up = localization(above, vol_mask, (1, 1, 1), depth_axis=1)
+    assert not up["hit"] and up["hit_enface"]
+    aside = np.zeros((6, 10, 6))
+    aside[0, 7, 5] = 1.0  # right depth, wrong place en face
+    assert localization(aside, vol_mask, (0, 0, 0), depth_axis=1)["hit_enface"] is False
+    assert "hit_enface" not in localization(cam, mask, depth_axis=1)  # 2D maps: no en-face test
+    assert localization(above, vol_mask, depth_axis=1, ok=False)["hit_enface"] is False
+    both = summarize({"a": dict(up, true="CSC"), "b": dict(localization(aside, vol_mask, depth_axis=1), true="CSC")})
+    assert both["per_class"]["CSC"]["pointing_game_enface"] == 0.5 and both["per_class"]["CSC"]["pointing_game"] == 0
     with pytest.raises(ConfigError, match="--cam-layer"):
         CamExporter(_cfg(cam_layer="nope"), [BlobNet()], ["A", "B"], Path("."), None)
 
@@ -262,6 +277,7 @@ def test_octa500_bmp_stack_export_and_localization(tmp_path, same_geometry):
     assert not list((tmp_path / "cams").glob("*_input.nii.gz"))
     loc = report["localization"]["per_class"]["CNV"]
     assert loc["n"] == 2 and 0 <= loc["pointing_game"] <= 1 and 0 <= loc["mass_inside"] <= 1
+    assert loc["pointing_game_enface"] >= loc["pointing_game"]  # a 3D hit is an en-face hit
     assert loc["mass_ratio"] == pytest.approx(loc["mass_inside"] / loc["lesion_fraction"], rel=0.5)
     assert report["localization"]["tolerance_voxels"] == [1, 1, 1]  # the retinal slab (<= 16 rows) at 16^3 input
     assert report["cam"]["backend"] == "medcam"

@@ -115,7 +115,8 @@ def test_demo_end_to_end_twice(tmp_path, capsys):
     assert len(pred.read_text(encoding="utf-8").splitlines()) == 1 + NEW_COHORT_SIZE
     assert (run / "export" / "bundle" / "models" / "model.ts").is_file()
     assert "localization" in metrics and "faithfulness" in metrics  # CNV eyes carry lesion masks
-    assert "pointing game" in out and "deletion AUC" in out
+    assert "pointing game" in out and "en face" in out and "deletion AUC" in out
+    assert "pointing_game_enface" in metrics["localization"]["per_class"]["CNV"]
     # a second `make demo`: data reused, every stage re-run into a fresh folder
     assert main(argv) == 0
     assert "(reused)" in capsys.readouterr().out
