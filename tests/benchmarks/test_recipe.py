@@ -24,6 +24,8 @@ def test_quick_recipe_ladder_is_well_formed(tmp_path):
     assert by_name["dropout-only: 4-class lowest per-class recall"]["value"] == min(multi["recall"].values())
     assert "DR" in multi["pointing_game"]  # the default map scored against the non-perfusion mask
     assert 0 <= multi["pointing_game_enface"]["DR"] <= 1  # and en face (peak depth ignored)
+    grouped = by_name["dropout-only: NORMAL vs all balanced accuracy, 4-class model grouped"]
+    assert grouped["value"] == multi["as_normal_vs_all"]["balanced_accuracy"] and "binary NORMAL vs all" in grouped["note"]
     assert by_name["runs stopped while training loss > 0.9 x chance"]["value"] == 0
     table = (tmp_path / "recipe.ladder.md").read_text(encoding="utf-8")
     assert table == res["ladder"] and table.count("| dropout-only |") == 3
@@ -44,3 +46,16 @@ def test_ablation_table_and_epochs_to_leave_chance_count_a_run_that_never_left_w
 
     heads = [m.out_features for m in create_model("cnn_fc3", 3, 2, 2).classifier if hasattr(m, "out_features")]
     assert heads == [256, 64, 2]
+
+
+def test_a_4_class_run_read_as_normal_vs_all(tmp_path):
+    """1 - p(NORMAL) is the abnormal score; a NORMAL eye predicted as a disease is a false positive."""
+    from benchmarks.recipe import normal_vs_all_from_multi
+
+    p = tmp_path / "predictions.csv"
+    p.write_text("subject,label,p_NORMAL,p_DR,prediction\n1,NORMAL,0.9,0.1,NORMAL\n2,NORMAL,0.4,0.6,DR\n"
+                 "3,DR,0.2,0.8,DR\n4,AMD,0.3,0.1,AMD\n", encoding="utf-8")
+    got = normal_vs_all_from_multi(p)
+    assert got["balanced_accuracy"] == 0.75  # NORMAL recall 1/2, abnormal recall 2/2
+    assert got["auc"] == 1.0  # abnormal scores 0.8, 0.7 above normal 0.1, 0.6
+    assert normal_vs_all_from_multi(tmp_path / "missing.csv") is None
