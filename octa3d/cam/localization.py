@@ -13,8 +13,9 @@ DEFINITION = ("pointing_game: fraction of subjects whose map maximum lies inside
               "tolerance (one network-input voxel, in source voxels per axis: `tolerance_voxels`) of it; "
               "pointing_game_exact: inside the mask itself; pointing_game_enface (volumes): the same test with the "
               "depth axis dropped (peak position en face vs the mask's en-face footprint: a map that finds the "
-              "lesion but places its maximum above or below it hits en face and misses in 3D); mass_inside: mean fraction of map mass inside the "
-              "lesion; lesion_fraction: mean lesion volume fraction (a uniform map's mass_inside = chance); "
+              "lesion but places its maximum above or below it hits en face and misses in 3D); mass_inside: mean "
+              "fraction of map mass inside the lesion; lesion_fraction: mean lesion volume fraction (a uniform "
+              "map's mass_inside = chance); "
               "mass_ratio: mean of mass_inside / lesion_fraction per subject (chance = 1). A map without evidence "
               "(cam_status not ok) counts as a miss with mass 0. Subjects with a non-empty mask, grouped by true "
               "class; map of the explained (target) class.")

@@ -55,8 +55,9 @@ def assess_fit(history: list[dict[str, Any]], chance_loss: float, best: dict[str
         ``verdict`` (``fit``/``did_not_learn``/``under_fit``/``over_fit``), ``problems`` (every verdict that
         applies, plus ``temperature_at_bound``), ``left_chance_epoch`` (first epoch below the threshold, None if
         none), ``epochs_run``, ``stopped_early``, ``loss_jumps`` (the training loss rose by more than
-        :data:`JUMP` x the chance loss from one epoch to the next), ``chance_loss``, ``left_chance_below``, ``train_loss`` and
-        ``train_accuracy`` (last epoch), ``val_balanced_accuracy`` (best epoch), ``gap``, ``temperature``.
+        :data:`JUMP` x the chance loss from one epoch to the next), ``chance_loss``, ``left_chance_below``,
+        ``train_loss`` and ``train_accuracy`` (last epoch), ``val_balanced_accuracy`` (best epoch), ``gap``,
+        ``temperature``.
     """
     rows = sorted(history, key=lambda r: int(r["epoch"]))
     below = LEFT_CHANCE * chance_loss
@@ -78,7 +79,8 @@ def assess_fit(history: list[dict[str, Any]], chance_loss: float, best: dict[str
     losses = [_f(r.get("train_loss")) for r in rows]
     jumps = any(b - a > JUMP * chance_loss for a, b in zip(losses, losses[1:]) if not (math.isnan(a) or math.isnan(b)))
     return {"verdict": verdict, "problems": problems, "left_chance_epoch": left, "epochs_run": len(rows),
-            "stopped_early": bool(stopped_early), "loss_jumps": jumps, "chance_loss": chance_loss, "left_chance_below": below,
+            "stopped_early": bool(stopped_early), "loss_jumps": jumps, "chance_loss": chance_loss,
+            "left_chance_below": below,
             "train_loss": _f(last.get("train_loss")), "train_accuracy": train_acc, "best_epoch": best.get("epoch"),
             "val_balanced_accuracy": val_bacc, "gap": gap, "temperature": temperature}
 
