@@ -110,6 +110,18 @@ def normal_vs_all_from_multi(predictions: Path) -> dict[str, float] | None:
             "auc": float(roc_auc_score(y, [1 - float(r["p_NORMAL"]) for r in rows]))}
 
 
+def _size_tag(size: int) -> str:
+    """Suffix of data and run folders at a non-default ``--size`` (the 16/32 folders keep their old names)."""
+    return "" if size in (16, 32) else f"-{size}"
+
+
+def _with_grouped(row: dict[str, Any], task: str, run: Path) -> dict[str, Any]:
+    """Add ``as_normal_vs_all`` to a 4-class row (also to rows saved before the figure existed)."""
+    if task == "4-class" and "as_normal_vs_all" not in row:
+        row["as_normal_vs_all"] = normal_vs_all_from_multi(run / "test" / "predictions.csv")
+    return row
+
+
 def _run(work: Path, look: str, task: str, seed: int, shape: tuple[int, ...], size: int, extra: list[str],
          exp: str, quick: bool) -> dict[str, Any]:
     """generate -> prepare -> train -> test of one experiment; its figures (reused from ``row.json`` of an earlier
@@ -121,13 +133,10 @@ def _run(work: Path, look: str, task: str, seed: int, shape: tuple[int, ...], si
     saved = work / "runs" / exp / "row.json"
     if saved.is_file():
         log.warning("%s: reusing the result in %s", exp, saved)
-        row = json.loads(saved.read_text(encoding="utf-8"))
-        if task == "4-class" and "as_normal_vs_all" not in row:  # rows saved before this figure existed
-            row["as_normal_vs_all"] = normal_vs_all_from_multi(work / "runs" / exp / "test" / "predictions.csv")
-        return row
+        return _with_grouped(json.loads(saved.read_text(encoding="utf-8")), task, saved.parent)
     cohort, task_flags = TASKS[task]
     n = 16 if quick else COHORTS[cohort]["n"]
-    data = work / (f"{look}-{cohort}-s{seed}" + ("" if size in (16, 32) else f"-{size}"))
+    data = work / f"{look}-{cohort}-s{seed}{_size_tag(size)}"
     if not (data / "synthetic.json").is_file():
         generate(data, n, shape, seed=1000 * seed + len(cohort), classes=COHORTS[cohort]["classes"],
                  look=PRESETS[look])
@@ -154,9 +163,7 @@ def _run(work: Path, look: str, task: str, seed: int, shape: tuple[int, ...], si
            "stopped_above_chance_loss": bool(fit["stopped_early"] and fit["left_chance_epoch"] is None),
            "ci_includes_chance": m.get("chance", {}).get("ci_includes_chance", []),
            "seconds": round(time.perf_counter() - t0, 1), "train_seconds": round(train_s, 1)}
-    if task == "4-class":
-        row["as_normal_vs_all"] = normal_vs_all_from_multi(work / "runs" / exp / "test" / "predictions.csv")
-    atomic_write_json(saved, row)
+    atomic_write_json(saved, _with_grouped(row, task, saved.parent))
     return row
 
 
@@ -270,7 +277,7 @@ def main(args: list[str] | None = None) -> dict:
     for look in looks:
         for task in tasks:
             for seed in seeds:
-                exp = f"{look}-{task.replace(' ', '')}-s{seed}" + ("" if size in (16, 32) else f"-{size}")
+                exp = f"{look}-{task.replace(' ', '')}-s{seed}{_size_tag(size)}"
                 runs[f"{look} / {task} / seed {seed}"] = _run(work, look, task, seed, shape, size, [], exp, q)
     rows = list(runs.values())
     figures = _figures(rows, looks)
@@ -283,9 +290,7 @@ def main(args: list[str] | None = None) -> dict:
         for name in [a for a in ns.ablations.split(",") if a]:
             extra = ABLATIONS[name]
             rows_abl = [_run(work, look, ABLATION_TASK, seed, shape, size, extra,
-                             f"abl-{look}-{'-'.join(extra).strip('-')}-s{seed}" + ("" if size in (16, 32) else
-                                                                                     f"-{size}"), q)
-                        for seed in seeds]
+                             f"abl-{look}-{'-'.join(extra).strip('-')}-s{seed}{_size_tag(size)}", q) for seed in seeds]
             named[name] = rows_abl
             for seed, row in zip(seeds, rows_abl):
                 runs[f"ablation: {name} / seed {seed}"] = row

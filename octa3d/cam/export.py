@@ -172,8 +172,7 @@ class CamExporter:
                                "files": {k: str(v) for k, v in files.items()},
                                "peak": ([int(v) for v in np.unravel_index(int(np.argmax(cam)), cam.shape)]
                                         if status == OK else None)}
-        loc = (localization(cam, mask, self._tolerance(rec), ok=status == OK,
-                            depth_axis=self.cfg.preprocess.depth_axis if cam.ndim == 3 else None)
+        loc = (localization(cam, mask, self._tolerance(rec), ok=status == OK, depth_axis=self.cfg.preprocess.depth_axis)
                if mask is not None else None)
         if loc is not None:
             out["localization"] = loc
